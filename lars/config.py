@@ -1,0 +1,221 @@
+"""Configuration: attrs classes, loaded from TOML. A typo is an error, never a silent default.
+
+Lookup order: an explicit ``--config PATH``; else ``./lars.toml`` if it exists; else the
+built-in defaults. ``lars.toml`` at the repository root documents every key with its default.
+Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key and file.
+"""
+
+import os
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+from lars.core.balancer import BalancerParams
+from lars.core.model import check_port
+from lars.errors import ConfigError, InvalidValue
+
+DEFAULT_CONFIG_NAME = "lars.toml"
+STORE_ENV = "LARS_STORE"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Parse ``"host:port"`` into ``(host, port)``; raises InvalidValue."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise InvalidValue(f"expected HOST:PORT, got {text!r}")
+    return host, check_port(int(port))
+
+
+def _address(_inst: object, attr: "attrs.Attribute[Any]", value: Any) -> None:
+    values = value if isinstance(value, list) else [value]
+    for item in values:
+        parse_address(item)
+
+
+def _positive(_inst: object, attr: "attrs.Attribute[Any]", value: float) -> None:
+    if value <= 0:
+        raise InvalidValue(f"must be greater than 0, got {value!r}")
+
+
+def _rate(_inst: object, attr: "attrs.Attribute[Any]", value: float) -> None:
+    if not 0 <= value <= 1:
+        raise InvalidValue(f"must be between 0 and 1, got {value!r}")
+
+
+def _port(_inst: object, attr: "attrs.Attribute[Any]", value: int) -> None:
+    check_port(value)
+
+
+def _nonempty(_inst: object, attr: "attrs.Attribute[Any]", value: list[str]) -> None:
+    if not value:
+        raise InvalidValue("must not be empty")
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@attrs.frozen
+class LogConfig:
+    """``[log]``"""
+
+    level: str = attrs.field(default="info", validator=attrs.validators.in_(_LOG_LEVELS))
+
+
+@attrs.frozen
+class DnsConfig:
+    """``[dns]``: the route service."""
+
+    listen: str = attrs.field(default="127.0.0.1:7778", validator=_address)
+    check_interval: float = attrs.field(default=1.0, validator=_positive)
+    reload_interval: float = attrs.field(default=10.0, validator=_positive)
+    change_retention: float = attrs.field(default=86400.0, validator=_positive)
+    max_frame: int = attrs.field(default=1 << 20, validator=_positive)
+    retry_max: float = attrs.field(default=30.0, validator=_positive)
+
+
+@attrs.frozen
+class ReporterConfig:
+    """``[reporter]``: the statistics sink."""
+
+    listen: str = attrs.field(default="127.0.0.1:7779", validator=_address)
+    queue_size: int = attrs.field(default=1024, validator=_positive)
+    batch_size: int = attrs.field(default=1000, validator=_positive)
+    writers: int = attrs.field(default=2, validator=_positive)
+    max_frame: int = attrs.field(default=1 << 20, validator=_positive)
+    retry_max: float = attrs.field(default=30.0, validator=_positive)
+
+
+@attrs.frozen
+class AgentConfig:
+    """``[agent]``: the per-host agent and the local UDP API."""
+
+    host: str = "127.0.0.1"
+    base_port: int = attrs.field(default=8888, validator=_port)
+    ports: int = attrs.field(default=3, validator=_positive)
+    processes: int = attrs.field(default=1, validator=_positive)
+    dns: list[str] = attrs.field(
+        factory=lambda: ["127.0.0.1:7778"], validator=[_nonempty, _address]
+    )
+    reporter: str = attrs.field(default="127.0.0.1:7779", validator=_address)
+    report_interval: float = attrs.field(default=1.0, validator=_positive)
+    route_wait: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
+    retry_max: float = attrs.field(default=5.0, validator=_positive)
+    ip: str = ""
+    loadbalance: BalancerParams = attrs.field(factory=BalancerParams)
+
+    def __attrs_post_init__(self) -> None:
+        if self.base_port + self.ports - 1 > 65535:
+            raise InvalidValue("base_port + ports - 1 must not exceed 65535")
+
+
+@attrs.frozen
+class ClientConfig:
+    """``[client]``: defaults for ``lars.client`` (the agent's ports come from ``[agent]``)."""
+
+    timeout: float = attrs.field(default=0.25, validator=_positive)
+    retries: int = attrs.field(default=2, validator=attrs.validators.ge(0))
+
+
+@attrs.frozen
+class Config:
+    """The whole ``lars.toml``."""
+
+    store: str = "sqlite:///lars.db"
+    log: LogConfig = attrs.field(factory=LogConfig)
+    dns: DnsConfig = attrs.field(factory=DnsConfig)
+    reporter: ReporterConfig = attrs.field(factory=ReporterConfig)
+    agent: AgentConfig = attrs.field(factory=AgentConfig)
+    client: ClientConfig = attrs.field(factory=ClientConfig)
+    #: Where this config came from (not a key of the file).
+    source: str = attrs.field(default="<defaults>", kw_only=True)
+
+
+T = TypeVar("T")
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotated type ``tp``; convert int -> float where asked."""
+    origin = typing.get_origin(tp)
+    if attrs.has(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{key}] must be a table, got {value!r}")
+        return _build(tp, value, key, source)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_convert(v, item_tp, key, source) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config type {tp}")  # not used by any key
+    if tp is float and type(value) is int:
+        return float(value)
+    if type(value) is not tp:
+        raise ConfigError(
+            f"{source}: {key} must be of type {tp.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str, source: str) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in attrs.fields(cls) if f.kw_only is False}  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key {full!r} (known here: {known})")
+        kwargs[key] = _convert(value, hints[key], full, source)
+    try:
+        return cls(**kwargs)
+    except (InvalidValue, ValueError, TypeError) as exc:
+        # attrs validators name the attribute in exc.args for some errors; find which key
+        bad = _which_key(cls, kwargs)
+        where = f"{prefix}.{bad}" if prefix and bad else (bad or prefix or "config")
+        raise ConfigError(f"{source}: {where}: {exc}") from None
+
+
+def _which_key(cls: type[Any], kwargs: dict[str, Any]) -> str | None:
+    """Find the first key whose value alone makes ``cls`` reject the arguments."""
+    for key, value in kwargs.items():
+        try:
+            cls(**{key: value})
+        except (InvalidValue, ValueError, TypeError):
+            return key
+    return None
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Build a :class:`Config` from parsed TOML data, validating every key."""
+    config = _build(Config, data, "", source)
+    return attrs.evolve(config, source=source)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, cwd: Path | None = None) -> Config:
+    """Load the configuration: ``path``, else ``./lars.toml`` if present, else defaults."""
+    if path is None:
+        candidate = (cwd or Path.cwd()) / DEFAULT_CONFIG_NAME
+        if not candidate.is_file():
+            return Config()
+        path = candidate
+    source = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return config_from_dict(data, source)
+
+
+def store_url(config: Config, override: str | None = None) -> str:
+    """The store URL to use: an explicit override, else ``$LARS_STORE``, else the config's."""
+    return override or os.environ.get(STORE_ENV) or config.store

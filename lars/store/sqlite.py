@@ -1,0 +1,198 @@
+"""The embedded SQLite store: stdlib sqlite3, run in a worker thread off the event loop."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+import trio
+
+from lars.core.model import HostKey, ModuleKey
+from lars.errors import SchemaMissing, StoreError, StoreUnavailable
+from lars.store import sql
+from lars.store.base import CallStatus, RouteSnapshot, RouteStore, RouteWrite
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS RouteData (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    modid INTEGER NOT NULL,
+    cmdid INTEGER NOT NULL,
+    serverip INTEGER NOT NULL,
+    serverport INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS RouteData_module ON RouteData (modid, cmdid);
+CREATE TABLE IF NOT EXISTS RouteVersion (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS RouteChange (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    modid INTEGER NOT NULL,
+    cmdid INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    created INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER))
+);
+CREATE INDEX IF NOT EXISTS RouteChange_version ON RouteChange (version);
+CREATE TABLE IF NOT EXISTS ServerCallStatus (
+    modid INTEGER NOT NULL,
+    cmdid INTEGER NOT NULL,
+    ip INTEGER NOT NULL,
+    port INTEGER NOT NULL,
+    caller INTEGER NOT NULL,
+    succ_cnt INTEGER NOT NULL,
+    err_cnt INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    overload TEXT NOT NULL,
+    succ_total INTEGER NOT NULL DEFAULT 0,
+    err_total INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (modid, cmdid, ip, port, caller)
+);
+CREATE TABLE IF NOT EXISTS ModIDConfig (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    modid INTEGER NOT NULL,
+    content TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS CmdIDConfig (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cmdid INTEGER NOT NULL,
+    content TEXT NOT NULL
+);
+"""
+
+DIALECT = sql.Dialect(
+    name="sqlite",
+    schema=SCHEMA,
+    # BEGIN IMMEDIATE already holds the write lock: every writer is serialised.
+    lock_version="SELECT version FROM RouteVersion WHERE id = 1",
+    list_tables="SELECT name FROM sqlite_master WHERE type = 'table'",
+    list_columns="SELECT name FROM pragma_table_info(?)",
+    upsert_status_suffix=(
+        " ON CONFLICT (modid, cmdid, ip, port, caller) DO UPDATE SET"
+        " succ_cnt = excluded.succ_cnt, err_cnt = excluded.err_cnt, ts = excluded.ts,"
+        " overload = excluded.overload, succ_total = succ_total + excluded.succ_total,"
+        " err_total = err_total + excluded.err_total"
+    ),
+    purge_changes=(
+        "DELETE FROM RouteChange WHERE created < CAST(strftime('%s', 'now') AS INTEGER) - ?"
+    ),
+)
+
+Txn = Literal["read", "write"] | None
+
+
+def _translate(exc: sqlite3.Error, path: str) -> StoreError:
+    text = str(exc)
+    if "no such table" in text or "no such column" in text:
+        return SchemaMissing(
+            f"the SQLite store {path} is not initialised ({text}); run `lars db init`"
+        )
+    if isinstance(exc, sqlite3.OperationalError) and (
+        "unable to open" in text or "locked" in text or "disk I/O" in text
+    ):
+        return StoreUnavailable(f"SQLite store {path}: {text}")
+    return StoreError(f"SQLite store {path}: {text}")
+
+
+class SqliteStore(RouteStore):
+    """Routes in one SQLite file, accessed from one worker thread at a time.
+
+    With ``create=False`` a missing file is an error rather than a new empty database, so a
+    mistyped path does not silently create one.
+    """
+
+    kind = "sqlite"
+
+    def __init__(self, path: str, *, create: bool = False) -> None:
+        self.path = path
+        self.display_url = f"sqlite:///{path}"
+        self._create = create
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    def _connect(self) -> sqlite3.Connection:
+        memory = self.path == ":memory:"
+        if not memory and not self._create and not os.path.exists(self.path):
+            raise StoreUnavailable(
+                f"no SQLite database at {os.path.abspath(self.path)}; run `lars db init`"
+            )
+        conn = sqlite3.connect(
+            self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+        )
+        if not memory:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    def _run_sync(self, make_op: Callable[[], sql.Op[T]], txn: Txn) -> T:
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            conn = self._conn
+            cursor = conn.cursor()
+
+            def execute(query: str, args: tuple[Any, ...]) -> sql.Result:
+                cursor.execute(query, args)
+                return sql.Result(cursor.fetchall(), cursor.rowcount)
+
+            if txn is not None:
+                cursor.execute("BEGIN IMMEDIATE" if txn == "write" else "BEGIN")
+            try:
+                result = sql.drive_sync(make_op(), execute)
+                if txn is not None:
+                    cursor.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
+            return result
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from exc
+
+    async def _run(self, make_op: Callable[[], sql.Op[T]], txn: Txn = None) -> T:
+        return await trio.to_thread.run_sync(self._run_sync, make_op, txn, limiter=self._limiter)
+
+    async def init_schema(self) -> list[str]:
+        return await self._run(functools.partial(sql.init_schema, DIALECT))
+
+    async def route_version(self) -> int:
+        return await self._run(sql.route_version)
+
+    async def load_routes(self, changes_since: int | None = None) -> RouteSnapshot:
+        return await self._run(functools.partial(sql.load_routes, changes_since), "read")
+
+    async def change_routes(
+        self,
+        add: Mapping[ModuleKey, Collection[HostKey]] | None = None,
+        remove: Mapping[ModuleKey, Collection[HostKey] | None] | None = None,
+    ) -> RouteWrite:
+        op = functools.partial(
+            sql.change_routes, DIALECT, add or {}, remove or {}, sql.now_seconds()
+        )
+        return await self._run(op, "write")
+
+    async def list_routes(
+        self, modid: int | None = None, cmdid: int | None = None
+    ) -> dict[ModuleKey, list[HostKey]]:
+        return await self._run(functools.partial(sql.list_routes, modid, cmdid))
+
+    async def purge_changes(self, older_than: float) -> int:
+        return await self._run(functools.partial(sql.purge_changes, DIALECT, older_than), "write")
+
+    async def upsert_call_status(self, rows: Sequence[CallStatus]) -> None:
+        if rows:
+            await self._run(functools.partial(sql.upsert_call_status, DIALECT, rows), "write")
+
+    async def read_call_status(
+        self, modid: int | None = None, cmdid: int | None = None
+    ) -> list[CallStatus]:
+        return await self._run(functools.partial(sql.read_call_status, modid, cmdid))
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await trio.to_thread.run_sync(conn.close, limiter=self._limiter)

@@ -1,0 +1,540 @@
+"""The Lars wire protocol: msgpack messages, TCP framing, UDP datagrams. Sans-IO, no trio.
+
+Every message is a msgpack array whose first element is the message type id, followed by the
+message's fields in declaration order::
+
+    [4, seq, modid, cmdid]                       # GetHostRequest
+
+A UDP datagram carries exactly one such array. A TCP stream carries frames: a 4-byte big-endian
+body length, then the body. :class:`FrameDecoder` checks the length against the configured
+maximum *before* buffering the body, so an oversized frame costs nothing but the 4 header bytes.
+
+Hosts travel as ``[ip, port]`` with ``ip`` the unsigned 32-bit integer of the IPv4 address.
+
+Anything that cannot be decoded into a valid message raises :class:`ProtocolError`, and nothing
+else: not msgpack, not an array, unknown type id, wrong field count, a field of the wrong kind,
+a value out of range. When the type and sequence number could be read, the error carries them
+(``msg_type``, ``seq``) so that a server can answer the caller with an :class:`ErrorReply`
+instead of dropping the request silently.
+
+Type ids 1-8 are those of the original Lars protocol; ids from 9 on are Lars additions. Ids
+are stable once released: never renumber, only append.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import attrs
+import msgpack
+
+from lars.core.model import PORT_MAX, UINT32_MAX, HostKey
+from lars.errors import ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_DATAGRAM",
+    "DEFAULT_MAX_FRAME",
+    "HEADER_SIZE",
+    "AgentStateRequest",
+    "AgentStateResponse",
+    "ApiGetRouteRequest",
+    "ApiGetRouteResponse",
+    "ErrorReply",
+    "FrameDecoder",
+    "GetHostRequest",
+    "GetHostResponse",
+    "GetRouteRequest",
+    "GetRouteResponse",
+    "HostResult",
+    "Message",
+    "ProtocolError",
+    "ReportRequest",
+    "ReportStatusAck",
+    "ReportStatusRequest",
+    "RetCode",
+    "RouteChangeNotice",
+    "StatsRequest",
+    "StatsResponse",
+    "decode_body",
+    "decode_datagram",
+    "encode_datagram",
+    "encode_frame",
+]
+
+#: Default maximum TCP frame body, in bytes.
+DEFAULT_MAX_FRAME = 1 << 20
+#: Largest UDP payload over IPv4.
+DEFAULT_MAX_DATAGRAM = 65507
+HEADER_SIZE = 4
+
+_header = struct.Struct("!I")
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+class RetCode:
+    """Return codes, as in the original Lars (0-3), plus BAD_REQUEST for invalid input."""
+
+    SUCC = 0
+    OVERLOAD = 1
+    SYSTEM_ERROR = 2
+    NOEXIST = 3
+    BAD_REQUEST = 4
+
+    NAMES: ClassVar[dict[int, str]] = {
+        0: "SUCC",
+        1: "OVERLOAD",
+        2: "SYSTEM_ERROR",
+        3: "NOEXIST",
+        4: "BAD_REQUEST",
+    }
+
+
+# --- field checkers --------------------------------------------------------------------------
+# Each takes the raw msgpack value and returns the Python value, or raises _Invalid (a value
+# of the right kind out of range) or _Malformed (the wrong kind altogether).
+
+
+class _Malformed(Exception):
+    pass
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _int(value: Any, hi: int, what: str, lo: int = 0) -> int:
+    if type(value) is not int:
+        raise _Malformed(f"{what} must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise _Invalid(f"{what} out of range: {value}")
+    return value
+
+
+def _u32(what: str) -> Callable[[Any], int]:
+    return lambda v: _int(v, UINT32_MAX, what)
+
+
+def _u64(what: str) -> Callable[[Any], int]:
+    return lambda v: _int(v, (1 << 64) - 1, what)
+
+
+def _i64(v: Any) -> int:
+    return _int(v, (1 << 63) - 1, "ts", lo=-(1 << 63))
+
+
+def _bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise _Malformed(f"expected a boolean, got {type(v).__name__}")
+    return v
+
+
+def _str(v: Any) -> str:
+    if type(v) is not str:
+        raise _Malformed(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _array(v: Any, n: int | None, what: str) -> list[Any] | tuple[Any, ...]:
+    if type(v) is not list and type(v) is not tuple:
+        raise _Malformed(f"{what} must be an array, got {type(v).__name__}")
+    if n is not None and len(v) != n:
+        raise _Malformed(f"{what} must have {n} elements, got {len(v)}")
+    return v
+
+
+def _host(v: Any) -> HostKey:
+    ip, port = _array(v, 2, "host")
+    return _int(ip, UINT32_MAX, "ip"), _int(port, PORT_MAX, "port", lo=1)
+
+
+def _opt_host(v: Any) -> HostKey | None:
+    return None if v is None else _host(v)
+
+
+def _hosts(v: Any) -> tuple[HostKey, ...]:
+    return tuple(_host(h) for h in _array(v, None, "hosts"))
+
+
+def _results(v: Any) -> tuple[HostResult, ...]:
+    out = []
+    for item in _array(v, None, "results"):
+        ip, port, succ, err, overload = _array(item, 5, "result")
+        out.append(
+            HostResult(
+                _int(ip, UINT32_MAX, "ip"),
+                _int(port, PORT_MAX, "port", lo=1),
+                _int(succ, (1 << 64) - 1, "succ"),
+                _int(err, (1 << 64) - 1, "err"),
+                _bool(overload),
+            )
+        )
+    return tuple(out)
+
+
+def _map(v: Any) -> dict[str, Any]:
+    if type(v) is not dict:
+        raise _Malformed(f"expected a map, got {type(v).__name__}")
+    return v
+
+
+def _retcode(v: Any) -> int:
+    return _int(v, 255, "retcode")
+
+
+_seq = _u32("seq")
+_modid = _u32("modid")
+_cmdid = _u32("cmdid")
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+class Message:
+    """Base of all messages. ``TYPE`` is the wire id; ``_FIELDS`` the checker of each field."""
+
+    TYPE: ClassVar[int]
+    _FIELDS: ClassVar[tuple[Callable[[Any], Any], ...]]
+
+    def _values(self) -> tuple[Any, ...]:
+        return attrs.astuple(self, recurse=False)  # type: ignore[arg-type]
+
+
+_REGISTRY: dict[int, type[Message]] = {}
+
+
+def _register(cls: type[Message]) -> type[Message]:
+    assert cls.TYPE not in _REGISTRY, cls
+    _REGISTRY[cls.TYPE] = cls
+    return cls
+
+
+@_register
+@attrs.frozen
+class GetRouteRequest(Message):
+    """Agent -> DNS: send me this module's route and keep me subscribed to its changes."""
+
+    TYPE = 1
+    modid: int
+    cmdid: int
+    _FIELDS = (_modid, _cmdid)
+
+
+@_register
+@attrs.frozen
+class GetRouteResponse(Message):
+    """DNS -> agent: a module's current route, as an answer or a push. Empty: module gone."""
+
+    TYPE = 2
+    modid: int
+    cmdid: int
+    hosts: tuple[HostKey, ...]
+    _FIELDS = (_modid, _cmdid, _hosts)
+
+
+@attrs.frozen
+class HostResult:
+    """One host's call counts inside a :class:`ReportStatusRequest`."""
+
+    ip: int
+    port: int
+    succ: int
+    err: int
+    overload: bool
+
+
+@_register
+@attrs.frozen
+class ReportStatusRequest(Message):
+    """Agent -> reporter: per-host call counts of one module since the last acknowledged send.
+
+    ``caller`` is the agent host's IPv4 as an integer; ``seq`` is echoed in the
+    :class:`ReportStatusAck` once the counts are stored.
+    """
+
+    TYPE = 3
+    modid: int
+    cmdid: int
+    caller: int
+    results: tuple[HostResult, ...]
+    ts: int
+    seq: int = 0
+    _FIELDS = (_modid, _cmdid, _u32("caller"), _results, _i64, _u64("seq"))
+
+    def _values(self) -> tuple[Any, ...]:
+        results = [(r.ip, r.port, r.succ, r.err, r.overload) for r in self.results]
+        return (self.modid, self.cmdid, self.caller, results, self.ts, self.seq)
+
+
+@_register
+@attrs.frozen
+class GetHostRequest(Message):
+    """Client -> agent: give me one host of this module."""
+
+    TYPE = 4
+    seq: int
+    modid: int
+    cmdid: int
+    _FIELDS = (_seq, _modid, _cmdid)
+
+
+@_register
+@attrs.frozen
+class GetHostResponse(Message):
+    """Agent -> client: the chosen host, or ``None`` with a non-zero ``retcode``."""
+
+    TYPE = 5
+    seq: int
+    modid: int
+    cmdid: int
+    retcode: int
+    host: HostKey | None
+    _FIELDS = (_seq, _modid, _cmdid, _retcode, _opt_host)
+
+
+@_register
+@attrs.frozen
+class ReportRequest(Message):
+    """Client -> agent: the call to ``host`` ended with ``retcode`` (0 = success). No reply."""
+
+    TYPE = 6
+    modid: int
+    cmdid: int
+    host: HostKey
+    retcode: int
+    _FIELDS = (_modid, _cmdid, _host, _u32("retcode"))
+
+
+@_register
+@attrs.frozen
+class ApiGetRouteRequest(Message):
+    """Client -> agent: give me every host of this module."""
+
+    TYPE = 7
+    seq: int
+    modid: int
+    cmdid: int
+    _FIELDS = (_seq, _modid, _cmdid)
+
+
+@_register
+@attrs.frozen
+class ApiGetRouteResponse(Message):
+    """Agent -> client: the module's hosts (empty with a non-zero ``retcode``)."""
+
+    TYPE = 8
+    seq: int
+    modid: int
+    cmdid: int
+    retcode: int
+    hosts: tuple[HostKey, ...]
+    _FIELDS = (_seq, _modid, _cmdid, _retcode, _hosts)
+
+
+@_register
+@attrs.frozen
+class ErrorReply(Message):
+    """Any role -> peer: your request ``seq`` could not be served (``code`` is a RetCode)."""
+
+    TYPE = 9
+    seq: int
+    code: int
+    reason: str
+    _FIELDS = (_seq, _retcode, _str)
+
+
+@_register
+@attrs.frozen
+class AgentStateRequest(Message):
+    """``lars query`` -> agent: describe this module's balancer."""
+
+    TYPE = 10
+    seq: int
+    modid: int
+    cmdid: int
+    _FIELDS = (_seq, _modid, _cmdid)
+
+
+@_register
+@attrs.frozen
+class AgentStateResponse(Message):
+    """Agent -> ``lars query``: the module's state as a map (see the agent role)."""
+
+    TYPE = 11
+    seq: int
+    modid: int
+    cmdid: int
+    retcode: int
+    state: dict[str, Any]
+    _FIELDS = (_seq, _modid, _cmdid, _retcode, _map)
+
+
+@_register
+@attrs.frozen
+class RouteChangeNotice(Message):
+    """Route writer -> DNS: routes changed (store version ``version``); check now."""
+
+    TYPE = 12
+    version: int
+    _FIELDS = (_u64("version"),)
+
+
+@_register
+@attrs.frozen
+class ReportStatusAck(Message):
+    """Reporter -> agent: the report ``seq`` is stored."""
+
+    TYPE = 13
+    seq: int
+    _FIELDS = (_u64("seq"),)
+
+
+@_register
+@attrs.frozen
+class StatsRequest(Message):
+    """Anyone -> any role: send me your counters."""
+
+    TYPE = 14
+    seq: int
+    _FIELDS = (_seq,)
+
+
+@_register
+@attrs.frozen
+class StatsResponse(Message):
+    """A role's counters (name -> number) and its role name."""
+
+    TYPE = 15
+    seq: int
+    role: str
+    counters: dict[str, Any]
+    _FIELDS = (_seq, _str, _map)
+
+
+#: Message types whose first field is a sequence number, echoed in the reply.
+_SEQ_FIRST = frozenset(
+    t
+    for t, cls in _REGISTRY.items()
+    if attrs.fields(cls)[0].name == "seq"  # type: ignore[arg-type]
+)
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+
+def encode_body(msg: Message) -> bytes:
+    """Encode a message as a msgpack array (the datagram / frame body)."""
+    body: bytes = _packb([msg.TYPE, *msg._values()])
+    return body
+
+
+def encode_datagram(msg: Message, max_size: int = DEFAULT_MAX_DATAGRAM) -> bytes:
+    """Encode a message for one UDP datagram; raises ProtocolError if it would not fit."""
+    body = encode_body(msg)
+    if len(body) > max_size:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds the datagram limit {max_size}")
+    return body
+
+
+def encode_frame(msg: Message, max_size: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Encode a message as one TCP frame (length header + body)."""
+    body = encode_body(msg)
+    if len(body) > max_size:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds the frame limit {max_size}")
+    return _header.pack(len(body)) + body
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def decode_body(body: bytes | bytearray | memoryview) -> Message:
+    """Decode one message body. Raises :class:`ProtocolError` and nothing else."""
+    try:
+        obj = msgpack.unpackb(body, use_list=False, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises a dozen kinds; all mean "malformed"
+        raise ProtocolError(f"not a msgpack message: {exc}") from None
+    return decode_object(obj)
+
+
+def decode_object(obj: Any) -> Message:
+    """Turn an already unpacked msgpack value into a message (see :func:`decode_body`)."""
+    if type(obj) is not tuple or not obj:
+        raise ProtocolError("a message must be a non-empty array")
+    msg_type = obj[0]
+    cls = _REGISTRY.get(msg_type) if type(msg_type) is int else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {msg_type!r}")
+    checks = cls._FIELDS
+    nfields = len(obj) - 1
+    if nfields != len(checks):
+        raise ProtocolError(f"{cls.__name__} takes {len(checks)} fields, got {nfields}")
+    seq = None
+    if msg_type in _SEQ_FIRST and type(obj[1]) is int and 0 <= obj[1] <= UINT32_MAX:
+        seq = obj[1]
+    try:
+        values = [check(value) for check, value in zip(checks, obj[1:], strict=True)]
+    except _Invalid as exc:
+        raise ProtocolError(f"{cls.__name__}: {exc}", msg_type=msg_type, seq=seq) from None
+    except (_Malformed, ValueError, TypeError) as exc:
+        raise ProtocolError(f"{cls.__name__}: malformed: {exc}") from None
+    return cls(*values)
+
+
+def decode_datagram(data: bytes | bytearray | memoryview) -> Message:
+    """Decode one UDP datagram. Raises :class:`ProtocolError` and nothing else."""
+    return decode_body(data)
+
+
+class FrameDecoder:
+    """Incremental TCP frame decoder: feed bytes in, take messages out.
+
+    The length header is checked against ``max_frame`` as soon as it arrives, before any of
+    the body is buffered. After a :class:`ProtocolError` the stream is unusable (the framing is
+    lost): the caller closes the connection.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._need: int | None = None  # body length of the frame in progress
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet decoded."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add received bytes."""
+        self._buf += data
+
+    def _next_body(self) -> bytes | None:
+        buf = self._buf
+        if self._need is None:
+            if len(buf) < HEADER_SIZE:
+                return None
+            (length,) = _header.unpack_from(buf)
+            if length == 0:
+                raise ProtocolError("empty frame")
+            if length > self.max_frame:
+                raise ProtocolError(f"frame of {length} bytes exceeds the limit {self.max_frame}")
+            del buf[:HEADER_SIZE]
+            self._need = length
+        need = self._need
+        if len(buf) < need:
+            return None
+        body = bytes(buf[:need])
+        del buf[:need]
+        self._need = None
+        return body
+
+    def bytes_wanted(self) -> int:
+        """How many more bytes would complete the frame in progress (at least 1)."""
+        if self._need is None:
+            return max(1, HEADER_SIZE - len(self._buf))
+        return max(1, self._need - len(self._buf))
+
+    def __iter__(self) -> Iterator[Message]:
+        """Yield every complete message buffered so far."""
+        while (body := self._next_body()) is not None:
+            yield decode_body(body)

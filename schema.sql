@@ -1,0 +1,75 @@
+-- Lars route store schema for MySQL / MariaDB.
+--
+-- A superset of the original Lars `lars_dns` schema: the same tables and columns with the same
+-- names and meaning, so an existing Lars database keeps working. Columns Lars added are
+-- appended at the end of their table with defaults (the original C++ DNS reads `SELECT *`
+-- positionally), marked "Lars addition" below. Nothing here drops anything: run it on an
+-- existing database, or let `lars db init` create what is missing (it also appends missing
+-- columns to tables created by the original scripts).
+--
+--   mysql -u root lars_dns < schema.sql      or      lars db init --store mysql://...
+
+CREATE TABLE IF NOT EXISTS `RouteData` (
+    `id` int(10) unsigned NOT NULL AUTO_INCREMENT,
+    `modid` int(10) unsigned NOT NULL,
+    `cmdid` int(10) unsigned NOT NULL,
+    `serverip` int(10) unsigned NOT NULL,
+    `serverport` int(10) unsigned NOT NULL,
+    PRIMARY KEY (`id`),
+    KEY `idx_module` (`modid`, `cmdid`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8;
+
+-- A single row, id = 1. Every route write raises `version`.
+CREATE TABLE IF NOT EXISTS `RouteVersion` (
+    `id` int(10) unsigned NOT NULL AUTO_INCREMENT,
+    `version` int(10) unsigned NOT NULL,
+    PRIMARY KEY (`id`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8;
+
+INSERT IGNORE INTO `RouteVersion` (`id`, `version`) VALUES (1, 0);
+
+-- One row per module changed, per version.
+CREATE TABLE IF NOT EXISTS `RouteChange` (
+    `id` int(10) unsigned NOT NULL AUTO_INCREMENT,
+    `modid` int(10) unsigned NOT NULL,
+    `cmdid` int(10) unsigned NOT NULL,
+    `version` bigint(20) unsigned NOT NULL,
+    -- Lars addition: when the row was written; DNS instances purge rows by age.
+    `created` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    PRIMARY KEY (`id`),
+    KEY `idx_version` (`version`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8;
+
+-- Latest call statistics per node per calling host. succ_cnt/err_cnt: the counts of the
+-- latest report (one agent report interval, or the backlog after an outage).
+-- modid/cmdid are unsigned here (the original had signed int, too small for uint32 ids).
+CREATE TABLE IF NOT EXISTS `ServerCallStatus` (
+    `modid` int(10) unsigned NOT NULL,
+    `cmdid` int(10) unsigned NOT NULL,
+    `ip` int(11) unsigned NOT NULL,
+    `port` int(11) unsigned NOT NULL,
+    `caller` int(11) unsigned NOT NULL,
+    `succ_cnt` int(11) NOT NULL,
+    `err_cnt` int(11) NOT NULL,
+    `ts` bigint(20) NOT NULL,
+    `overload` char(1) NOT NULL,
+    -- Lars addition: all successes and failures ever reported for this node by this caller.
+    `succ_total` bigint(20) unsigned NOT NULL DEFAULT 0,
+    `err_total` bigint(20) unsigned NOT NULL DEFAULT 0,
+    PRIMARY KEY (`modid`, `cmdid`, `ip`, `port`, `caller`),
+    KEY `mlb_index` (`modid`, `cmdid`, `ip`, `port`, `caller`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8;
+
+CREATE TABLE IF NOT EXISTS `ModIDConfig` (
+    `id` int(10) unsigned NOT NULL AUTO_INCREMENT,
+    `modid` int(10) unsigned NOT NULL,
+    `content` char(255) NOT NULL,
+    PRIMARY KEY (`id`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8;
+
+CREATE TABLE IF NOT EXISTS `CmdIDConfig` (
+    `id` int(10) unsigned NOT NULL AUTO_INCREMENT,
+    `cmdid` int(10) unsigned NOT NULL,
+    `content` char(255) NOT NULL,
+    PRIMARY KEY (`id`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8;

@@ -1,0 +1,192 @@
+"""The admin CLI, in process through main(argv), on SQLite and MySQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from lars import __version__
+from lars.cli import main
+from lars.store import open_store
+from tests.store_helpers import change_rows
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/lars.db"
+        return
+    yield request.getfixturevalue("mysql_db")[0]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def changes(url: str) -> list[tuple[int, int, int]]:
+    async def read() -> list[tuple[int, int, int]]:
+        async with open_store(url) as store:
+            return await change_rows(store)
+
+    return trio.run(read)
+
+
+def version(url: str) -> int:
+    async def read() -> int:
+        async with open_store(url) as store:
+            return await store.route_version()
+
+    return trio.run(read)
+
+
+def test_round_trip_raises_version_and_logs_changes_once_per_effective_change(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(capsys, "db", "init", "--store", url)[0] == 0
+    assert version(url) == 0
+
+    code, out, _ = run(
+        capsys, "route", "add", "1", "1", "10.0.0.1:7001", "10.0.0.2:7002", "--store", url
+    )
+    assert code == 0 and "added 2 host(s)" in out
+    v1 = version(url)
+    assert changes(url) == [(1, 1, v1)]
+
+    # Adding what is there already changes nothing: no version raise, no change row.
+    code, out, _ = run(capsys, "route", "add", "1", "1", "10.0.0.1:7001", "--store", url)
+    assert code == 0 and "nothing to change" in out
+    assert version(url) == v1 and len(changes(url)) == 1
+
+    code, out, _ = run(capsys, "route", "ls", "--json", "--store", url)
+    assert json.loads(out) == [
+        {"modid": 1, "cmdid": 1, "hosts": ["10.0.0.1:7001", "10.0.0.2:7002"]}
+    ]
+
+    code, out, _ = run(capsys, "route", "rm", "1", "1", "10.0.0.1:7001", "--store", url)
+    assert code == 0 and "removed 1 host(s)" in out
+    v2 = version(url)
+    assert v2 > v1 and changes(url) == [(1, 1, v1), (1, 1, v2)]
+
+    code, out, _ = run(capsys, "route", "rm", "1", "1", "10.0.0.9:1", "--store", url)
+    assert "nothing to change" in out and version(url) == v2
+
+    code, out, _ = run(capsys, "route", "rm", "1", "1", "--all", "--store", url)
+    assert code == 0 and "removed 1 host(s)" in out
+    assert len(changes(url)) == 3
+    code, out, _ = run(capsys, "route", "ls", "--json", "--store", url)
+    assert json.loads(out) == []
+
+
+def test_route_ls_text_and_filters(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "db", "init", "--store", url)
+    run(capsys, "route", "add", "1", "1", "10.0.0.1:7001", "--store", url)
+    run(capsys, "route", "add", "2", "5", "10.0.0.2:80", "--store", url)
+    code, out, _ = run(capsys, "route", "ls", "--store", url)
+    assert code == 0
+    assert "10.0.0.1:7001" in out and "10.0.0.2:80" in out
+    code, out, _ = run(capsys, "route", "ls", "2", "--json", "--store", url)
+    assert json.loads(out) == [{"modid": 2, "cmdid": 5, "hosts": ["10.0.0.2:80"]}]
+    code, out, _ = run(capsys, "route", "ls", "2", "6", "--json", "--store", url)
+    assert json.loads(out) == []
+
+
+def test_store_from_env_and_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env_url = f"sqlite:///{tmp_path}/env.db"
+    monkeypatch.setenv("LARS_STORE", env_url)
+    assert run(capsys, "db", "init")[0] == 0
+    assert (tmp_path / "env.db").exists()
+    monkeypatch.delenv("LARS_STORE")
+    config = tmp_path / "custom.toml"
+    config.write_text(f'store = "sqlite:///{tmp_path}/conf.db"\n')
+    assert run(capsys, "db", "init", "--config", str(config))[0] == 0
+    assert (tmp_path / "conf.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["route", "add", "1", "1", "10.0.0.300:80"], "not an IPv4 address"),
+        (["route", "add", "1", "1", "10.0.0.1:0"], "port"),
+        (["route", "add", "1", "1", "10.0.0.1"], "IP:PORT"),
+        (["route", "add", "4294967296", "1", "10.0.0.1:80"], "out of range"),
+        (["route", "add", "-1", "1", "10.0.0.1:80"], "-1"),
+        (["route", "add", "x", "1", "10.0.0.1:80"], "not an integer"),
+        (["route", "add", "1", "1"], "Missing argument"),
+        (["route", "rm", "1", "1"], "--all"),
+        (["route", "rm", "1", "1", "10.0.0.1:80", "--all"], "--all"),
+    ],
+)
+def test_usage_mistakes_are_one_clear_error(
+    argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, *argv, "--store", f"sqlite:///{tmp_path}/x.db")
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err + out
+
+
+@pytest.mark.parametrize(
+    ("store", "needle"),
+    [
+        ("mysql://root@127.0.0.1:1/lars?connect_timeout=2", "unreachable"),
+        ("sqlite:///{tmp}/missing.db", "lars db init"),
+        ("bogus://x", "unsupported store"),
+        ("mysql://root@127.0.0.1:3306/lars?nope=1", "unknown store URL option"),
+    ],
+)
+def test_store_problems_are_one_line_and_exit_1(
+    store: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "route", "ls", "--store", store.format(tmp=tmp_path))
+    assert code == 1
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err + out
+
+
+def test_uninitialised_store_says_to_run_db_init(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/empty.db"
+    (tmp_path / "empty.db").touch()
+    code, _, err = run(capsys, "route", "add", "1", "1", "10.0.0.1:80", "--store", url)
+    assert code == 1 and "lars db init" in err
+
+
+@pytest.mark.mysql
+def test_uninitialised_mysql_says_to_run_db_init(
+    mysql_db: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "route", "ls", "--store", mysql_db[0])
+    assert code == 1 and "lars db init" in err and "Traceback" not in err
+
+
+def test_bad_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[agent]\nbase_prot = 1\n")
+    code, _, err = run(capsys, "route", "ls", "--config", str(config))
+    assert code == 1
+    assert "agent.base_prot" in err and str(config) in err
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and __version__ in out
+    for argv in (
+        ["--help"],
+        ["route", "add", "--help"],
+        ["route", "ls", "-h"],
+        ["db", "init", "--help"],
+    ):
+        code, out, _ = run(capsys, *argv)
+        assert code == 0 and "Usage:" in out
+    code, out, _ = run(capsys, "route", "add", "--help")
+    assert "Example" in out

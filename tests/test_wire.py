@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lars import wire
+from lars.errors import ProtocolError
+from lars.wire import (
+    AgentStateRequest,
+    AgentStateResponse,
+    ApiGetRouteRequest,
+    ApiGetRouteResponse,
+    ErrorReply,
+    FrameDecoder,
+    GetHostRequest,
+    GetHostResponse,
+    GetRouteRequest,
+    GetRouteResponse,
+    HostResult,
+    ReportRequest,
+    ReportStatusAck,
+    ReportStatusRequest,
+    RouteChangeNotice,
+    StatsRequest,
+    StatsResponse,
+    decode_datagram,
+    encode_datagram,
+    encode_frame,
+)
+
+SAMPLES: list[wire.Message] = [
+    GetRouteRequest(1, 2),
+    GetRouteResponse(1, 2, ((167772161, 7001), (167772162, 7002))),
+    GetRouteResponse(1, 2, ()),
+    ReportStatusRequest(
+        1, 2, 2130706433, (HostResult(167772161, 7001, 10, 2, False),), 1_700_000_000, 7
+    ),
+    GetHostRequest(9, 1, 2),
+    GetHostResponse(9, 1, 2, 0, (167772161, 7001)),
+    GetHostResponse(9, 1, 2, 3, None),
+    ReportRequest(1, 2, (167772161, 7001), 0),
+    ApiGetRouteRequest(3, 1, 2),
+    ApiGetRouteResponse(3, 1, 2, 0, ((167772161, 7001),)),
+    ErrorReply(3, 4, "modid out of range"),
+    AgentStateRequest(5, 1, 2),
+    AgentStateResponse(5, 1, 2, 0, {"status": "ready", "hosts": ()}),
+    RouteChangeNotice(1_700_000_000),
+    ReportStatusAck(7),
+    StatsRequest(11),
+    StatsResponse(11, "dns", {"connections": 3}),
+]
+
+
+def test_type_ids_are_those_of_the_original_lars() -> None:
+    assert [m.TYPE for m in SAMPLES[:11]] == [1, 2, 2, 3, 4, 5, 5, 6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips_as_datagram_and_frame(msg: wire.Message) -> None:
+    assert decode_datagram(encode_datagram(msg)) == msg
+    decoder = FrameDecoder()
+    decoder.feed(encode_frame(msg))
+    assert list(decoder) == [msg]
+
+
+def test_datagram_is_a_msgpack_array_led_by_the_type() -> None:
+    assert msgpack.unpackb(encode_datagram(GetHostRequest(9, 1, 2))) == [4, 9, 1, 2]
+
+
+def test_frame_is_length_prefixed() -> None:
+    frame = encode_frame(GetRouteRequest(1, 2))
+    (length,) = struct.unpack("!I", frame[:4])
+    assert length == len(frame) - 4
+
+
+def test_frames_split_at_every_byte_boundary_decode_in_order() -> None:
+    stream = b"".join(encode_frame(m) for m in SAMPLES)
+    decoder = FrameDecoder()
+    out: list[wire.Message] = []
+    for i in range(len(stream)):
+        decoder.feed(stream[i : i + 1])
+        out.extend(decoder)
+    assert out == SAMPLES
+    assert decoder.buffered == 0
+
+
+def test_oversized_frame_is_rejected_from_its_header_alone() -> None:
+    decoder = FrameDecoder(max_frame=100)
+    decoder.feed(struct.pack("!I", 101))  # only the header: nothing of the body yet
+    with pytest.raises(ProtocolError, match="exceeds"):
+        list(decoder)
+
+
+def test_empty_frame_is_malformed() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(struct.pack("!I", 0))
+    with pytest.raises(ProtocolError):
+        list(decoder)
+
+
+def test_encoding_refuses_a_message_over_the_limit() -> None:
+    big = GetRouteResponse(1, 1, tuple((i, 1) for i in range(20000)))
+    with pytest.raises(ProtocolError):
+        encode_datagram(big)
+    with pytest.raises(ProtocolError):
+        encode_frame(big, max_size=1000)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        [],
+        {},
+        "hello",
+        [99, 1, 2],  # unknown type
+        [4, 1, 2],  # GetHostRequest with a field missing
+        [4, 1, 2, 3, 4],  # one field too many
+        [4, "1", 2, 3],  # wrong kind
+        [4, True, 2, 3],  # a bool is not an integer here
+        [4, 1.5, 2, 3],
+        [6, 1, 2, [1], 0],  # host must be [ip, port]
+        [6, 1, 2, "10.0.0.1:80", 0],
+        [3, 1, 2, 3, [[1, 2, 3]], 5, 1],  # a result with 3 of 5 elements
+        [11, 1, 2, 3, 0, []],  # state must be a map
+    ],
+)
+def test_malformed_messages_raise_protocol_error(obj: object) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_datagram(msgpack.packb(obj))
+    assert info.value.msg_type is None
+
+
+@pytest.mark.parametrize(
+    ("obj", "seq"),
+    [
+        ([4, 7, 2**32, 1], 7),  # modid out of range
+        ([4, 7, 1, -1], 7),  # negative cmdid
+        ([7, 8, 1, 2**40], 8),
+        ([6, 1, 2, [1, 0], 0], None),  # port 0: no seq in a ReportRequest
+        ([6, 1, 2, [2**32, 80], 0], None),  # ip out of range
+    ],
+)
+def test_well_formed_requests_with_invalid_values_carry_type_and_seq(
+    obj: list[object], seq: int | None
+) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_datagram(msgpack.packb(obj))
+    assert info.value.msg_type == obj[0]
+    assert info.value.seq == seq
+
+
+def test_invalid_seq_itself_is_not_echoed() -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_datagram(msgpack.packb([4, 2**33, 1, 1]))
+    assert info.value.seq is None
+
+
+@given(st.binary(max_size=200))
+def test_random_bytes_only_ever_raise_protocol_error(data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_datagram(data)
+
+
+@given(st.binary(max_size=300))
+def test_random_streams_only_ever_raise_protocol_error(data: bytes) -> None:
+    decoder = FrameDecoder(max_frame=128)
+    decoder.feed(data)
+    with contextlib.suppress(ProtocolError):
+        list(decoder)
+
+
+@given(st.sampled_from(SAMPLES), st.data())
+def test_truncated_messages_raise_protocol_error(msg: wire.Message, data: st.DataObject) -> None:
+    body = encode_datagram(msg)
+    cut = data.draw(st.integers(min_value=0, max_value=len(body) - 1))
+    with pytest.raises(ProtocolError):
+        decode_datagram(body[:cut])
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5)
+    | st.binary(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@given(st.integers(min_value=0, max_value=20), st.lists(msgpack_values, max_size=6))
+def test_random_arrays_with_valid_type_ids_only_raise_protocol_error(
+    msg_type: int, fields: list[object]
+) -> None:
+    try:
+        msg = decode_datagram(msgpack.packb([msg_type, *fields]))
+    except ProtocolError:
+        return
+    # Whatever decoded must re-encode to an equal message.
+    assert decode_datagram(encode_datagram(msg)) == msg
+
+
+def test_wire_does_not_import_trio() -> None:
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(wire))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert "msgpack" in imported
+    assert "trio" not in imported
