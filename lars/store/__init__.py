@@ -12,10 +12,18 @@ from __future__ import annotations
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from lars.errors import ConfigError
-from lars.store.base import CallStatus, RouteMap, RouteSnapshot, RouteStore, RouteWrite
+from lars.store.base import (
+    CallStatus,
+    RouteDelta,
+    RouteMap,
+    RouteSnapshot,
+    RouteStore,
+    RouteWrite,
+)
 
 __all__ = [
     "CallStatus",
+    "RouteDelta",
     "RouteMap",
     "RouteSnapshot",
     "RouteStore",

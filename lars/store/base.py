@@ -27,6 +27,20 @@ class RouteSnapshot:
 
 
 @attrs.frozen
+class RouteDelta:
+    """The routes of the modules changed since a version, read in one transaction.
+
+    ``routes`` holds the current hosts of every module in ``changed``; a changed module
+    missing from it has no hosts any more. ``changed`` is empty when the version moved
+    without any ``RouteChange`` row, in which case only a full load can tell what changed.
+    """
+
+    version: int
+    changed: frozenset[ModuleKey]
+    routes: RouteMap
+
+
+@attrs.frozen
 class CallStatus:
     """One ``ServerCallStatus`` row: one node's call counts as seen from one caller."""
 
@@ -84,6 +98,10 @@ class RouteStore(abc.ABC):
     @abc.abstractmethod
     async def load_routes(self, changes_since: int | None = None) -> RouteSnapshot:
         """Read the version, every route and (optionally) the modules changed since a version."""
+
+    @abc.abstractmethod
+    async def load_changes(self, since: int) -> RouteDelta:
+        """Read the version and the routes of the modules changed after version ``since``."""
 
     @abc.abstractmethod
     async def change_routes(

@@ -24,7 +24,7 @@ from trio_mysql.constants import CR, ER
 from lars.core.model import HostKey, ModuleKey
 from lars.errors import SchemaMissing, StoreError, StoreUnavailable
 from lars.store import sql
-from lars.store.base import CallStatus, RouteSnapshot, RouteStore, RouteWrite
+from lars.store.base import CallStatus, RouteDelta, RouteSnapshot, RouteStore, RouteWrite
 
 T = TypeVar("T")
 Txn = Literal["read", "write"] | None
@@ -254,6 +254,9 @@ class MysqlStore(RouteStore):
 
     async def load_routes(self, changes_since: int | None = None) -> RouteSnapshot:
         return await self._run(functools.partial(sql.load_routes, changes_since), "read")
+
+    async def load_changes(self, since: int) -> RouteDelta:
+        return await self._run(functools.partial(sql.load_changes, since), "read")
 
     async def change_routes(
         self,

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import attrs
 
 from lars.core.model import PORT_MAX, UINT32_MAX, HostKey, ModuleKey
-from lars.store.base import CallStatus, RouteMap, RouteSnapshot, RouteWrite
+from lars.store.base import CallStatus, RouteDelta, RouteMap, RouteSnapshot, RouteWrite
 
 log = logging.getLogger("lars.store")
 
@@ -171,6 +171,21 @@ def load_routes(changes_since: int | None) -> Op[RouteSnapshot]:
         )
         changed = frozenset((int(m), int(c)) for m, c in result.rows)
     return RouteSnapshot(version, _route_rows(rows), changed)
+
+
+def load_changes(since: int) -> Op[RouteDelta]:
+    """Read the version, the modules changed after ``since`` and those modules' routes."""
+    version = yield from route_version()
+    result = yield ("SELECT DISTINCT modid, cmdid FROM RouteChange WHERE version > ?", (since,))
+    changed = sorted((int(m), int(c)) for m, c in result.rows)
+    rows: list[tuple[Any, ...]] = []
+    for chunk in _chunks(changed):
+        where = " OR ".join(["(modid = ? AND cmdid = ?)"] * len(chunk))
+        flat = tuple(v for module in chunk for v in module)
+        rows += (
+            yield (f"SELECT modid, cmdid, serverip, serverport FROM RouteData WHERE {where}", flat)
+        ).rows
+    return RouteDelta(version, frozenset(changed), _route_rows(rows))
 
 
 def change_routes(

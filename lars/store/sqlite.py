@@ -13,7 +13,7 @@ import trio
 from lars.core.model import HostKey, ModuleKey
 from lars.errors import SchemaMissing, StoreError, StoreUnavailable
 from lars.store import sql
-from lars.store.base import CallStatus, RouteSnapshot, RouteStore, RouteWrite
+from lars.store.base import CallStatus, RouteDelta, RouteSnapshot, RouteStore, RouteWrite
 
 T = TypeVar("T")
 
@@ -102,15 +102,18 @@ class SqliteStore(RouteStore):
     """Routes in one SQLite file, accessed from one worker thread at a time.
 
     With ``create=False`` a missing file is an error rather than a new empty database, so a
-    mistyped path does not silently create one.
+    mistyped path does not silently create one. ``inline=True`` runs every query on the
+    calling thread, blocking the event loop: only for tests under trio's MockClock, where a
+    worker thread would look like idle time and make the clock jump.
     """
 
     kind = "sqlite"
 
-    def __init__(self, path: str, *, create: bool = False) -> None:
+    def __init__(self, path: str, *, create: bool = False, inline: bool = False) -> None:
         self.path = path
         self.display_url = f"sqlite:///{path}"
         self._create = create
+        self._inline = inline
         self._conn: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
 
@@ -154,6 +157,9 @@ class SqliteStore(RouteStore):
             raise _translate(exc, self.path) from exc
 
     async def _run(self, make_op: Callable[[], sql.Op[T]], txn: Txn = None) -> T:
+        if self._inline:
+            await trio.lowlevel.checkpoint()
+            return self._run_sync(make_op, txn)
         return await trio.to_thread.run_sync(self._run_sync, make_op, txn, limiter=self._limiter)
 
     async def init_schema(self) -> list[str]:
@@ -164,6 +170,9 @@ class SqliteStore(RouteStore):
 
     async def load_routes(self, changes_since: int | None = None) -> RouteSnapshot:
         return await self._run(functools.partial(sql.load_routes, changes_since), "read")
+
+    async def load_changes(self, since: int) -> RouteDelta:
+        return await self._run(functools.partial(sql.load_changes, since), "read")
 
     async def change_routes(
         self,
@@ -194,5 +203,7 @@ class SqliteStore(RouteStore):
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is not None and self._inline:
+            conn.close()
+        elif conn is not None:
             await trio.to_thread.run_sync(conn.close, limiter=self._limiter)

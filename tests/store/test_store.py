@@ -233,3 +233,26 @@ def test_store_urls_are_validated() -> None:
     store = open_store("mysql://u:secret@db.example:3307/lars?pool_size=2")
     assert store.display_url == "mysql://u@db.example:3307/lars"
     assert "secret" not in store.display_url
+
+
+async def test_load_changes_reads_only_the_changed_modules(store: RouteStore) -> None:
+    v0 = (await store.change_routes(add={M1: [A], M2: [B], (9, 9): [C]})).version
+    assert v0 is not None
+    await store.add_hosts(M1, [C])
+    await store.remove_hosts(M2, None)
+    delta = await store.load_changes(v0)
+    assert delta.version == await store.route_version()
+    assert delta.changed == {M1, M2}
+    assert delta.routes == {M1: frozenset([A, C])}  # M2 has no hosts any more
+    nothing = await store.load_changes(delta.version)
+    assert nothing.changed == frozenset() and nothing.routes == {}
+
+
+async def test_purge_changes_deletes_only_rows_older_than_the_retention(store: RouteStore) -> None:
+    await store.add_hosts(M1, [A])
+    await store.add_hosts(M2, [B])
+    old = "'2001-01-01 00:00:00'" if store.kind == "mysql" else "978307200"
+    await fetch(store, f"UPDATE RouteChange SET created = {old} WHERE modid = 1 AND cmdid = 1")
+    assert await store.purge_changes(3600) == 1
+    assert [row[:2] for row in await change_rows(store)] == [(1, 2)]
+    assert await store.list_routes() == {M1: [A], M2: [B]}  # routes are untouched

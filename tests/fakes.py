@@ -1,0 +1,122 @@
+"""Test doubles: a store that can be switched off, and a framed test client."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+import trio
+
+from lars import wire
+from lars.core.model import HostKey, ModuleKey
+from lars.errors import StoreUnavailable
+from lars.store import CallStatus, RouteDelta, RouteSnapshot, RouteStore, RouteWrite
+from lars.store.sqlite import SqliteStore
+
+
+def memory_store() -> SqliteStore:
+    """A fresh in-memory SQLite store that runs inline (safe under MockClock)."""
+    return SqliteStore(":memory:", create=True, inline=True)
+
+
+class FlakyStore(RouteStore):
+    """Delegates to a real store, or raises StoreUnavailable while ``down`` is set.
+
+    Writes through ``inner`` always work: they stand for the operator, not the DNS.
+    """
+
+    def __init__(self, inner: RouteStore) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        self.display_url = inner.display_url
+        self.down = False
+        self.calls = 0
+
+    def _check(self) -> None:
+        self.calls += 1
+        if self.down:
+            raise StoreUnavailable("test: store switched off")
+
+    async def init_schema(self) -> list[str]:
+        self._check()
+        return await self.inner.init_schema()
+
+    async def route_version(self) -> int:
+        self._check()
+        return await self.inner.route_version()
+
+    async def load_routes(self, changes_since: int | None = None) -> RouteSnapshot:
+        self._check()
+        return await self.inner.load_routes(changes_since)
+
+    async def load_changes(self, since: int) -> RouteDelta:
+        self._check()
+        return await self.inner.load_changes(since)
+
+    async def change_routes(
+        self,
+        add: Mapping[ModuleKey, Collection[HostKey]] | None = None,
+        remove: Mapping[ModuleKey, Collection[HostKey] | None] | None = None,
+    ) -> RouteWrite:
+        self._check()
+        return await self.inner.change_routes(add, remove)
+
+    async def list_routes(
+        self, modid: int | None = None, cmdid: int | None = None
+    ) -> dict[ModuleKey, list[HostKey]]:
+        self._check()
+        return await self.inner.list_routes(modid, cmdid)
+
+    async def purge_changes(self, older_than: float) -> int:
+        self._check()
+        return await self.inner.purge_changes(older_than)
+
+    async def upsert_call_status(self, rows: Sequence[CallStatus]) -> None:
+        self._check()
+        await self.inner.upsert_call_status(rows)
+
+    async def read_call_status(
+        self, modid: int | None = None, cmdid: int | None = None
+    ) -> list[CallStatus]:
+        self._check()
+        return await self.inner.read_call_status(modid, cmdid)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class FramedClient:
+    """A test peer on a trio stream: sends messages or raw bytes, receives messages."""
+
+    def __init__(self, stream: trio.abc.Stream, max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
+        self.stream = stream
+        self.decoder = wire.FrameDecoder(max_frame)
+        self._ready: list[wire.Message] = []
+
+    async def send(self, *messages: wire.Message) -> None:
+        await self.stream.send_all(b"".join(wire.encode_frame(m) for m in messages))
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def receive(self) -> wire.Message:
+        """The next message; raises EOFError if the peer closed the stream."""
+        while not self._ready:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError("peer closed the stream")
+            self.decoder.feed(data)
+            self._ready.extend(self.decoder)
+        return self._ready.pop(0)
+
+    async def route(self) -> wire.GetRouteResponse:
+        msg = await self.receive()
+        assert isinstance(msg, wire.GetRouteResponse), msg
+        return msg
+
+    async def closed_by_peer(self) -> bool:
+        """True once the peer has closed the stream (reads until EOF)."""
+        try:
+            while True:
+                await self.receive()
+        except (EOFError, trio.BrokenResourceError):
+            return True
