@@ -7,20 +7,26 @@ Tracebacks are for bugs only.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
+import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
 import trio
 
+from lars import wire
 from lars._version import __version__
-from lars.config import Config, load_config, store_url
+from lars.config import Config, load_config, parse_address, store_url
 from lars.core.model import UINT32_MAX, Host, HostKey, ModuleKey, format_host
 from lars.errors import LarsError
-from lars.store import RouteStore, open_store
+from lars.roles.common import RECEIVE_SIZE, notify_dns
+from lars.roles.run import ROLES
+from lars.store import RouteStore, RouteWrite, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -172,12 +178,39 @@ def _keys(hosts: Sequence[Host]) -> list[HostKey]:
     return [h.key for h in hosts]
 
 
-def _report_write(verb: str, module: ModuleKey, count: int, version: int | None) -> None:
+def write_routes(
+    config_path: str | None,
+    store_override: str | None,
+    notify: bool,
+    verb: str,
+    module: ModuleKey,
+    write: Callable[[RouteStore], Awaitable[RouteWrite]],
+) -> None:
+    """Run a route write, say what it did, then tell the DNS instances (best effort)."""
+    config = get_config(config_path)
+    result = run_async(functools.partial(with_store, store_url(config, store_override), write))
     modid, cmdid = module
-    if version is None:
+    if result.version is None:
         click.echo(f"module {modid}/{cmdid}: nothing to change")
-    else:
-        click.echo(f"module {modid}/{cmdid}: {verb} {count} host(s), route version {version}")
+        return
+    count = result.added if verb == "added" else result.removed
+    click.echo(f"module {modid}/{cmdid}: {verb} {count} host(s), route version {result.version}")
+    if notify:
+        # The write is committed; telling DNS is best effort (it polls as a fallback).
+        for failure in trio.run(notify_dns, config.agent.dns, result.version):
+            click.echo(
+                f"warning: could not notify DNS {failure}; it will notice by polling", err=True
+            )
+
+
+def notify_option(fn: F) -> F:
+    """``--notify/--no-notify``: tell the configured DNS instances after a write."""
+    return click.option(
+        "--notify/--no-notify",
+        default=True,
+        help="After the write, tell the DNS instances of [agent] dns to check now "
+        "(default: on; DNS also polls, so a DNS that is down does not fail the write).",
+    )(fn)
 
 
 @route.command("add", context_settings=CONTEXT)
@@ -186,12 +219,14 @@ def _report_write(verb: str, module: ModuleKey, count: int, version: int | None)
 @hosts_argument()
 @config_option
 @store_option
+@notify_option
 def route_add(
     modid: int,
     cmdid: int,
     hosts: list[Host],
     config_path: str | None,
     store_override: str | None,
+    notify: bool,
 ) -> None:
     """Add hosts (IP:PORT) to module MODID/CMDID. Hosts already present are left alone.
 
@@ -199,13 +234,15 @@ def route_add(
     Example:
       lars route add 1 1 10.0.0.1:7001 10.0.0.2:7001
     """
-    url = store_url(get_config(config_path), store_override)
     module = (modid, cmdid)
-
-    result = run_async(
-        functools.partial(with_store, url, lambda s: s.add_hosts(module, _keys(hosts)))
+    write_routes(
+        config_path,
+        store_override,
+        notify,
+        "added",
+        module,
+        lambda store: store.add_hosts(module, _keys(hosts)),
     )
-    _report_write("added", module, result.added, result.version)
 
 
 @route.command("rm", context_settings=CONTEXT)
@@ -215,6 +252,7 @@ def route_add(
 @click.option("--all", "remove_all", is_flag=True, help="Remove every host of the module.")
 @config_option
 @store_option
+@notify_option
 def route_rm(
     modid: int,
     cmdid: int,
@@ -222,6 +260,7 @@ def route_rm(
     remove_all: bool,
     config_path: str | None,
     store_override: str | None,
+    notify: bool,
 ) -> None:
     """Remove hosts (IP:PORT) from module MODID/CMDID, or all of them with --all.
 
@@ -232,14 +271,16 @@ def route_rm(
     """
     if remove_all == bool(hosts):
         raise click.UsageError("give the hosts to remove, or --all (not both)")
-    url = store_url(get_config(config_path), store_override)
     module = (modid, cmdid)
-
     targets = None if remove_all else _keys(hosts)
-    result = run_async(
-        functools.partial(with_store, url, lambda s: s.remove_hosts(module, targets))
+    write_routes(
+        config_path,
+        store_override,
+        notify,
+        "removed",
+        module,
+        lambda store: store.remove_hosts(module, targets),
     )
-    _report_write("removed", module, result.removed, result.version)
 
 
 @route.command("ls", context_settings=CONTEXT)
@@ -278,6 +319,201 @@ def route_ls(
     click.echo(f"{'MODID':>10} {'CMDID':>10}  HOSTS")
     for (m, c), hosts in routes.items():
         click.echo(f"{m:>10} {c:>10}  {' '.join(format_host(h) for h in hosts)}")
+
+
+# --- run -----------------------------------------------------------------------------------
+
+
+@cli.command("run", context_settings=CONTEXT)
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    type=click.Choice(ROLES),
+    help="Role to run; repeat for several. Default: all three, in this process.",
+)
+@config_option
+@store_option
+def run_command(
+    roles: tuple[str, ...], config_path: str | None, store_override: str | None
+) -> None:
+    """Run Lars daemons: dns, reporter and/or agent.
+
+    With no --role, all three run in one process on the configured store (the embedded
+    SQLite ./lars.db by default, created with its tables if missing). Ctrl-C stops cleanly.
+
+    \b
+    Examples:
+      lars run                                   # everything, one process, ./lars.db
+      lars run --role dns --role reporter --store mysql://root@db:3306/lars_dns
+      lars run --role agent --config /etc/lars.toml   # on every host
+    """
+    config = get_config(config_path)
+    setup_logging(config.log.level)
+    from lars.roles.run import run_roles
+
+    run_async(functools.partial(run_roles, config, roles or ROLES, store_override=store_override))
+
+
+def setup_logging(level: str) -> None:
+    """Log lines to stderr with a timestamp, the logger's name and the level."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# --- query ---------------------------------------------------------------------------------
+
+
+def _route_line(msg: wire.GetRouteResponse, as_json: bool) -> str:
+    hosts = [format_host(h) for h in sorted(msg.hosts)]
+    now = time.time()
+    if as_json:
+        return json.dumps({"ts": now, "modid": msg.modid, "cmdid": msg.cmdid, "hosts": hosts})
+    stamp = datetime.datetime.fromtimestamp(now).isoformat(timespec="milliseconds")
+    return f"{stamp} {msg.modid}/{msg.cmdid} {' '.join(hosts) if hosts else '(no hosts)'}"
+
+
+async def query_dns(address: str, module: ModuleKey, watch: bool, as_json: bool) -> None:
+    """Ask a DNS for a module's route; with ``watch``, print every push until interrupted."""
+    host, port = parse_address(address)
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        fail(f"cannot reach DNS at {address}: {exc}")
+    async with stream:
+        await stream.send_all(wire.encode_frame(wire.GetRouteRequest(*module)))
+        decoder = wire.FrameDecoder()
+        while True:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                fail(f"DNS at {address} closed the connection")
+            decoder.feed(data)
+            for msg in decoder:
+                if isinstance(msg, wire.ErrorReply):
+                    fail(f"DNS at {address} refused: {msg.reason}")
+                if isinstance(msg, wire.GetRouteResponse) and (msg.modid, msg.cmdid) == module:
+                    click.echo(_route_line(msg, as_json))
+                    if not watch:
+                        return
+
+
+@cli.command("query", context_settings=CONTEXT)
+@id_argument("modid")
+@id_argument("cmdid")
+@click.option(
+    "--dns",
+    "dns_address",
+    metavar="HOST:PORT",
+    help="Ask this DNS instead of the local agent: the route as it serves it.",
+)
+@click.option("--watch", is_flag=True, help="With --dns: stay subscribed, print every push.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per line).")
+@config_option
+def query_command(
+    modid: int,
+    cmdid: int,
+    dns_address: str | None,
+    watch: bool,
+    as_json: bool,
+    config_path: str | None,
+) -> None:
+    """Show module MODID/CMDID as Lars sees it: by default the local agent's view (route
+    status and every host's state and counters), with --dns the route a DNS serves.
+
+    \b
+    Examples:
+      lars query 1 1                                # the local agent's balancer
+      lars query 1 1 --json
+      lars query 1 1 --dns 127.0.0.1:7778           # the route a DNS serves
+      lars query 1 1 --dns 127.0.0.1:7778 --watch   # and every change, as it is pushed
+    \b
+    --json with --dns: one line per route, {"ts", "modid", "cmdid", "hosts": [...]};
+    without: {"modid", "cmdid", "status", "last_update", "hosts": [{"host", "state",
+    "since", "vsucc", "verr", "rsucc", "rerr", "contin_succ", "contin_err"}]}.
+    """
+    if watch and not dns_address:
+        raise click.UsageError("--watch needs --dns HOST:PORT")
+    if dns_address:
+        try:
+            parse_address(dns_address)
+        except LarsError as exc:
+            raise click.BadParameter(str(exc), param_hint="--dns") from None
+        run_async(functools.partial(query_dns, dns_address, (modid, cmdid), watch, as_json))
+        return
+    config = get_config(config_path)
+    run_async(functools.partial(query_agent, config, (modid, cmdid), as_json))
+
+
+async def query_agent(config: Config, module: ModuleKey, as_json: bool) -> None:
+    """Ask the local agent for a module's state and print it."""
+    host, base_port, ports = config.agent.host, config.agent.base_port, config.agent.ports
+    port = base_port + (module[0] + module[1]) % ports
+    seq = int(time.monotonic() * 1000) & 0xFFFF_FFFF
+    request = wire.encode_datagram(wire.AgentStateRequest(seq, *module))
+    timeout = max(config.client.timeout, 0.5)
+    with trio.socket.socket(type=trio.socket.SOCK_DGRAM) as sock:
+        await sock.connect((host, port))
+        reply = None
+        for _ in range(config.client.retries + 1):
+            with trio.move_on_after(timeout):
+                try:
+                    await sock.send(request)
+                    while reply is None:
+                        data = await sock.recv(65536)
+                        try:
+                            msg = wire.decode_datagram(data)
+                        except LarsError:
+                            continue
+                        if isinstance(msg, wire.AgentStateResponse) and msg.seq == seq:
+                            reply = msg
+                except ConnectionRefusedError:
+                    await trio.sleep_forever()  # nothing listens: wait out this attempt
+            if reply is not None:
+                break
+    if reply is None:
+        fail(f"no answer from the agent at {host}:{port} (is `lars run --role agent` running?)")
+    state = dict(reply.state) if reply.retcode == wire.RetCode.SUCC else {}
+    status = state.get("status", "unknown")
+    hosts = [dict(h) for h in state.get("hosts", ())]
+    if as_json:
+        out = {
+            "modid": module[0],
+            "cmdid": module[1],
+            "status": status,
+            "last_update": state.get("last_update"),
+            "hosts": hosts,
+        }
+        click.echo(json.dumps(out))
+        return
+    click.echo(_describe_module(module, status, state.get("last_update"), hosts))
+
+
+def _describe_module(
+    module: ModuleKey, status: str, last_update: float | None, hosts: list[dict[str, Any]]
+) -> str:
+    now = time.time()
+    head = f"module {module[0]}/{module[1]}: {status}"
+    if status == "unknown":
+        return head + " (the agent has not been asked for it)"
+    if last_update is not None:
+        head += f", route refreshed {now - last_update:.1f}s ago"
+    if not hosts:
+        return head + ", no hosts"
+    lines = [
+        head,
+        f"{'HOST':<22} {'STATE':<9} {'FOR':>8} {'VSUCC':>6} {'VERR':>5} "
+        f"{'RSUCC':>6} {'RERR':>5} {'C.SUCC':>6} {'C.ERR':>5}",
+    ]
+    for h in hosts:
+        lines.append(
+            f"{h['host']:<22} {h['state']:<9} {now - h['since']:>7.1f}s {h['vsucc']:>6} "
+            f"{h['verr']:>5} {h['rsucc']:>6} {h['rerr']:>5} {h['contin_succ']:>6} "
+            f"{h['contin_err']:>5}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

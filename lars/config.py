@@ -22,12 +22,17 @@ DEFAULT_CONFIG_NAME = "lars.toml"
 STORE_ENV = "LARS_STORE"
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """Parse ``"host:port"`` into ``(host, port)``; raises InvalidValue."""
+def parse_address(text: str, *, listen: bool = False) -> tuple[str, int]:
+    """Parse ``"host:port"`` into ``(host, port)``; raises InvalidValue.
+
+    With ``listen=True`` port 0 is allowed: bind to any free port (tests do that).
+    """
     host, sep, port = text.strip().rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit():
         raise InvalidValue(f"expected HOST:PORT, got {text!r}")
+    if listen and int(port) == 0:
+        return host, 0
     return host, check_port(int(port))
 
 
@@ -35,6 +40,10 @@ def _address(_inst: object, attr: "attrs.Attribute[Any]", value: Any) -> None:
     values = value if isinstance(value, list) else [value]
     for item in values:
         parse_address(item)
+
+
+def _listen_address(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    parse_address(value, listen=True)
 
 
 def _positive(_inst: object, attr: "attrs.Attribute[Any]", value: float) -> None:
@@ -70,7 +79,7 @@ class LogConfig:
 class DnsConfig:
     """``[dns]``: the route service."""
 
-    listen: str = attrs.field(default="127.0.0.1:7778", validator=_address)
+    listen: str = attrs.field(default="127.0.0.1:7778", validator=_listen_address)
     check_interval: float = attrs.field(default=1.0, validator=_positive)
     reload_interval: float = attrs.field(default=10.0, validator=_positive)
     change_retention: float = attrs.field(default=86400.0, validator=_positive)
@@ -82,7 +91,7 @@ class DnsConfig:
 class ReporterConfig:
     """``[reporter]``: the statistics sink."""
 
-    listen: str = attrs.field(default="127.0.0.1:7779", validator=_address)
+    listen: str = attrs.field(default="127.0.0.1:7779", validator=_listen_address)
     queue_size: int = attrs.field(default=1024, validator=_positive)
     batch_size: int = attrs.field(default=1000, validator=_positive)
     writers: int = attrs.field(default=2, validator=_positive)

@@ -1,0 +1,241 @@
+"""The agent's module table: one load balancer per module, and the route lifecycle around it.
+
+Pure: no I/O, no trio, the clock passed in. The agent role feeds it requests and DNS answers
+and carries out what it asks for: the modules in :attr:`ModuleTable.want` are to be
+requested from DNS, and the replies it returns are to be sent.
+
+Rules (DESIGN §6, "Routes in the agent"):
+
+* The first request for an unknown module creates it *pending* and asks DNS. The request
+  waits up to ``route_wait`` seconds for the answer (it is a *waiter*); when the route
+  arrives every waiter is answered from it, when the wait runs out they get NOEXIST.
+  Later requests for a module still pending get NOEXIST at once.
+* A DNS answer adds new hosts as idle, keeps the state of hosts that stay and removes
+  vanished hosts everywhere (see :mod:`lars.core.balancer`).
+* An empty route drops the module. It is remembered as absent for ``update_timeout`` (the
+  *negative cache*) so lookups of a missing module answer NOEXIST without asking DNS each
+  time; a later push with hosts brings it back.
+* A module whose route is older than ``update_timeout`` is requested again on its next use,
+  and served from the cache meanwhile.
+* A dropped module's balancer is kept aside until its call statistics are sent.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import attrs
+
+from lars.core.balancer import NOEXIST, SUCC, BalancerParams, LoadBalancer
+from lars.core.model import HostKey, ModuleKey, format_host
+
+#: Waiter kinds: the wire type ids of the requests that can wait.
+GET_HOST = 4
+GET_ROUTE = 7
+
+#: Most modules one agent process tracks; beyond it new modules get NOEXIST.
+MAX_MODULES = 200_000
+#: Most absent modules remembered.
+MAX_NEGATIVE = 100_000
+#: Most requests waiting for one module's first route.
+MAX_WAITERS = 1024
+
+
+@attrs.frozen
+class Waiter:
+    """A request waiting for its module's first route: what it asked, who to answer."""
+
+    kind: int
+    seq: int
+    address: Any
+
+
+#: An answer to a waiter: (module, waiter, retcode, host for GET_HOST / hosts for GET_ROUTE).
+Answer = tuple[ModuleKey, Waiter, int, Any]
+
+
+def _nothing(waiter: Waiter) -> Any:
+    """The payload of a NOEXIST answer: no host, or an empty route."""
+    return None if waiter.kind == GET_HOST else ()
+
+
+@attrs.define
+class Pending:
+    """A module asked for but not yet answered by DNS."""
+
+    deadline: float
+    waiters: list[Waiter] = attrs.field(factory=list)
+    expired: bool = False
+
+
+class ModuleTable:
+    """Every module this agent serves. See the module docstring for the rules."""
+
+    def __init__(
+        self, params: BalancerParams, route_wait: float, max_modules: int = MAX_MODULES
+    ) -> None:
+        self.params = params
+        self.route_wait = route_wait
+        self.max_modules = max_modules
+        #: Modules with a route, by key.
+        self.modules: dict[ModuleKey, LoadBalancer] = {}
+        #: Modules asked for and not answered yet.
+        self.pending: dict[ModuleKey, Pending] = {}
+        #: Modules to request from DNS (the agent drains this set).
+        self.want: set[ModuleKey] = set()
+        #: Modules known absent, with the time the knowledge expires.
+        self.negative: OrderedDict[ModuleKey, float] = OrderedDict()
+        #: Balancers of dropped modules that still hold unsent statistics.
+        self.draining: list[tuple[ModuleKey, LoadBalancer]] = []
+        self._refreshing: set[ModuleKey] = set()
+
+    # --- requests --------------------------------------------------------------------------
+
+    def get_host(self, key: ModuleKey, now: float, waiter: Waiter | None) -> tuple[int, Any]:
+        """``(retcode, host)`` now, or ``(-1, None)`` when ``waiter`` was queued to wait."""
+        lb = self.modules.get(key)
+        if lb is not None:
+            if now - lb.last_update >= self.params.update_timeout:  # type: ignore[operator]
+                self._refresh(key)
+            return lb.get_host(now)
+        return self._absent(key, now, waiter)
+
+    def get_route(self, key: ModuleKey, now: float, waiter: Waiter | None) -> tuple[int, Any]:
+        """``(SUCC, hosts)``, ``(NOEXIST, ())``, or ``(-1, None)`` when queued to wait."""
+        lb = self.modules.get(key)
+        if lb is not None:
+            if now - lb.last_update >= self.params.update_timeout:  # type: ignore[operator]
+                self._refresh(key)
+            return SUCC, lb.route()
+        return self._absent(key, now, waiter)
+
+    def report(self, key: ModuleKey, host: HostKey, success: bool, now: float) -> None:
+        """Record a call result; unknown modules and hosts are ignored."""
+        lb = self.modules.get(key)
+        if lb is not None:
+            lb.report(host, success, now)
+
+    def _refresh(self, key: ModuleKey) -> None:
+        if key not in self._refreshing:
+            self._refreshing.add(key)
+            self.want.add(key)
+
+    def _absent(self, key: ModuleKey, now: float, waiter: Waiter | None) -> tuple[int, Any]:
+        expires = self.negative.get(key)
+        if expires is not None:
+            if now < expires:
+                return NOEXIST, None
+            del self.negative[key]
+        pending = self.pending.get(key)
+        if pending is None:
+            if len(self.modules) + len(self.pending) >= self.max_modules:
+                return NOEXIST, None
+            pending = self.pending[key] = Pending(deadline=now + self.route_wait)
+            self.want.add(key)
+            if self.route_wait <= 0:
+                pending.expired = True
+        if waiter is None or pending.expired or len(pending.waiters) >= MAX_WAITERS:
+            return NOEXIST, None
+        pending.waiters.append(waiter)
+        return -1, None
+
+    def expire_waits(self, now: float) -> list[Answer]:
+        """Answer NOEXIST to waiters whose ``route_wait`` ran out."""
+        answers: list[Answer] = []
+        for key, pending in self.pending.items():
+            if not pending.expired and now >= pending.deadline:
+                pending.expired = True
+                answers += [(key, w, NOEXIST, _nothing(w)) for w in pending.waiters]
+                pending.waiters = []
+        return answers
+
+    def next_deadline(self) -> float | None:
+        """The earliest wait deadline still running, if any."""
+        deadlines = [p.deadline for p in self.pending.values() if not p.expired]
+        return min(deadlines) if deadlines else None
+
+    # --- routes from DNS -------------------------------------------------------------------
+
+    def apply_route(self, key: ModuleKey, hosts: Iterable[HostKey], now: float) -> list[Answer]:
+        """Apply a DNS answer or push; returns the answers for the module's waiters."""
+        hosts = tuple(hosts)
+        self._refreshing.discard(key)
+        pending = self.pending.pop(key, None)
+        waiters = pending.waiters if pending is not None else []
+        if not hosts:
+            self._drop(key, now)
+            return [(key, w, NOEXIST, _nothing(w)) for w in waiters]
+        lb = self.modules.get(key)
+        if lb is None:
+            if len(self.modules) >= self.max_modules:
+                return [(key, w, NOEXIST, _nothing(w)) for w in waiters]
+            lb = self.modules[key] = LoadBalancer(self.params)
+            self.negative.pop(key, None)
+        lb.update_route(hosts, now)
+        answers: list[Answer] = []
+        for w in waiters:
+            if w.kind == GET_HOST:
+                retcode, host = lb.get_host(now)
+                answers.append((key, w, retcode, host))
+            else:
+                answers.append((key, w, SUCC, lb.route()))
+        return answers
+
+    def _drop(self, key: ModuleKey, now: float) -> None:
+        lb = self.modules.pop(key, None)
+        if lb is not None:
+            lb.update_route((), now)  # hosts leave every structure; unsent stats retire
+            if not lb.is_drained:
+                self.draining.append((key, lb))
+        self.negative[key] = now + self.params.update_timeout
+        self.negative.move_to_end(key)
+        while len(self.negative) > MAX_NEGATIVE:
+            self.negative.popitem(last=False)
+
+    def known(self) -> list[ModuleKey]:
+        """Every module to (re)request from DNS after connecting: served and pending."""
+        return [*self.modules, *self.pending]
+
+    def dns_unavailable(self) -> None:
+        """DNS is gone: answers to outstanding refreshes will not come."""
+        self._refreshing.clear()
+
+    # --- introspection ---------------------------------------------------------------------
+
+    def balancers(self) -> Iterator[tuple[ModuleKey, LoadBalancer]]:
+        """Every balancer holding statistics: served modules, then dropped ones."""
+        yield from self.modules.items()
+        yield from self.draining
+
+    def forget_drained(self) -> None:
+        """Let go of dropped modules whose statistics are all sent."""
+        self.draining = [(k, lb) for k, lb in self.draining if not lb.is_drained]
+
+    def describe(self, key: ModuleKey, now: float, wall_now: float) -> dict[str, Any] | None:
+        """The module's state for ``lars query`` (times as epoch seconds), or None."""
+
+        def wall(t: float | None) -> float | None:
+            return None if t is None else wall_now - (now - t)
+
+        lb = self.modules.get(key)
+        if lb is None:
+            if key in self.pending:
+                return {"status": "pending", "last_update": None, "hosts": []}
+            return None
+        hosts = [
+            {
+                "host": format_host(st.key),
+                "state": "overload" if st.overloaded else "idle",
+                "since": wall(st.since),
+                "vsucc": st.vsucc,
+                "verr": st.verr,
+                "rsucc": st.rsucc,
+                "rerr": st.rerr,
+                "contin_succ": st.contin_succ,
+                "contin_err": st.contin_err,
+            }
+            for st in lb.states()
+        ]
+        return {"status": "ready", "last_update": wall(lb.last_update), "hosts": hosts}

@@ -1,0 +1,374 @@
+"""The DNS role: serves routes to agents over TCP and pushes every change to subscribers.
+
+State: ``routes``, the map ``module -> frozenset(hosts)`` of one store version. A new map is
+built aside and swapped in with one assignment, so a request never sees half a reload.
+
+Change tracking (DESIGN §5): every ``check_interval`` the poller reads ``RouteVersion``.
+When it moved, it reads the ``RouteChange`` rows newer than the version this instance last
+loaded and reloads just those modules; every ``reload_interval`` it reloads everything, and
+it also does when the version moved without any change row. Each reload pushes the new route
+of every changed module to the connections subscribed to it (an empty host list when the
+module is gone). Rows are never deleted on reading, so several DNS instances on one database
+all see every change; they are purged by age only. A ``RouteChangeNotice`` from a route
+writer triggers the check at once, so a change usually reaches agents within milliseconds.
+
+When the store is unreachable the last good map keeps being served; the poller retries with
+capped backoff and logs when the store goes down and when it comes back, not every retry.
+Until the first load succeeds, requests subscribe and are answered when it does.
+
+Each connection has one reader and one writer task. The writer sends what is queued for the
+connection: routes coalesce per module (a newer route replaces an unsent older one), so a
+slow agent costs at most one pending frame per subscribed module, never an unbounded queue.
+A consequence: two requests for one module answered in one write get one (current) route.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any
+
+import trio
+
+from lars import wire
+from lars.config import DnsConfig
+from lars.core.model import HostKey, ModuleKey
+from lars.errors import ProtocolError, StoreError
+from lars.roles.common import (
+    RECEIVE_SIZE,
+    Metrics,
+    RateLimitedLog,
+    backoff,
+    bound_address,
+    open_listener,
+)
+from lars.store import RouteDelta, RouteMap, RouteSnapshot, RouteStore
+
+log = logging.getLogger("lars.dns")
+
+#: How often RouteChange rows older than ``change_retention`` are purged, seconds.
+PURGE_INTERVAL = 3600.0
+#: Modules one connection may subscribe to.
+MAX_SUBSCRIPTIONS = 100_000
+#: Replies (errors, stats) queued for one connection before it counts as abusive.
+MAX_QUEUED_REPLIES = 1000
+
+_EMPTY: frozenset[HostKey] = frozenset()
+
+
+class Subscriber:
+    """One agent connection: what it subscribed to and what waits to be written to it."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.modules: set[ModuleKey] = set()
+        #: Encoded route frames by module; a newer frame replaces an unsent one.
+        self.pending: dict[ModuleKey, bytes] = {}
+        self.replies: list[wire.Message] = []
+        self._bell_send, self.bell = trio.open_memory_channel[None](1)
+        self.closed = False
+
+    def ring(self) -> None:
+        """Wake the writer (a no-op if it is already due to run)."""
+        with contextlib.suppress(trio.WouldBlock):
+            self._bell_send.send_nowait(None)
+
+    def queue_route(self, module: ModuleKey, frame: bytes) -> None:
+        """Queue a module's route frame."""
+        self.pending[module] = frame
+        self.ring()
+
+    def queue_reply(self, msg: wire.Message) -> bool:
+        """Queue a reply; False if too many are queued (the connection should close)."""
+        if len(self.replies) >= MAX_QUEUED_REPLIES:
+            return False
+        self.replies.append(msg)
+        self.ring()
+        return True
+
+    def take(self) -> bytes:
+        """Everything queued, encoded, and the queues emptied."""
+        data = b"".join(self.pending.values())
+        data += b"".join(wire.encode_frame(m) for m in self.replies)
+        self.pending = {}
+        self.replies = []
+        return data
+
+
+class DnsServer:
+    """The route service. ``await nursery.start(server.serve)`` returns its bound address."""
+
+    def __init__(self, config: DnsConfig, store: RouteStore) -> None:
+        self.config = config
+        self.store = store
+        #: The map being served; ``None`` until the first successful load.
+        self.routes: RouteMap | None = None
+        #: Store version of ``routes``.
+        self.version = 0
+        self.subscribers: dict[ModuleKey, set[Subscriber]] = {}
+        self.connections: set[Subscriber] = set()
+        self.metrics = Metrics("dns")
+        self.store_ok: bool | None = None
+        #: Set after each successful check of the store (tests wait on it).
+        self.checked = trio.Event()
+        self._poke = trio.Event()
+        self._frames: dict[ModuleKey, bytes] = {}
+        self._next_full_reload = -math.inf
+        self._bad_input_log = RateLimitedLog(log)
+
+    # --- serving ---------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind, start polling the store, and serve connections until cancelled."""
+        listener = await open_listener(self.config.listen)
+        address = bound_address(listener)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.track_changes)
+            await nursery.start(trio.serve_listeners, self.handle_connection, [listener])
+            log.info("dns listening on %s:%d, store %s", *address, self.store.display_url)
+            task_status.started(address)
+
+    async def track_changes(self) -> None:
+        """Poll the store and push changes, and purge old change rows, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._poll_loop)
+            nursery.start_soon(self._purge_loop)
+
+    def poke(self) -> None:
+        """Check the store now instead of at the next interval."""
+        self._poke.set()
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one agent connection until it closes or sends a malformed frame."""
+        sub = Subscriber(_peer(stream))
+        self.connections.add(sub)
+        self.metrics.incr("connections_accepted")
+        self.metrics.set("connections", len(self.connections))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop, stream, sub, nursery.cancel_scope)
+                await self._read_loop(stream, sub)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._drop(sub)
+            await trio.aclose_forcefully(stream)
+
+    def _drop(self, sub: Subscriber) -> None:
+        sub.closed = True
+        self.connections.discard(sub)
+        for module in sub.modules:
+            subs = self.subscribers.get(module)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self.subscribers[module]
+        sub.modules.clear()
+        self.metrics.set("connections", len(self.connections))
+        self.metrics.set("subscribed_modules", len(self.subscribers))
+
+    async def _read_loop(self, stream: trio.abc.Stream, sub: Subscriber) -> None:
+        decoder = wire.FrameDecoder(self.config.max_frame)
+        while True:
+            try:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            decoder.feed(data)
+            if not self._handle_frames(decoder, sub):
+                return
+
+    def _handle_frames(self, decoder: wire.FrameDecoder, sub: Subscriber) -> bool:
+        """Dispatch every complete frame; False when the connection must close."""
+        while True:
+            try:
+                return all(self._dispatch(sub, msg) for msg in decoder)
+            except ProtocolError as exc:
+                if exc.msg_type is None:
+                    self.metrics.incr("malformed_frames")
+                    self._bad_input_log.warning("closing %s: %s", sub.peer, exc)
+                    return False
+                self.metrics.incr("invalid_requests")
+                reply = wire.ErrorReply(exc.seq or 0, wire.RetCode.BAD_REQUEST, str(exc))
+                if not sub.queue_reply(reply):
+                    return False
+
+    def _dispatch(self, sub: Subscriber, msg: wire.Message) -> bool:
+        if isinstance(msg, wire.GetRouteRequest):
+            self.metrics.incr("route_requests")
+            module = (msg.modid, msg.cmdid)
+            if module not in sub.modules:
+                if len(sub.modules) >= MAX_SUBSCRIPTIONS:
+                    return sub.queue_reply(
+                        wire.ErrorReply(0, wire.RetCode.BAD_REQUEST, "too many subscriptions")
+                    )
+                sub.modules.add(module)
+                self.subscribers.setdefault(module, set()).add(sub)
+                self.metrics.set("subscribed_modules", len(self.subscribers))
+            if self.routes is not None:
+                sub.queue_route(module, self._frame(module))
+            return True
+        if isinstance(msg, wire.RouteChangeNotice):
+            self.metrics.incr("change_notices")
+            self.poke()
+            return True
+        if isinstance(msg, wire.StatsRequest):
+            self._update_gauges()
+            return sub.queue_reply(self.metrics.response(msg.seq))
+        self.metrics.incr("invalid_requests")
+        seq = getattr(msg, "seq", 0)
+        reason = f"the dns role does not serve {type(msg).__name__}"
+        return sub.queue_reply(wire.ErrorReply(seq, wire.RetCode.BAD_REQUEST, reason))
+
+    async def _write_loop(
+        self, stream: trio.abc.Stream, sub: Subscriber, scope: trio.CancelScope
+    ) -> None:
+        try:
+            async for _ in sub.bell:
+                while sub.pending or sub.replies:
+                    data = sub.take()
+                    await stream.send_all(data)
+                    self.metrics.incr("bytes_sent", len(data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            scope.cancel()
+
+    def _frame(self, module: ModuleKey) -> bytes:
+        """The encoded route of ``module`` in the current map (cached until the next swap)."""
+        frame = self._frames.get(module)
+        if frame is None:
+            assert self.routes is not None
+            hosts = tuple(sorted(self.routes.get(module, _EMPTY)))
+            msg = wire.GetRouteResponse(module[0], module[1], hosts)
+            try:
+                frame = wire.encode_frame(msg, self.config.max_frame)
+            except ProtocolError:
+                log.error(
+                    "route of %s/%s has %d hosts: too large for one frame", *module, len(hosts)
+                )
+                reason = f"route of {module[0]}/{module[1]} exceeds the frame limit"
+                frame = wire.encode_frame(wire.ErrorReply(0, wire.RetCode.SYSTEM_ERROR, reason))
+            self._frames[module] = frame
+        return frame
+
+    # --- change tracking -------------------------------------------------------------------
+
+    def _swap(self, routes: RouteMap, version: int, changed: set[ModuleKey]) -> None:
+        """Serve ``routes`` from now on and push ``changed`` modules to their subscribers."""
+        self.routes = routes
+        self.version = version
+        self._frames = {}
+        pushed = 0
+        for module in changed:
+            subs = self.subscribers.get(module)
+            if subs:
+                frame = self._frame(module)
+                for sub in subs:
+                    sub.queue_route(module, frame)
+                pushed += len(subs)
+        self.metrics.incr("pushes", pushed)
+        self.metrics.set("route_version", version)
+        self.metrics.set("modules", len(routes))
+
+    def apply_snapshot(self, snapshot: RouteSnapshot) -> None:
+        """Swap in a full reload; push every subscribed module whose route differs."""
+        old = self.routes
+        new = snapshot.routes
+        if old is None:  # first load: answer everyone who subscribed while waiting
+            changed = set(self.subscribers)
+        else:
+            changed = {m for m in self.subscribers if old.get(m) != new.get(m)}
+            changed |= snapshot.changed & self.subscribers.keys()
+        self._swap(new, snapshot.version, changed)
+        self.metrics.incr("full_reloads")
+
+    def apply_delta(self, delta: RouteDelta) -> None:
+        """Swap in the map patched with the changed modules; push them."""
+        assert self.routes is not None
+        routes = dict(self.routes)
+        for module in delta.changed:
+            hosts = delta.routes.get(module)
+            if hosts:
+                routes[module] = hosts
+            else:
+                routes.pop(module, None)
+        self._swap(routes, delta.version, set(delta.changed))
+        self.metrics.incr("partial_reloads")
+
+    async def check(self) -> None:
+        """Read the store's version; reload what changed. Raises StoreError."""
+        now = trio.current_time()
+        if self.routes is None or now >= self._next_full_reload:
+            self.apply_snapshot(await self.store.load_routes(changes_since=self.version))
+            self._next_full_reload = now + self.config.reload_interval
+            return
+        version = await self.store.route_version()
+        if version == self.version:
+            return
+        delta = await self.store.load_changes(self.version)
+        if delta.changed and delta.version > self.version:
+            self.apply_delta(delta)
+        else:  # the version moved without change rows (or went back): reload it all
+            self.apply_snapshot(await self.store.load_routes(changes_since=self.version))
+            self._next_full_reload = now + self.config.reload_interval
+
+    async def _poll_loop(self) -> None:
+        delays = None
+        while True:
+            self._poke = trio.Event()  # a poke from here on triggers the next check
+            try:
+                await self.check()
+            except StoreError as exc:
+                self.metrics.incr("store_errors")
+                if self.store_ok is not False:
+                    what = (
+                        "serving the last good routes"
+                        if self.routes is not None
+                        else ("no routes loaded yet")
+                    )
+                    log.error("route store unavailable (%s); %s, retrying", exc, what)
+                self.store_ok = False
+                self.metrics.set("store_ok", 0)
+                delays = delays or backoff(cap=self.config.retry_max)
+                await trio.sleep(next(delays))
+                continue
+            if self.store_ok is False:
+                log.warning("route store is back; serving version %d", self.version)
+            self.store_ok = True
+            self.metrics.set("store_ok", 1)
+            delays = None
+            self.checked.set()
+            self.checked = trio.Event()
+            with trio.move_on_after(self.config.check_interval):
+                await self._poke.wait()
+
+    async def _purge_loop(self) -> None:
+        while True:
+            try:
+                purged = await self.store.purge_changes(self.config.change_retention)
+            except StoreError as exc:
+                log.debug("purging old RouteChange rows failed: %s", exc)
+            else:
+                if purged:
+                    log.info(
+                        "purged %d RouteChange rows older than %ss",
+                        purged,
+                        self.config.change_retention,
+                    )
+            await trio.sleep(PURGE_INTERVAL)
+
+    def _update_gauges(self) -> None:
+        self.metrics.set("connections", len(self.connections))
+        self.metrics.set("subscribed_modules", len(self.subscribers))
+        self.metrics.set("loaded", int(self.routes is not None))
+
+
+def _peer(stream: Any) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (AttributeError, OSError):
+        return "<stream>"

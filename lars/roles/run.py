@@ -1,0 +1,130 @@
+"""Run one or more roles in this process, with signal handling and a shutdown grace period.
+
+Layout: one nursery per role under a supervisor nursery. SIGINT/SIGTERM start a graceful
+shutdown: each role gets ``GRACE_SECONDS`` to finish (the reporter flushes what it holds),
+then everything is cancelled. A second signal cancels at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+
+import trio
+
+from lars._version import __version__
+from lars.config import Config, store_url
+from lars.errors import ConfigError
+from lars.store import RouteStore, open_store
+
+log = logging.getLogger("lars")
+
+ROLES = ("dns", "reporter", "agent")
+#: Seconds the roles get to stop cleanly after SIGINT/SIGTERM.
+GRACE_SECONDS = 5.0
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard limit (DNS holds thousands of agents)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+async def open_role_store(url: str) -> RouteStore:
+    """Open the store for a daemon. SQLite is created with its tables if missing (the
+    embedded store needs no setup); a MySQL schema is the operator's (`lars db init`)."""
+    store = open_store(url, create=url.startswith("sqlite:"))
+    if store.kind == "sqlite":
+        try:
+            await store.init_schema()
+        except BaseException:
+            await store.aclose()
+            raise
+    return store
+
+
+async def run_roles(
+    config: Config,
+    roles: Sequence[str],
+    *,
+    store_override: str | None = None,
+    task_status: trio.TaskStatus[dict[str, object]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Start ``roles`` and run until cancelled or signalled.
+
+    ``task_status.started`` receives ``{role: bound address}``.
+    """
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ConfigError(f"unknown role(s): {', '.join(sorted(unknown))}")
+    raise_fd_limit()
+    addresses: dict[str, object] = {}
+    drains: list[Callable[[], Awaitable[None]]] = []
+    async with AsyncExitStack() as stack:
+        store = None
+        if {"dns", "reporter"} & set(roles):
+            store = await open_role_store(store_url(config, store_override))
+            stack.push_async_callback(store.aclose)
+        async with trio.open_nursery() as nursery:
+            if "dns" in roles:
+                from lars.roles.dns import DnsServer
+
+                assert store is not None
+                dns = DnsServer(config.dns, store)
+                addresses["dns"] = await nursery.start(dns.serve)
+            if "agent" in roles:
+                from lars.roles.agent import Agent
+
+                agent = Agent(config.agent)
+                ports = await nursery.start(agent.serve)
+                addresses["agent"] = f"udp {config.agent.host}:{','.join(map(str, ports))}"
+            nursery.start_soon(_watch_signals, nursery.cancel_scope, drains)
+            listening = ", ".join(f"{role} on {_fmt(a)}" for role, a in addresses.items())
+            log.info("lars %s running: %s", __version__, listening)
+            task_status.started(addresses)
+
+
+def _fmt(address: object) -> str:
+    if isinstance(address, tuple) and len(address) == 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+async def _watch_signals(
+    scope: trio.CancelScope, drains: list[Callable[[], Awaitable[None]]]
+) -> None:
+    """First SIGINT/SIGTERM: let the roles drain for up to GRACE_SECONDS, then stop.
+    A second signal stops at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if scope.cancel_called or not drains:
+                log.info("%s received: stopping", name)
+                scope.cancel()
+                return
+            log.info("%s received: stopping within %.0fs (again to stop now)", name, GRACE_SECONDS)
+            scope.deadline = trio.current_time() + GRACE_SECONDS
+
+            async def drain_all() -> None:
+                async with trio.open_nursery() as nursery:
+                    for drain in drains:
+                        nursery.start_soon(drain)
+                scope.cancel()
+
+            # Keep listening for a second signal while the roles drain.
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(drain_all)
+                async for _ in signals:
+                    log.info("second signal: stopping now")
+                    scope.cancel()
+                    return

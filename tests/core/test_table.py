@@ -1,0 +1,213 @@
+"""The agent's module table: route lifecycle rules, with an explicit clock."""
+
+from __future__ import annotations
+
+from lars.core.balancer import NOEXIST, OVERLOAD, SUCC, BalancerParams
+from lars.core.table import GET_HOST, GET_ROUTE, MAX_WAITERS, ModuleTable, Waiter
+
+A = (167772161, 7001)
+B = (167772162, 7002)
+C = (167772163, 7003)
+M = (1, 1)
+PARAMS = BalancerParams(update_timeout=15.0)
+
+
+def table(route_wait: float = 0.5, **kw: int) -> ModuleTable:
+    return ModuleTable(PARAMS, route_wait, **kw)
+
+
+def waiter(seq: int, kind: int = GET_HOST) -> Waiter:
+    return Waiter(kind, seq, ("127.0.0.1", 40000 + seq))
+
+
+def test_first_request_waits_and_asks_dns() -> None:
+    t = table()
+    assert t.get_host(M, 0.0, waiter(1)) == (-1, None)
+    assert t.want == {M}
+    assert M in t.pending and M not in t.modules
+    assert t.known() == [M]
+
+
+def test_route_arrival_answers_every_waiter_round_robin() -> None:
+    t = table()
+    t.get_host(M, 0.0, waiter(1))
+    t.get_host(M, 0.0, waiter(2))
+    t.get_route(M, 0.0, waiter(3, GET_ROUTE))
+    answers = t.apply_route(M, [A, B], 0.1)
+    assert [(key, w.seq, code) for key, w, code, _ in answers] == [
+        (M, 1, SUCC),
+        (M, 2, SUCC),
+        (M, 3, SUCC),
+    ]
+    assert {answers[0][3], answers[1][3]} == {A, B}  # two waiters, two different hosts
+    assert sorted(answers[2][3]) == [A, B]
+    assert M not in t.pending
+    assert t.get_host(M, 0.2, None)[0] == SUCC
+
+
+def test_wait_runs_out_with_noexist_and_later_requests_do_not_wait() -> None:
+    t = table(route_wait=0.5)
+    t.get_host(M, 0.0, waiter(1))
+    t.get_route(M, 0.1, waiter(2, GET_ROUTE))
+    assert t.next_deadline() == 0.5
+    assert t.expire_waits(0.4) == []
+    answers = t.expire_waits(0.5)
+    assert [(w.seq, code, payload) for _, w, code, payload in answers] == [
+        (1, NOEXIST, None),
+        (2, NOEXIST, ()),
+    ]
+    assert t.next_deadline() is None
+    assert t.get_host(M, 0.6, waiter(3)) == (NOEXIST, None)  # no second wait
+    assert t.pending[M].waiters == []
+    # The route still arrives later and is served.
+    t.apply_route(M, [A], 2.0)
+    assert t.get_host(M, 2.0, None) == (SUCC, A)
+
+
+def test_route_wait_zero_answers_noexist_at_once_but_still_asks_dns() -> None:
+    t = table(route_wait=0.0)
+    assert t.get_host(M, 0.0, waiter(1)) == (NOEXIST, None)
+    assert t.want == {M}
+
+
+def test_waiters_are_bounded() -> None:
+    t = table()
+    for seq in range(MAX_WAITERS):
+        assert t.get_host(M, 0.0, waiter(seq))[0] == -1
+    assert t.get_host(M, 0.0, waiter(MAX_WAITERS)) == (NOEXIST, None)
+
+
+def test_empty_route_drops_the_module_and_remembers_it_absent() -> None:
+    t = table()
+    t.get_host(M, 0.0, waiter(1))
+    answers = t.apply_route(M, [], 0.1)
+    assert [(w.seq, code) for _, w, code, _ in answers] == [(1, NOEXIST)]
+    assert M not in t.modules and M not in t.pending
+    t.want.clear()
+    assert t.get_host(M, 1.0, waiter(2)) == (NOEXIST, None)  # negative cache: no wait ...
+    assert t.want == set()  # ... and no DNS request
+    assert t.known() == []
+    # After update_timeout the module is asked for again.
+    assert t.get_host(M, 0.1 + 15.0, waiter(3)) == (-1, None)
+    assert t.want == {M}
+
+
+def test_a_push_with_hosts_brings_a_dropped_module_back() -> None:
+    t = table()
+    t.apply_route(M, [A], 0.0)
+    t.apply_route(M, [], 1.0)
+    assert t.get_host(M, 2.0, None) == (NOEXIST, None)
+    t.apply_route(M, [B], 3.0)
+    assert t.get_host(M, 3.0, None) == (SUCC, B)
+    assert M not in t.negative
+
+
+def test_route_update_keeps_host_state_and_removes_vanished_hosts() -> None:
+    t = table()
+    t.apply_route(M, [A, B], 0.0)
+    for _ in range(15):
+        t.report(M, B, False, 1.0)
+    lb = t.modules[M]
+    assert lb.hosts[B].overloaded
+    t.apply_route(M, [B, C], 2.0)
+    assert set(lb.hosts) == {B, C}
+    assert lb.hosts[B].overloaded  # kept its state
+    assert A not in lb.idle and A not in lb.overloaded
+    assert sorted(t.get_route(M, 2.0, None)[1]) == [B, C]
+
+
+def test_stale_route_is_refreshed_on_use_and_served_meanwhile() -> None:
+    t = table()
+    t.apply_route(M, [A], 0.0)
+    t.want.clear()
+    assert t.get_host(M, 14.9, None) == (SUCC, A)
+    assert t.want == set()
+    assert t.get_host(M, 15.0, None) == (SUCC, A)  # served from the cache ...
+    assert t.want == {M}  # ... and asked for again
+    t.want.clear()
+    t.get_host(M, 15.5, None)
+    assert t.want == set()  # one refresh in flight, not one per request
+    t.apply_route(M, [A], 16.0)
+    assert t.get_host(M, 30.9, None) == (SUCC, A)
+    assert t.want == set()
+    t.get_route(M, 31.0, None)
+    assert t.want == {M}
+
+
+def test_lost_dns_forgets_refreshes_in_flight() -> None:
+    t = table()
+    t.apply_route(M, [A], 0.0)
+    t.get_host(M, 20.0, None)
+    t.want.clear()
+    t.dns_unavailable()
+    t.get_host(M, 21.0, None)
+    assert t.want == {M}
+
+
+def test_reports_for_unknown_modules_and_hosts_are_ignored() -> None:
+    t = table()
+    t.report(M, A, False, 0.0)  # unknown module
+    t.apply_route(M, [A], 0.0)
+    t.report(M, C, False, 0.0)  # unknown host
+    assert t.modules[M].hosts[A].verr == 0
+    assert C not in t.modules[M].hosts
+
+
+def test_all_hosts_overloaded_answers_overload() -> None:
+    t = table()
+    t.apply_route(M, [A], 0.0)
+    for _ in range(15):
+        t.report(M, A, False, 0.0)
+    assert t.get_host(M, 0.0, None) == (OVERLOAD, None)
+
+
+def test_dropped_module_keeps_its_unsent_statistics_until_sent() -> None:
+    t = table()
+    t.apply_route(M, [A], 0.0)
+    t.report(M, A, True, 0.0)
+    lb = t.modules[M]
+    t.apply_route(M, [], 1.0)
+    assert [(key, balancer) for key, balancer in t.balancers()] == [(M, lb)]
+    lines = lb.take_stats()
+    assert [(st.key, s, e) for st, s, e in lines] == [(A, 1, 0)]
+    lb.stats_sent()
+    t.forget_drained()
+    assert list(t.balancers()) == []
+
+
+def test_module_limit_answers_noexist() -> None:
+    t = table(max_modules=2)
+    t.get_host((1, 1), 0.0, waiter(1))
+    t.get_host((1, 2), 0.0, waiter(2))
+    assert t.get_host((1, 3), 0.0, waiter(3)) == (NOEXIST, None)
+    assert (1, 3) not in t.want
+
+
+def test_describe_reports_state_with_wall_clock_times() -> None:
+    t = table()
+    assert t.describe(M, 0.0, 1000.0) is None
+    t.get_host(M, 0.0, waiter(1))
+    assert t.describe(M, 0.0, 1000.0) == {"status": "pending", "last_update": None, "hosts": []}
+    t.apply_route(M, [A, B], 10.0)
+    for _ in range(15):
+        t.report(M, B, False, 12.0)
+    state = t.describe(M, 20.0, 1000.0)
+    assert state is not None
+    assert state["status"] == "ready" and state["last_update"] == 990.0
+    hosts = {h["host"]: h for h in state["hosts"]}
+    assert hosts["10.0.0.1:7001"]["state"] == "idle"
+    assert hosts["10.0.0.1:7001"]["since"] == 990.0
+    assert hosts["10.0.0.1:7001"]["vsucc"] == 180
+    bad = hosts["10.0.0.2:7002"]
+    assert (bad["state"], bad["since"], bad["verr"], bad["contin_err"]) == ("overload", 992.0, 5, 0)
+    assert set(bad) == {
+        "host",
+        "state",
+        "since",
+        "vsucc",
+        "verr",
+        "rsucc",
+        "rerr",
+        "contin_succ",
+        "contin_err",
+    }

@@ -1,0 +1,315 @@
+"""The DNS role in process, on memory streams and an inline store, under trio's MockClock."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+
+from lars import wire
+from lars.config import DnsConfig
+from lars.roles.dns import DnsServer
+from lars.store import RouteStore
+from tests.fakes import FlakyStore, FramedClient, memory_store
+from tests.store_helpers import fetch
+
+A = (167772161, 7001)
+B = (167772162, 7002)
+C = (167772163, 7003)
+M1 = (1, 1)
+M2 = (1, 2)
+VIRTUAL_DEADLINE = 3600
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[FlakyStore]:
+    inner = memory_store()
+    await inner.init_schema()
+    flaky = FlakyStore(inner)
+    yield flaky
+    await flaky.aclose()
+
+
+@asynccontextmanager
+async def running(
+    store: RouteStore, **config: float
+) -> AsyncIterator[tuple[DnsServer, trio.Nursery]]:
+    server = DnsServer(DnsConfig(listen="127.0.0.1:0", **config), store)  # type: ignore[arg-type]
+    # Virtual time under the autojump clock: a wait that never ends fails instead of hanging.
+    with trio.fail_after(VIRTUAL_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.track_changes)
+            yield server, nursery
+            nursery.cancel_scope.cancel()
+
+
+def connect(server: DnsServer, nursery: trio.Nursery) -> FramedClient:
+    client, served = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.handle_connection, served)
+    return FramedClient(client)
+
+
+async def ask(client: FramedClient, module: tuple[int, int]) -> frozenset[tuple[int, int]]:
+    await client.send(wire.GetRouteRequest(*module))
+    msg = await client.route()
+    assert (msg.modid, msg.cmdid) == module
+    return frozenset(msg.hosts)
+
+
+async def test_get_route_answers_the_current_route(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.change_routes(add={M1: [A, B], M2: [C]})
+    async with running(store) as (server, nursery):
+        client = connect(server, nursery)
+        assert await ask(client, M1) == {A, B}
+        assert await ask(client, M2) == {C}
+        assert await ask(client, (7, 7)) == frozenset()  # unknown module: empty route
+        assert server.subscribers.keys() == {M1, M2, (7, 7)}
+
+
+async def test_add_is_pushed_to_subscribers_within_check_interval(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.add_hosts(M1, [A])
+    async with running(store, check_interval=1.0) as (server, nursery):
+        client = connect(server, nursery)
+        other = connect(server, nursery)
+        assert await ask(client, M1) == {A}
+        assert await ask(other, M2) == frozenset()
+        start = trio.current_time()
+        await store.inner.add_hosts(M1, [B])
+        pushed = await client.route()
+        assert frozenset(pushed.hosts) == {A, B}
+        assert trio.current_time() - start <= 1.0
+        assert server.metrics.counters["partial_reloads"] == 1
+        # The connection subscribed to another module gets nothing.
+        with trio.move_on_after(5):
+            await other.receive()
+            pytest.fail("a push reached a connection not subscribed to the module")
+
+
+async def test_remove_and_delete_are_pushed_deleted_module_as_empty_route(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.add_hosts(M1, [A, B])
+    async with running(store) as (server, nursery):
+        client = connect(server, nursery)
+        assert await ask(client, M1) == {A, B}
+        await store.inner.remove_hosts(M1, [A])
+        assert frozenset((await client.route()).hosts) == {B}
+        await store.inner.remove_hosts(M1, None)
+        gone = await client.route()
+        assert (gone.modid, gone.cmdid, gone.hosts) == (1, 1, ())
+        assert M1 not in (server.routes or {})
+
+
+async def test_change_notice_triggers_the_check_at_once(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store, check_interval=30.0) as (server, nursery):
+        client = connect(server, nursery)
+        writer = connect(server, nursery)
+        assert await ask(client, M1) == frozenset()
+        result = await store.inner.add_hosts(M1, [A])
+        assert result.version is not None
+        start = trio.current_time()
+        await writer.send(wire.RouteChangeNotice(result.version))
+        assert frozenset((await client.route()).hosts) == {A}
+        assert trio.current_time() - start < 0.01  # no poll interval waited
+        assert server.metrics.counters["change_notices"] == 1
+
+
+async def test_full_reload_catches_changes_made_without_a_version_raise(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.add_hosts(M1, [A])
+    async with running(store, check_interval=1.0, reload_interval=10.0) as (server, nursery):
+        client = connect(server, nursery)
+        assert await ask(client, M1) == {A}
+        start = trio.current_time()
+        # Someone edits RouteData by hand: no version raise, no RouteChange row.
+        await fetch(
+            store.inner,
+            "INSERT INTO RouteData (modid, cmdid, serverip, serverport) VALUES (1, 1, ?, ?)",
+            B,
+        )
+        assert frozenset((await client.route()).hosts) == {A, B}
+        assert 0 < trio.current_time() - start <= 10.0 + 1.0
+
+
+async def test_version_moved_without_change_rows_reloads_everything(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.add_hosts(M1, [A])
+    async with running(store, check_interval=1.0, reload_interval=100.0) as (server, nursery):
+        client = connect(server, nursery)
+        assert await ask(client, M1) == {A}
+        start = trio.current_time()
+        await fetch(
+            store.inner,
+            "INSERT INTO RouteData (modid, cmdid, serverip, serverport) VALUES (1, 1, ?, ?)",
+            B,
+        )
+        await fetch(store.inner, "UPDATE RouteVersion SET version = version + 1 WHERE id = 1")
+        assert frozenset((await client.route()).hosts) == {A, B}
+        assert trio.current_time() - start <= 1.0
+        assert server.metrics.counters["full_reloads"] == 2  # the first load and this one
+
+
+async def test_closed_connection_drops_its_subscriptions(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store) as (server, nursery):
+        client = connect(server, nursery)
+        keeper = connect(server, nursery)
+        await ask(client, M1)
+        await ask(client, M2)
+        await ask(keeper, M2)
+        assert len(server.connections) == 2
+        await client.stream.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(server.connections) == 1
+        assert server.subscribers.keys() == {M2}
+        await store.inner.add_hosts(M1, [A])  # pushing to nobody must not fail
+        await store.inner.add_hosts(M2, [B])
+        assert frozenset((await keeper.route()).hosts) == {B}
+
+
+async def test_store_outage_keeps_the_last_good_map_and_recovers(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "lars.dns")
+    await store.inner.add_hosts(M1, [A])
+    async with running(store, check_interval=1.0, reload_interval=5.0, retry_max=4.0) as (
+        server,
+        nursery,
+    ):
+        client = connect(server, nursery)
+        assert await ask(client, M1) == {A}
+        store.down = True
+        calls = store.calls
+        await trio.sleep(60)  # many failed checks and full-reload deadlines pass
+        assert store.calls - calls >= 10  # it kept retrying ...
+        assert store.calls - calls <= 60 / 2  # ... with backoff, not every check_interval
+        assert server.store_ok is False
+        assert server.metrics.gauges["store_ok"] == 0
+        assert await ask(client, M1) == {A}  # still served from the last good map
+        newcomer = connect(server, nursery)
+        assert await ask(newcomer, M1) == {A}
+        down_logs = [r for r in caplog.records if "unavailable" in r.getMessage()]
+        assert len(down_logs) == 1  # logged on the change of state, not per retry
+        # While down, the operator changes the route; the DNS catches up when it is back.
+        await store.inner.add_hosts(M1, [B])
+        store.down = False
+        assert frozenset((await client.route()).hosts) == {A, B}
+        assert server.store_ok is True
+        assert any("back" in r.getMessage() for r in caplog.records)
+
+
+async def test_requests_wait_for_the_first_load(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.add_hosts(M1, [A])
+    store.down = True
+    async with running(store) as (server, nursery):
+        client = connect(server, nursery)
+        await client.send(wire.GetRouteRequest(*M1))
+        with trio.move_on_after(10):
+            await client.receive()
+            pytest.fail("answered before any route was loaded")
+        assert server.routes is None
+        store.down = False
+        assert frozenset((await client.route()).hosts) == {A}
+
+
+async def test_malformed_frame_closes_only_that_connection(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.add_hosts(M1, [A])
+    async with running(store) as (server, nursery):
+        good = connect(server, nursery)
+        assert await ask(good, M1) == {A}
+        for garbage in (
+            struct.pack("!I", 3) + b"\xc1\xc1\xc1",  # not msgpack
+            struct.pack("!I", 1) + msgpack.packb(5),  # not an array
+            struct.pack("!I", 0),  # empty frame
+            struct.pack("!I", 1 << 30),  # oversized: rejected from the header
+        ):
+            bad = connect(server, nursery)
+            await bad.send_raw(garbage)
+            assert await bad.closed_by_peer()
+        assert server.metrics.counters["malformed_frames"] == 4
+        assert await ask(good, M1) == {A}
+        await store.inner.add_hosts(M1, [B])
+        assert frozenset((await good.route()).hosts) == {A, B}
+
+
+async def test_invalid_values_get_an_error_reply_and_the_connection_stays(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.add_hosts(M1, [A])
+    async with running(store) as (server, nursery):
+        client = connect(server, nursery)
+        body = msgpack.packb([1, 2**32, 1])  # GetRouteRequest with modid out of range
+        await client.send_raw(struct.pack("!I", len(body)) + body)
+        reply = await client.receive()
+        assert isinstance(reply, wire.ErrorReply)
+        assert reply.code == wire.RetCode.BAD_REQUEST and "modid" in reply.reason
+        await client.send(wire.GetHostRequest(5, 1, 1))  # valid, but not a DNS message
+        reply = await client.receive()
+        assert isinstance(reply, wire.ErrorReply) and reply.seq == 5
+        assert await ask(client, M1) == {A}
+        assert server.metrics.counters["invalid_requests"] == 2
+
+
+async def test_stats_request_reports_counters(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store) as (server, nursery):
+        client = connect(server, nursery)
+        await ask(client, M1)
+        await client.send(wire.StatsRequest(9))
+        reply = await client.receive()
+        assert isinstance(reply, wire.StatsResponse)
+        assert (reply.seq, reply.role) == (9, "dns")
+        assert reply.counters["route_requests"] == 1
+        assert reply.counters["connections"] == 1
+        assert reply.counters["store_ok"] == 1
+
+
+async def test_two_instances_on_one_store_both_push_every_change(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store) as (first, n1), running(store) as (second, n2):
+        c1 = connect(first, n1)
+        c2 = connect(second, n2)
+        assert await ask(c1, M1) == frozenset()
+        assert await ask(c2, M1) == frozenset()
+        for hosts in ([A], [B], [C]):
+            await store.inner.add_hosts(M1, hosts)
+            assert (await c1.route()).hosts == (await c2.route()).hosts
+        rows = await fetch(store.inner, "SELECT COUNT(*) FROM RouteChange")
+        assert rows[0][0] == 3  # nobody consumed the change rows
+
+
+async def test_slow_subscriber_costs_one_pending_frame_per_module(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store) as (server, nursery):
+        # A stream whose reader never reads: the writer blocks on its first send.
+        client, served = trio.testing.lockstep_stream_pair()
+        nursery.start_soon(server.handle_connection, served)
+        await client.send_all(wire.encode_frame(wire.GetRouteRequest(*M1)))
+        await trio.sleep(2)
+        for i in range(50):
+            await store.inner.add_hosts(M1, [(167772161 + i, 80)])
+            await trio.sleep(1.5)
+        (sub,) = server.connections
+        assert len(sub.pending) <= 1  # coalesced: only the newest route waits

@@ -1,0 +1,281 @@
+"""lars.client against a scripted fake agent: sequence numbers, timeouts, error mapping."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import trio
+
+from lars import wire
+from lars.client import AsyncLarsClient, ClientCore, LarsClient
+from lars.core.model import Host
+from lars.errors import (
+    AgentUnavailable,
+    InvalidValue,
+    LarsError,
+    NoRoute,
+    Overloaded,
+    RequestRejected,
+)
+from tests.netutil import free_udp_base
+
+A = (167772161, 7001)
+#: What the fake agent does with a request: a list of datagrams to send back.
+Script = Callable[[wire.Message], list[bytes]]
+
+
+class FakeAgent:
+    """UDP sockets on base..base+2 in a thread, answering each request with a script."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.base = free_udp_base(3)
+        self.received: list[tuple[int, wire.Message]] = []
+        self.sockets = []
+        for i in range(3):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", self.base + i))
+            self.sockets.append(sock)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            readable, _, _ = select.select(self.sockets, [], [], 0.02)
+            for sock in readable:
+                data, address = sock.recvfrom(65536)
+                msg = wire.decode_datagram(data)
+                self.received.append((sock.getsockname()[1], msg))
+                for reply in self.script(msg):
+                    sock.sendto(reply, address)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def fake() -> Iterator[Callable[[Script], FakeAgent]]:
+    agents: list[FakeAgent] = []
+
+    def start(script: Script) -> FakeAgent:
+        agents.append(FakeAgent(script))
+        return agents[-1]
+
+    yield start
+    for agent in agents:
+        agent.close()
+
+
+def host_reply(retcode: int = 0, host: tuple[int, int] | None = A) -> Script:
+    def script(msg: wire.Message) -> list[bytes]:
+        if isinstance(msg, wire.GetHostRequest):
+            reply = wire.GetHostResponse(msg.seq, msg.modid, msg.cmdid, retcode, host)
+            return [wire.encode_datagram(reply)]
+        return []
+
+    return script
+
+
+def client_for(agent: FakeAgent, **kw: float) -> LarsClient:
+    return LarsClient(
+        base_port=agent.base, timeout=kw.get("timeout", 0.2), retries=int(kw.get("retries", 2))
+    )
+
+
+def test_get_host_asks_the_modules_port_and_returns_a_host(
+    fake: Callable[[Script], FakeAgent],
+) -> None:
+    agent = fake(host_reply())
+    with client_for(agent) as client:
+        assert client.get_host(1, 1) == Host("10.0.0.1", 7001)
+        assert client.get_host(1, 2) == Host("10.0.0.1", 7001)
+    ports = [port for port, _ in agent.received]
+    assert ports == [agent.base + 2, agent.base]  # (1+1) % 3 = 2, (1+2) % 3 = 0
+
+
+def test_stale_replies_are_discarded(fake: Callable[[Script], FakeAgent]) -> None:
+    def script(msg: wire.Message) -> list[bytes]:
+        assert isinstance(msg, wire.GetHostRequest)
+        stale = wire.GetHostResponse(msg.seq - 1, 1, 1, 0, (1, 1))
+        right = wire.GetHostResponse(msg.seq, 1, 1, 0, A)
+        return [wire.encode_datagram(stale), b"garbage", wire.encode_datagram(right)]
+
+    with client_for(fake(script)) as client:
+        assert client.get_host(1, 1).key == A
+
+
+def test_lost_replies_are_retried_then_agent_unavailable(
+    fake: Callable[[Script], FakeAgent],
+) -> None:
+    agent = fake(lambda msg: [])
+    with client_for(agent, timeout=0.05, retries=2) as client, pytest.raises(AgentUnavailable):
+        client.get_host(1, 1)
+    wait_until(lambda: len(agent.received) >= 3)
+    assert len(agent.received) == 3  # the first try and two retries
+    seqs = {msg.seq for _, msg in agent.received}  # type: ignore[attr-defined]
+    assert len(seqs) == 1  # a retry resends the same request
+
+
+def test_one_lost_reply_is_recovered_by_a_retry(fake: Callable[[Script], FakeAgent]) -> None:
+    calls = []
+
+    def script(msg: wire.Message) -> list[bytes]:
+        calls.append(msg)
+        return [] if len(calls) == 1 else host_reply()(msg)
+
+    with client_for(fake(script), timeout=0.05) as client:
+        assert client.get_host(1, 1).key == A
+    assert len(calls) == 2
+
+
+def test_nothing_listening_is_agent_unavailable() -> None:
+    client = LarsClient(base_port=free_udp_base(3), timeout=0.05, retries=1)
+    with client, pytest.raises(AgentUnavailable, match="2 attempts"):
+        client.get_host(1, 1)
+
+
+@pytest.mark.parametrize(
+    ("retcode", "error"),
+    [
+        (wire.RetCode.NOEXIST, NoRoute),
+        (wire.RetCode.OVERLOAD, Overloaded),
+        (wire.RetCode.SYSTEM_ERROR, RequestRejected),
+    ],
+)
+def test_retcodes_map_to_errors(
+    fake: Callable[[Script], FakeAgent], retcode: int, error: type[LarsError]
+) -> None:
+    with client_for(fake(host_reply(retcode, None))) as client, pytest.raises(error):
+        client.get_host(1, 1)
+
+
+def test_error_reply_is_request_rejected(fake: Callable[[Script], FakeAgent]) -> None:
+    def script(msg: wire.Message) -> list[bytes]:
+        return [wire.encode_datagram(wire.ErrorReply(msg.seq, 4, "nope"))]  # type: ignore[attr-defined]
+
+    with client_for(fake(script)) as client, pytest.raises(RequestRejected, match="nope"):
+        client.get_host(1, 1)
+
+
+def test_get_route(fake: Callable[[Script], FakeAgent]) -> None:
+    def script(msg: wire.Message) -> list[bytes]:
+        assert isinstance(msg, wire.ApiGetRouteRequest)
+        reply = wire.ApiGetRouteResponse(msg.seq, 1, 1, 0, (A, (167772162, 80)))
+        return [wire.encode_datagram(reply)]
+
+    with client_for(fake(script)) as client:
+        assert client.get_route(1, 1) == [Host("10.0.0.1", 7001), Host("10.0.0.2", 80)]
+
+
+def test_report_and_call_send_the_right_retcodes(fake: Callable[[Script], FakeAgent]) -> None:
+    agent = fake(host_reply())
+    with client_for(agent) as client:
+        host = client.get_host(1, 1)
+        client.report(1, 1, host, ok=True)
+        client.report(1, 1, host, ok=False)
+        client.report(1, 1, host, retcode=7)
+        with client.call(1, 1) as called:
+            assert called == host
+        with pytest.raises(ZeroDivisionError), client.call(1, 1):
+            1 / 0  # noqa: B018
+        wait_until(lambda: len(agent.received) >= 9)
+    reports = [msg for _, msg in agent.received if isinstance(msg, wire.ReportRequest)]
+    assert [(r.host, r.retcode) for r in reports] == [(A, 0), (A, 1), (A, 7), (A, 0), (A, 1)]
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    """Wait (up to 2 s) for a condition the fake agent's thread will make true."""
+    deadline = time.monotonic() + 2
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_local_mistakes_are_errors_before_anything_is_sent() -> None:
+    client = LarsClient(base_port=free_udp_base(3))
+    with pytest.raises(InvalidValue):
+        client.get_host(2**32, 1)
+    with pytest.raises(InvalidValue):
+        client.report(1, 1, Host("10.0.0.1", 80))  # neither ok= nor retcode=
+    with pytest.raises(InvalidValue):
+        client.report(1, 1, Host("10.0.0.1", 80), ok=True, retcode=0)
+    with pytest.raises(InvalidValue):
+        LarsClient(base_port=65535, ports=3)
+    client.close()
+
+
+def test_threads_share_one_client(fake: Callable[[Script], FakeAgent]) -> None:
+    agent = fake(host_reply())
+    results: list[Host] = []
+    with client_for(agent) as client:
+        threads = [
+            threading.Thread(
+                target=lambda: results.extend(client.get_host(1, 1) for _ in range(20))
+            )
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert len(results) == 80 and set(results) == {Host("10.0.0.1", 7001)}
+
+
+def test_from_config_uses_the_agent_section(tmp_path: object) -> None:
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "lars.toml"
+    path.write_text("[agent]\nbase_port = 9000\nports = 2\n[client]\ntimeout = 0.1\n")
+    client = LarsClient.from_config(path)
+    assert (client.core.base_port, client.core.ports, client.core.timeout) == (9000, 2, 0.1)
+    assert client.core.port(1, 2) == 9001
+
+
+def test_core_matches_only_its_own_seq() -> None:
+    core = ClientCore()
+    good = wire.encode_datagram(wire.GetHostResponse(5, 1, 1, 0, A))
+    assert core.match(good, 5) is not None
+    assert core.match(good, 6) is None
+    assert core.match(b"\xc1", 5) is None
+
+
+# --- async -----------------------------------------------------------------------------------
+
+
+async def test_async_client_mirrors_the_sync_one(fake: Callable[[Script], FakeAgent]) -> None:
+    agent = fake(host_reply())
+    async with AsyncLarsClient(base_port=agent.base, timeout=0.2) as client:
+        host = await client.get_host(1, 1)
+        assert host == Host("10.0.0.1", 7001)
+        async with client.call(1, 1):
+            pass
+        with pytest.raises(ValueError):
+            async with client.call(1, 1):
+                raise ValueError
+        await client.report(1, 1, host, retcode=3)
+    await trio.sleep(0.2)
+    reports = [msg for _, msg in agent.received if isinstance(msg, wire.ReportRequest)]
+    assert [r.retcode for r in reports] == [0, 1, 3]
+
+
+async def test_async_client_times_out_and_raises(fake: Callable[[Script], FakeAgent]) -> None:
+    agent = fake(lambda msg: [])
+    async with AsyncLarsClient(base_port=agent.base, timeout=0.05, retries=1) as client:
+        with pytest.raises(AgentUnavailable):
+            await client.get_host(1, 1)
+    assert len(agent.received) == 2
+
+
+async def test_async_client_error_mapping(fake: Callable[[Script], FakeAgent]) -> None:
+    agent = fake(host_reply(wire.RetCode.NOEXIST, None))
+    async with AsyncLarsClient(base_port=agent.base, timeout=0.2) as client:
+        with pytest.raises(NoRoute):
+            await client.get_host(1, 1)
