@@ -172,7 +172,8 @@ class LoadBalancer:
         self.last_update: float | None = None
         # Hosts removed from the route whose statistics are not yet sent.
         self._retired: list[HostState] = []
-        self._in_flight: list[StatLine] | None = None
+        # States whose counts are in flight (sent, not yet acknowledged).
+        self._in_flight: list[HostState] | None = None
         #: True when reports arrived since the last statistics send.
         self.stats_pending = False
 
@@ -337,33 +338,38 @@ class LoadBalancer:
     def take_stats(self) -> list[StatLine]:
         """Mark every host's counts since the last send as in flight and return them.
 
-        Returns an empty list while a previous send is unacknowledged or nothing happened.
-        Follow with :meth:`stats_sent` once the reporter acknowledges, or
-        :meth:`stats_failed` if the send is lost.
+        One line per host: a host removed from the route and added back before its counts
+        were sent has two states (the retired one and the current one); their counts are
+        summed on one line, which carries the current state. Returns an empty list while a
+        previous send is unacknowledged or nothing happened. Follow with :meth:`stats_sent`
+        once the reporter acknowledges, or :meth:`stats_failed` if the send is lost.
         """
         if self._in_flight is not None:
             return []
-        lines: list[StatLine] = []
-        for st in (*self.hosts.values(), *self._retired):
+        lines: dict[HostKey, StatLine] = {}
+        states: list[HostState] = []
+        for st in (*self.hosts.values(), *self._retired):  # current states first
             if st.stat_succ or st.stat_err:
-                lines.append((st, st.stat_succ, st.stat_err))
                 st.flight_succ, st.flight_err = st.stat_succ, st.stat_err
                 st.stat_succ = st.stat_err = 0
+                states.append(st)
+                first, succ, err = lines.get(st.key, (st, 0, 0))
+                lines[st.key] = (first, succ + st.flight_succ, err + st.flight_err)
         self.stats_pending = False
-        if lines:
-            self._in_flight = lines
-        return lines
+        if states:
+            self._in_flight = states
+        return list(lines.values())
 
     def stats_sent(self) -> None:
         """The in-flight counts are stored: forget them."""
-        for st, _, _ in self._in_flight or ():
+        for st in self._in_flight or ():
             st.flight_succ = st.flight_err = 0
         self._in_flight = None
         self._retired = [st for st in self._retired if st.stat_succ or st.stat_err]
 
     def stats_failed(self) -> None:
         """The in-flight send was lost: put its counts back to be sent again."""
-        for st, _, _ in self._in_flight or ():
+        for st in self._in_flight or ():
             st.stat_succ += st.flight_succ
             st.stat_err += st.flight_err
             st.flight_succ = st.flight_err = 0
