@@ -19,14 +19,14 @@ from typing import Any, NoReturn, TypeVar
 import click
 import trio
 
-from lars import wire
+from lars import tools, wire
 from lars._version import __version__
 from lars.config import Config, load_config, parse_address, store_url
-from lars.core.model import UINT32_MAX, Host, HostKey, ModuleKey, format_host
+from lars.core.model import UINT32_MAX, Host, HostKey, ModuleKey, format_host, int_to_ip
 from lars.errors import LarsError
 from lars.roles.common import RECEIVE_SIZE, notify_dns
 from lars.roles.run import ROLES
-from lars.store import RouteStore, RouteWrite, open_store
+from lars.store import CallStatus, RouteStore, RouteWrite, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -410,15 +410,23 @@ async def query_dns(address: str, module: ModuleKey, watch: bool, as_json: bool)
     help="Ask this DNS instead of the local agent: the route as it serves it.",
 )
 @click.option("--watch", is_flag=True, help="With --dns: stay subscribed, print every push.")
+@click.option(
+    "--stats",
+    is_flag=True,
+    help="Print the module's latest call statistics (ServerCallStatus) from the store.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per line).")
 @config_option
+@store_option
 def query_command(
     modid: int,
     cmdid: int,
     dns_address: str | None,
     watch: bool,
+    stats: bool,
     as_json: bool,
     config_path: str | None,
+    store_override: str | None,
 ) -> None:
     """Show module MODID/CMDID as Lars sees it: by default the local agent's view (route
     status and every host's state and counters), with --dns the route a DNS serves.
@@ -429,13 +437,25 @@ def query_command(
       lars query 1 1 --json
       lars query 1 1 --dns 127.0.0.1:7778           # the route a DNS serves
       lars query 1 1 --dns 127.0.0.1:7778 --watch   # and every change, as it is pushed
+      lars query 1 1 --stats                        # call statistics the reporter stored
     \b
     --json with --dns: one line per route, {"ts", "modid", "cmdid", "hosts": [...]};
     without: {"modid", "cmdid", "status", "last_update", "hosts": [{"host", "state",
-    "since", "vsucc", "verr", "rsucc", "rerr", "contin_succ", "contin_err"}]}.
+    "since", "vsucc", "verr", "rsucc", "rerr", "contin_succ", "contin_err"}]};
+    with --stats: a list of {"modid", "cmdid", "host", "caller", "succ_cnt", "err_cnt",
+    "succ_total", "err_total", "overload", "ts"}.
     """
     if watch and not dns_address:
         raise click.UsageError("--watch needs --dns HOST:PORT")
+    if stats:
+        if dns_address:
+            raise click.UsageError("--stats reads the store; it does not go with --dns")
+        url = store_url(get_config(config_path), store_override)
+        rows = run_async(
+            functools.partial(with_store, url, lambda s: s.read_call_status(modid, cmdid))
+        )
+        click.echo(_format_stats(rows, as_json))
+        return
     if dns_address:
         try:
             parse_address(dns_address)
@@ -491,6 +511,39 @@ async def query_agent(config: Config, module: ModuleKey, as_json: bool) -> None:
     click.echo(_describe_module(module, status, state.get("last_update"), hosts))
 
 
+def _format_stats(rows: list[CallStatus], as_json: bool) -> str:
+    out = [
+        {
+            "modid": r.modid,
+            "cmdid": r.cmdid,
+            "host": format_host((r.ip, r.port)),
+            "caller": int_to_ip(r.caller),
+            "succ_cnt": r.succ,
+            "err_cnt": r.err,
+            "succ_total": r.succ_total,
+            "err_total": r.err_total,
+            "overload": r.overload,
+            "ts": r.ts,
+        }
+        for r in rows
+    ]
+    if as_json:
+        return json.dumps(out)
+    if not out:
+        return "no statistics stored for this module"
+    lines = [
+        f"{'HOST':<22} {'CALLER':<16} {'SUCC':>8} {'ERR':>8} {'SUCC TOTAL':>12} "
+        f"{'ERR TOTAL':>12} {'OVERLOAD':<8} REPORTED"
+    ]
+    for r, row in zip(rows, out, strict=True):
+        stamp = datetime.datetime.fromtimestamp(r.ts).isoformat(timespec="seconds")
+        lines.append(
+            f"{row['host']:<22} {row['caller']:<16} {r.succ:>8} {r.err:>8} "
+            f"{r.succ_total:>12} {r.err_total:>12} {'yes' if r.overload else 'no':<8} {stamp}"
+        )
+    return "\n".join(lines)
+
+
 def _describe_module(
     module: ModuleKey, status: str, last_update: float | None, hosts: list[dict[str, Any]]
 ) -> str:
@@ -514,6 +567,155 @@ def _describe_module(
             f"{h['contin_err']:>5}"
         )
     return "\n".join(lines)
+
+
+# --- bench and simulate ------------------------------------------------------------------
+
+
+def _agent_address(config: Config) -> tools.AgentAddress:
+    a, c = config.agent, config.client
+    return tools.AgentAddress(a.host, a.base_port, a.ports, c.timeout, c.retries)
+
+
+@cli.command("bench", context_settings=CONTEXT)
+@click.option("--modid", default="1", callback=_uint32, show_default=True)
+@click.option(
+    "--cmdid",
+    default="1",
+    callback=_uint32,
+    show_default=True,
+    help="Worker i uses module MODID/CMDID+i; each needs a route.",
+)
+@click.option(
+    "--workers", default=1, show_default=True, type=click.IntRange(1, 256), help="Client processes."
+)
+@click.option(
+    "--duration",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds to run.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@config_option
+def bench_command(
+    modid: int, cmdid: int, workers: int, duration: float, as_json: bool, config_path: str | None
+) -> None:
+    """Load the local agent like the original qps tool: each worker process loops
+    get_host + report on its own module for --duration seconds.
+
+    Prints loops/s in total and per worker, and get_host latency percentiles.
+
+    \b
+    Example:
+      lars route add 1 1 10.0.0.1:80 10.0.0.2:80 && lars route add 1 2 10.0.0.1:80
+      lars bench --workers 2 --duration 10
+    JSON: {"workers", "duration", "loops_per_s", "per_worker": [{"modid", "cmdid",
+    "loops", "loops_per_s", "errors"}], "p50_us", "p99_us"}
+    """
+    agent = _agent_address(get_config(config_path))
+    try:
+        result = tools.bench(agent, modid, cmdid, workers, duration)
+    except LarsError as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(result.as_json()))
+        return
+    for w in result.per_worker:
+        click.echo(
+            f"worker module {w.modid}/{w.cmdid}: {w.loops_per_s:>10,.0f} loops/s "
+            f"({w.loops:,} loops, {w.errors} errors)"
+        )
+    click.echo(
+        f"total: {result.loops_per_s:,.0f} loops/s with {workers} worker(s) over "
+        f"{duration:g}s; get_host latency p50 {result.p50_us:.0f} us, "
+        f"p99 {result.p99_us:.0f} us"
+    )
+
+
+@cli.command("simulate", context_settings=CONTEXT)
+@id_argument("modid")
+@id_argument("cmdid")
+@click.option(
+    "--err-rate",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Probability that a call to a failing host fails.",
+)
+@click.option(
+    "--count", default=1000, show_default=True, type=click.IntRange(1), help="Calls to make."
+)
+@click.option(
+    "--fail",
+    "failing",
+    multiple=True,
+    metavar="IP:PORT",
+    help="A failing host (repeatable). Default: the route's first host.",
+)
+@click.option("--seed", type=int, help="Random seed, for a repeatable run.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@config_option
+def simulate_command(
+    modid: int,
+    cmdid: int,
+    err_rate: float,
+    count: int,
+    failing: tuple[str, ...],
+    seed: int | None,
+    as_json: bool,
+    config_path: str | None,
+) -> None:
+    """Call module MODID/CMDID through the agent COUNT times with some hosts failing, and
+    show how the load balancer steers traffic away from them (the original simulator).
+
+    \b
+    Example:
+      lars route add 1 1 10.0.0.1:80 10.0.0.2:80 10.0.0.3:80
+      lars simulate 1 1 --err-rate 0.5 --count 2000
+    """
+    config = get_config(config_path)
+    bad = _hosts(click.get_current_context(), click.Option(["--fail"]), failing)
+    try:
+        result = tools.simulate(_agent_address(config), modid, cmdid, count, err_rate, bad, seed)
+    except LarsError as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "modid": modid,
+                    "cmdid": cmdid,
+                    "count": count,
+                    "err_rate": err_rate,
+                    "overloaded": result.overloaded,
+                    "hosts": [
+                        {
+                            "host": str(t.host),
+                            "failing": t.failing,
+                            "calls": t.calls,
+                            "succ": t.succ,
+                            "err": t.err,
+                        }
+                        for t in result.hosts
+                    ],
+                }
+            )
+        )
+        return
+    click.echo(f"{'HOST':<22} {'FAILING':<8} {'CALLS':>7} {'SHARE':>7} {'SUCC':>7} {'ERR':>7}")
+    total = sum(t.calls for t in result.hosts) or 1
+    for t in result.hosts:
+        click.echo(
+            f"{t.host!s:<22} {'yes' if t.failing else 'no':<8} {t.calls:>7} "
+            f"{t.calls / total:>6.1%} {t.succ:>7} {t.err:>7}"
+        )
+    if result.overloaded:
+        click.echo(f"{result.overloaded} call(s) answered OVERLOAD (every host overloaded)")
+    click.echo(
+        f"failing hosts got {result.failing_share:.1%} of the calls; "
+        f"an even spread would give them {result.even_share:.1%}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

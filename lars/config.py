@@ -113,6 +113,7 @@ class AgentConfig:
     reporter: str = attrs.field(default="127.0.0.1:7779", validator=_address)
     report_interval: float = attrs.field(default=1.0, validator=_positive)
     route_wait: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
+    busy_poll: float = attrs.field(default=0.0002, validator=attrs.validators.ge(0))
     retry_max: float = attrs.field(default=5.0, validator=_positive)
     ip: str = ""
     loadbalance: BalancerParams = attrs.field(factory=BalancerParams)

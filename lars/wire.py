@@ -23,6 +23,7 @@ are stable once released: never renumber, only append.
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -57,10 +58,14 @@ __all__ = [
     "RouteChangeNotice",
     "StatsRequest",
     "StatsResponse",
+    "decode_agent_request",
     "decode_body",
     "decode_datagram",
     "encode_datagram",
     "encode_frame",
+    "encode_get_host_request",
+    "encode_get_host_response",
+    "encode_report_request",
 ]
 
 #: Default maximum TCP frame body, in bytes.
@@ -113,7 +118,11 @@ def _int(value: Any, hi: int, what: str, lo: int = 0) -> int:
 
 
 def _u32(what: str) -> Callable[[Any], int]:
-    return lambda v: _int(v, UINT32_MAX, what)
+    def check(v: Any) -> int:
+        return _int(v, UINT32_MAX, what)
+
+    check.uint32 = what  # type: ignore[attr-defined]  # lets decode_object take a fast path
+    return check
 
 
 def _u64(what: str) -> Callable[[Any], int]:
@@ -196,9 +205,14 @@ class Message:
 
     TYPE: ClassVar[int]
     _FIELDS: ClassVar[tuple[Callable[[Any], Any], ...]]
+    #: Names of the fields when every one is a uint32 (decoded by a faster path), else ().
+    _UINT32: ClassVar[tuple[str, ...]] = ()
+    #: The fields' values in order (an operator.attrgetter, set by _register).
+    _getter: ClassVar[Callable[..., Any]]
 
     def _values(self) -> tuple[Any, ...]:
-        return attrs.astuple(self, recurse=False)  # type: ignore[arg-type]
+        values = type(self)._getter(self)
+        return tuple(values) if len(self._FIELDS) > 1 else (values,)
 
 
 _REGISTRY: dict[int, type[Message]] = {}
@@ -207,6 +221,11 @@ _REGISTRY: dict[int, type[Message]] = {}
 def _register(cls: type[Message]) -> type[Message]:
     assert cls.TYPE not in _REGISTRY, cls
     _REGISTRY[cls.TYPE] = cls
+    names = [f.name for f in attrs.fields(cls)]  # type: ignore[arg-type]
+    assert len(names) == len(cls._FIELDS), cls
+    cls._getter = operator.attrgetter(*names)
+    if all(hasattr(check, "uint32") for check in cls._FIELDS):
+        cls._UINT32 = tuple(check.uint32 for check in cls._FIELDS)  # type: ignore[attr-defined]
     return cls
 
 
@@ -448,6 +467,75 @@ def encode_frame(msg: Message, max_size: int = DEFAULT_MAX_FRAME) -> bytes:
 # --- decoding --------------------------------------------------------------------------------
 
 
+# --- the hot path ----------------------------------------------------------------------------
+# The three messages of every client loop, encoded straight from their fields: the same bytes
+# as encode_datagram(Message(...)) (the tests check it), without building an object.
+
+
+def encode_get_host_request(seq: int, modid: int, cmdid: int) -> bytes:
+    """``encode_datagram(GetHostRequest(seq, modid, cmdid))``."""
+    data: bytes = _packb((4, seq, modid, cmdid))
+    return data
+
+
+def encode_get_host_response(
+    seq: int, modid: int, cmdid: int, retcode: int, host: HostKey | None
+) -> bytes:
+    """``encode_datagram(GetHostResponse(seq, modid, cmdid, retcode, host))``."""
+    data: bytes = _packb((5, seq, modid, cmdid, retcode, host))
+    return data
+
+
+def encode_report_request(modid: int, cmdid: int, host: HostKey, retcode: int) -> bytes:
+    """``encode_datagram(ReportRequest(modid, cmdid, host, retcode))``."""
+    data: bytes = _packb((6, modid, cmdid, host, retcode))
+    return data
+
+
+def decode_agent_request(data: bytes) -> tuple[Any, ...] | Message:
+    """Decode a datagram sent to the agent, with a fast path for the two messages of every
+    client loop: a valid GetHostRequest comes back as the tuple ``(4, seq, modid, cmdid)``
+    and a valid ReportRequest as ``(6, modid, cmdid, (ip, port), retcode)``, validated
+    exactly as :func:`decode_datagram` validates them (the tests compare the two). Anything
+    else comes back as a :class:`Message`. Raises :class:`ProtocolError` and nothing else.
+    """
+    try:
+        obj = msgpack.unpackb(data, use_list=False, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises a dozen kinds; all mean "malformed"
+        raise ProtocolError(f"not a msgpack message: {exc}") from None
+    if type(obj) is tuple:
+        size = len(obj)
+        if size == 4 and obj[0] == 4 and type(obj[0]) is int:
+            _, seq, modid, cmdid = obj
+            if (
+                type(seq) is int
+                and type(modid) is int
+                and type(cmdid) is int
+                and 0 <= seq <= UINT32_MAX
+                and 0 <= modid <= UINT32_MAX
+                and 0 <= cmdid <= UINT32_MAX
+            ):
+                return obj
+        elif size == 5 and obj[0] == 6 and type(obj[0]) is int:
+            _, modid, cmdid, host, retcode = obj
+            if (
+                type(modid) is int
+                and type(cmdid) is int
+                and type(retcode) is int
+                and type(host) is tuple
+                and len(host) == 2
+                and type(host[0]) is int
+                and type(host[1]) is int
+                and 0 <= modid <= UINT32_MAX
+                and 0 <= cmdid <= UINT32_MAX
+                and 0 <= retcode <= UINT32_MAX
+                and 0 <= host[0] <= UINT32_MAX
+                and 1 <= host[1] <= PORT_MAX
+            ):
+                return obj
+    return decode_object(obj)  # the general path; it also names what is wrong
+
+
 def decode_body(body: bytes | bytearray | memoryview) -> Message:
     """Decode one message body. Raises :class:`ProtocolError` and nothing else."""
     try:
@@ -472,6 +560,16 @@ def decode_object(obj: Any) -> Message:
     seq = None
     if msg_type in _SEQ_FIRST and type(obj[1]) is int and 0 <= obj[1] <= UINT32_MAX:
         seq = obj[1]
+    if cls._UINT32:  # the hot requests: every field an unsigned 32-bit integer
+        fields = obj[1:]
+        for value, name in zip(fields, cls._UINT32, strict=True):
+            if type(value) is not int:
+                raise ProtocolError(f"{cls.__name__}: malformed: {name} must be an integer")
+            if not 0 <= value <= UINT32_MAX:
+                raise ProtocolError(
+                    f"{cls.__name__}: {name} out of range: {value}", msg_type=msg_type, seq=seq
+                )
+        return cls(*fields)
     try:
         values = [check(value) for check, value in zip(checks, obj[1:], strict=True)]
     except _Invalid as exc:

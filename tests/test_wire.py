@@ -221,3 +221,58 @@ def test_wire_does_not_import_trio() -> None:
             imported.add(node.module.split(".")[0])
     assert "msgpack" in imported
     assert "trio" not in imported
+
+
+def test_hot_path_encoders_match_the_generic_encoder() -> None:
+    assert wire.encode_get_host_request(7, 1, 2) == encode_datagram(GetHostRequest(7, 1, 2))
+    for host in ((167772161, 7001), None):
+        assert wire.encode_get_host_response(7, 1, 2, 0, host) == encode_datagram(
+            GetHostResponse(7, 1, 2, 0, host)
+        )
+    assert wire.encode_report_request(1, 2, (167772161, 7001), 3) == encode_datagram(
+        ReportRequest(1, 2, (167772161, 7001), 3)
+    )
+
+
+@given(
+    st.one_of(
+        st.tuples(st.just(4), msgpack_values, msgpack_values, msgpack_values),
+        st.tuples(st.just(6), msgpack_values, msgpack_values, msgpack_values, msgpack_values),
+        st.tuples(
+            st.just(6),
+            st.integers(-1, 2**33),
+            st.integers(-1, 2**33),
+            st.tuples(st.integers(-1, 2**33), st.integers(-1, 70000)),
+            st.integers(-1, 2**33),
+        ),
+        st.tuples(
+            st.sampled_from([4, 4.0, True, 6, 6.0]),
+            st.integers(-1, 2**33),
+            st.integers(-1, 2**33),
+            st.integers(-1, 2**33),
+        ),
+        st.binary(max_size=30),
+    )
+)
+def test_agent_fast_path_decodes_exactly_like_the_general_decoder(obj: object) -> None:
+    data = obj if isinstance(obj, bytes) else msgpack.packb(obj)
+    try:
+        general: object = decode_datagram(data)
+    except ProtocolError as exc:
+        general = ("error", exc.msg_type, exc.seq)
+    try:
+        fast: object = wire.decode_agent_request(data)
+    except ProtocolError as exc:
+        fast = ("error", exc.msg_type, exc.seq)
+    if isinstance(fast, tuple) and fast and fast[0] != "error":
+        assert isinstance(general, GetHostRequest | ReportRequest)
+        assert fast == (general.TYPE, *general._values())
+    else:
+        assert fast == general
+
+
+def test_agent_fast_path_returns_tuples_for_the_hot_messages() -> None:
+    assert wire.decode_agent_request(encode_datagram(GetHostRequest(7, 1, 2))) == (4, 7, 1, 2)
+    report = encode_datagram(ReportRequest(1, 2, (167772161, 80), 0))
+    assert wire.decode_agent_request(report) == (6, 1, 2, (167772161, 80), 0)
+    assert wire.decode_agent_request(encode_datagram(StatsRequest(3))) == StatsRequest(3)

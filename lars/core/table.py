@@ -93,23 +93,30 @@ class ModuleTable:
 
     # --- requests --------------------------------------------------------------------------
 
-    def get_host(self, key: ModuleKey, now: float, waiter: Waiter | None) -> tuple[int, Any]:
-        """``(retcode, host)`` now, or ``(-1, None)`` when ``waiter`` was queued to wait."""
+    def get_host(
+        self, key: ModuleKey, now: float, seq: int = 0, address: Any = None
+    ) -> tuple[int, Any]:
+        """``(retcode, host)`` now, or ``(-1, None)`` when the request (``seq`` from
+        ``address``) was queued to wait for the module's route. Without an address it never
+        waits."""
         lb = self.modules.get(key)
         if lb is not None:
             if now - lb.last_update >= self.params.update_timeout:  # type: ignore[operator]
                 self._refresh(key)
             return lb.get_host(now)
-        return self._absent(key, now, waiter)
+        return self._absent(key, now, GET_HOST, seq, address)
 
-    def get_route(self, key: ModuleKey, now: float, waiter: Waiter | None) -> tuple[int, Any]:
-        """``(SUCC, hosts)``, ``(NOEXIST, ())``, or ``(-1, None)`` when queued to wait."""
+    def get_route(
+        self, key: ModuleKey, now: float, seq: int = 0, address: Any = None
+    ) -> tuple[int, Any]:
+        """``(SUCC, hosts)``, ``(NOEXIST, ())``, or ``(-1, None)`` when queued to wait (as
+        :meth:`get_host`)."""
         lb = self.modules.get(key)
         if lb is not None:
             if now - lb.last_update >= self.params.update_timeout:  # type: ignore[operator]
                 self._refresh(key)
             return SUCC, lb.route()
-        return self._absent(key, now, waiter)
+        return self._absent(key, now, GET_ROUTE, seq, address)
 
     def report(self, key: ModuleKey, host: HostKey, success: bool, now: float) -> None:
         """Record a call result; unknown modules and hosts are ignored."""
@@ -122,7 +129,9 @@ class ModuleTable:
             self._refreshing.add(key)
             self.want.add(key)
 
-    def _absent(self, key: ModuleKey, now: float, waiter: Waiter | None) -> tuple[int, Any]:
+    def _absent(
+        self, key: ModuleKey, now: float, kind: int, seq: int, address: Any
+    ) -> tuple[int, Any]:
         expires = self.negative.get(key)
         if expires is not None:
             if now < expires:
@@ -136,9 +145,9 @@ class ModuleTable:
             self.want.add(key)
             if self.route_wait <= 0:
                 pending.expired = True
-        if waiter is None or pending.expired or len(pending.waiters) >= MAX_WAITERS:
+        if address is None or pending.expired or len(pending.waiters) >= MAX_WAITERS:
             return NOEXIST, None
-        pending.waiters.append(waiter)
+        pending.waiters.append(Waiter(kind, seq, address))
         return -1, None
 
     def expire_waits(self, now: float) -> list[Answer]:

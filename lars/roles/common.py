@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
+import socket
 from collections import Counter
 from collections.abc import Iterator
 
@@ -12,7 +14,7 @@ import trio
 
 from lars import wire
 from lars.config import parse_address
-from lars.errors import LarsError
+from lars.errors import LarsError, ProtocolError
 
 #: Bytes asked of the kernel per receive on a TCP stream.
 RECEIVE_SIZE = 65536
@@ -115,3 +117,150 @@ async def notify_dns(addresses: list[str], version: int, wait: float = 0.5) -> l
         for address in addresses:
             nursery.start_soon(notify, address)
     return failures
+
+
+class Outbox:
+    """What waits to be written to one connection, and the doorbell of its writer task.
+
+    Subclasses decide what is queued and how it is encoded (:meth:`take`); one writer task
+    per connection (:func:`write_loop`) sends it, so there is one writer per stream.
+    """
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.closed = False
+        self._bell_send, self.bell = trio.open_memory_channel[None](1)
+
+    def ring(self) -> None:
+        """Wake the writer (a no-op if it is already due to run)."""
+        with contextlib.suppress(trio.WouldBlock):
+            self._bell_send.send_nowait(None)
+
+    def take(self) -> bytes:
+        """Everything queued, encoded, with the queue emptied (b"" when nothing is)."""
+        raise NotImplementedError
+
+
+class MessageOutbox(Outbox):
+    """An outbox of messages, written in order."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__(peer)
+        self.messages: list[wire.Message] = []
+
+    def send(self, msg: wire.Message) -> None:
+        """Queue a message (dropped if the connection is closed)."""
+        if not self.closed:
+            self.messages.append(msg)
+            self.ring()
+
+    def take(self) -> bytes:
+        messages, self.messages = self.messages, []
+        return b"".join(wire.encode_frame(m) for m in messages)
+
+
+async def write_loop(stream: trio.abc.SendStream, outbox: Outbox, scope: trio.CancelScope) -> None:
+    """Send what the outbox holds whenever its bell rings; cancel ``scope`` if the peer is
+    gone."""
+    try:
+        async for _ in outbox.bell:
+            while data := outbox.take():
+                await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        scope.cancel()
+
+
+async def receive_messages(
+    stream: trio.abc.ReceiveStream, decoder: wire.FrameDecoder
+) -> list[wire.Message | ProtocolError] | None:
+    """Receive once and decode every complete frame: messages, and a ProtocolError in place
+    of each frame that did not decode. ``None`` when the peer closed the stream. A
+    ProtocolError without ``msg_type`` is always last: the stream is unusable after it."""
+    try:
+        data = await stream.receive_some(RECEIVE_SIZE)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return None
+    if not data:
+        return None
+    decoder.feed(data)
+    items: list[wire.Message | ProtocolError] = []
+    while True:
+        try:
+            items.extend(decoder)
+            return items
+        except ProtocolError as exc:
+            items.append(exc)
+            if exc.msg_type is None:
+                return items
+
+
+def peer_name(stream: object) -> str:
+    """``host:port`` of a socket stream's peer, for logs."""
+    try:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return "<stream>"
+    return f"{host}:{port}"
+
+
+class Reconnector:
+    """Connects to one of ``addresses`` (in turn, failing over), forever, with capped backoff.
+
+    Logs once when a peer becomes unreachable, not on every retry; a full round of failed
+    addresses waits the next backoff delay before the next round.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        addresses: list[str],
+        *,
+        log: logging.Logger,
+        metrics: Metrics,
+        retry_max: float,
+        connect_timeout: float = 2.0,
+    ) -> None:
+        self.what = what
+        self.addresses = addresses
+        self.log = log
+        self.metrics = metrics
+        self.retry_max = retry_max
+        self.connect_timeout = connect_timeout
+        self._attempt = 0
+        self._delays = backoff(cap=retry_max)
+        self._reported_down = False
+
+    async def connect(self) -> tuple[str, trio.SocketStream]:
+        """The next working connection, as ``(address, stream)``."""
+        while True:
+            address = self.addresses[self._attempt % len(self.addresses)]
+            self._attempt += 1
+            try:
+                host, port = parse_address(address)
+                with trio.fail_after(self.connect_timeout):
+                    stream = await trio.open_tcp_stream(host, port)
+            except (OSError, trio.TooSlowError) as exc:
+                self.metrics.incr(f"{self.what}_connect_failures")
+                if not self._reported_down:
+                    self.log.warning(
+                        "cannot reach %s %s (%s); retrying", self.what, address, exc or "timed out"
+                    )
+                    self._reported_down = True
+                if self._attempt % len(self.addresses) == 0:  # a full round failed
+                    await trio.sleep(next(self._delays))
+                continue
+            self._delays = backoff(cap=self.retry_max)
+            self._reported_down = False
+            keepalive(stream)
+            self.metrics.incr(f"{self.what}_connects")
+            self.log.info("connected to %s %s", self.what, address)
+            return address, stream
+
+
+def keepalive(stream: trio.SocketStream) -> None:
+    """Notice a silently dead peer within about 20 s (TCP keepalive)."""
+    sock = stream.socket
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 2)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)

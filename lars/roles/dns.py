@@ -24,10 +24,8 @@ A consequence: two requests for one module answered in one write get one (curren
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from typing import Any
 
 import trio
 
@@ -36,12 +34,15 @@ from lars.config import DnsConfig
 from lars.core.model import HostKey, ModuleKey
 from lars.errors import ProtocolError, StoreError
 from lars.roles.common import (
-    RECEIVE_SIZE,
     Metrics,
+    Outbox,
     RateLimitedLog,
     backoff,
     bound_address,
     open_listener,
+    peer_name,
+    receive_messages,
+    write_loop,
 )
 from lars.store import RouteDelta, RouteMap, RouteSnapshot, RouteStore
 
@@ -57,22 +58,15 @@ MAX_QUEUED_REPLIES = 1000
 _EMPTY: frozenset[HostKey] = frozenset()
 
 
-class Subscriber:
+class Subscriber(Outbox):
     """One agent connection: what it subscribed to and what waits to be written to it."""
 
     def __init__(self, peer: str) -> None:
-        self.peer = peer
+        super().__init__(peer)
         self.modules: set[ModuleKey] = set()
         #: Encoded route frames by module; a newer frame replaces an unsent one.
         self.pending: dict[ModuleKey, bytes] = {}
         self.replies: list[wire.Message] = []
-        self._bell_send, self.bell = trio.open_memory_channel[None](1)
-        self.closed = False
-
-    def ring(self) -> None:
-        """Wake the writer (a no-op if it is already due to run)."""
-        with contextlib.suppress(trio.WouldBlock):
-            self._bell_send.send_nowait(None)
 
     def queue_route(self, module: ModuleKey, frame: bytes) -> None:
         """Queue a module's route frame."""
@@ -88,7 +82,6 @@ class Subscriber:
         return True
 
     def take(self) -> bytes:
-        """Everything queued, encoded, and the queues emptied."""
         data = b"".join(self.pending.values())
         data += b"".join(wire.encode_frame(m) for m in self.replies)
         self.pending = {}
@@ -143,13 +136,13 @@ class DnsServer:
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one agent connection until it closes or sends a malformed frame."""
-        sub = Subscriber(_peer(stream))
+        sub = Subscriber(peer_name(stream))
         self.connections.add(sub)
         self.metrics.incr("connections_accepted")
         self.metrics.set("connections", len(self.connections))
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_loop, stream, sub, nursery.cancel_scope)
+                nursery.start_soon(write_loop, stream, sub, nursery.cancel_scope)
                 await self._read_loop(stream, sub)
                 nursery.cancel_scope.cancel()
         finally:
@@ -171,31 +164,20 @@ class DnsServer:
 
     async def _read_loop(self, stream: trio.abc.Stream, sub: Subscriber) -> None:
         decoder = wire.FrameDecoder(self.config.max_frame)
-        while True:
-            try:
-                data = await stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if not data:
-                return
-            decoder.feed(data)
-            if not self._handle_frames(decoder, sub):
-                return
-
-    def _handle_frames(self, decoder: wire.FrameDecoder, sub: Subscriber) -> bool:
-        """Dispatch every complete frame; False when the connection must close."""
-        while True:
-            try:
-                return all(self._dispatch(sub, msg) for msg in decoder)
-            except ProtocolError as exc:
-                if exc.msg_type is None:
+        while (items := await receive_messages(stream, decoder)) is not None:
+            for item in items:
+                if not isinstance(item, ProtocolError):
+                    if not self._dispatch(sub, item):
+                        return
+                elif item.msg_type is None:
                     self.metrics.incr("malformed_frames")
-                    self._bad_input_log.warning("closing %s: %s", sub.peer, exc)
-                    return False
-                self.metrics.incr("invalid_requests")
-                reply = wire.ErrorReply(exc.seq or 0, wire.RetCode.BAD_REQUEST, str(exc))
-                if not sub.queue_reply(reply):
-                    return False
+                    self._bad_input_log.warning("closing %s: %s", sub.peer, item)
+                    return
+                else:
+                    self.metrics.incr("invalid_requests")
+                    reply = wire.ErrorReply(item.seq or 0, wire.RetCode.BAD_REQUEST, str(item))
+                    if not sub.queue_reply(reply):
+                        return
 
     def _dispatch(self, sub: Subscriber, msg: wire.Message) -> bool:
         if isinstance(msg, wire.GetRouteRequest):
@@ -223,18 +205,6 @@ class DnsServer:
         seq = getattr(msg, "seq", 0)
         reason = f"the dns role does not serve {type(msg).__name__}"
         return sub.queue_reply(wire.ErrorReply(seq, wire.RetCode.BAD_REQUEST, reason))
-
-    async def _write_loop(
-        self, stream: trio.abc.Stream, sub: Subscriber, scope: trio.CancelScope
-    ) -> None:
-        try:
-            async for _ in sub.bell:
-                while sub.pending or sub.replies:
-                    data = sub.take()
-                    await stream.send_all(data)
-                    self.metrics.incr("bytes_sent", len(data))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            scope.cancel()
 
     def _frame(self, module: ModuleKey) -> bytes:
         """The encoded route of ``module`` in the current map (cached until the next swap)."""
@@ -364,11 +334,3 @@ class DnsServer:
         self.metrics.set("connections", len(self.connections))
         self.metrics.set("subscribed_modules", len(self.subscribers))
         self.metrics.set("loaded", int(self.routes is not None))
-
-
-def _peer(stream: Any) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-        return f"{host}:{port}"
-    except (AttributeError, OSError):
-        return "<stream>"

@@ -82,12 +82,20 @@ async def run_roles(
                 assert store is not None
                 dns = DnsServer(config.dns, store)
                 addresses["dns"] = await nursery.start(dns.serve)
+            if "reporter" in roles:
+                from lars.roles.reporter import Reporter
+
+                assert store is not None
+                reporter = Reporter(config.reporter, store)
+                addresses["reporter"] = await nursery.start(reporter.serve)
+                drains.append(reporter.drain)
             if "agent" in roles:
                 from lars.roles.agent import Agent
 
                 agent = Agent(config.agent)
                 ports = await nursery.start(agent.serve)
                 addresses["agent"] = f"udp {config.agent.host}:{','.join(map(str, ports))}"
+                drains.insert(0, agent.drain)  # its last reports go to the reporter first
             nursery.start_soon(_watch_signals, nursery.cancel_scope, drains)
             listening = ", ".join(f"{role} on {_fmt(a)}" for role, a in addresses.items())
             log.info("lars %s running: %s", __version__, listening)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lars.core.balancer import NOEXIST, OVERLOAD, SUCC, BalancerParams
-from lars.core.table import GET_HOST, GET_ROUTE, MAX_WAITERS, ModuleTable, Waiter
+from lars.core.table import MAX_WAITERS, ModuleTable
 
 A = (167772161, 7001)
 B = (167772162, 7002)
@@ -16,13 +16,14 @@ def table(route_wait: float = 0.5, **kw: int) -> ModuleTable:
     return ModuleTable(PARAMS, route_wait, **kw)
 
 
-def waiter(seq: int, kind: int = GET_HOST) -> Waiter:
-    return Waiter(kind, seq, ("127.0.0.1", 40000 + seq))
+def who(seq: int) -> tuple[int, tuple[str, int]]:
+    """The (seq, address) of a request that may wait."""
+    return seq, ("127.0.0.1", 40000 + seq)
 
 
 def test_first_request_waits_and_asks_dns() -> None:
     t = table()
-    assert t.get_host(M, 0.0, waiter(1)) == (-1, None)
+    assert t.get_host(M, 0.0, *who(1)) == (-1, None)
     assert t.want == {M}
     assert M in t.pending and M not in t.modules
     assert t.known() == [M]
@@ -30,9 +31,9 @@ def test_first_request_waits_and_asks_dns() -> None:
 
 def test_route_arrival_answers_every_waiter_round_robin() -> None:
     t = table()
-    t.get_host(M, 0.0, waiter(1))
-    t.get_host(M, 0.0, waiter(2))
-    t.get_route(M, 0.0, waiter(3, GET_ROUTE))
+    t.get_host(M, 0.0, *who(1))
+    t.get_host(M, 0.0, *who(2))
+    t.get_route(M, 0.0, *who(3))
     answers = t.apply_route(M, [A, B], 0.1)
     assert [(key, w.seq, code) for key, w, code, _ in answers] == [
         (M, 1, SUCC),
@@ -42,13 +43,13 @@ def test_route_arrival_answers_every_waiter_round_robin() -> None:
     assert {answers[0][3], answers[1][3]} == {A, B}  # two waiters, two different hosts
     assert sorted(answers[2][3]) == [A, B]
     assert M not in t.pending
-    assert t.get_host(M, 0.2, None)[0] == SUCC
+    assert t.get_host(M, 0.2)[0] == SUCC
 
 
 def test_wait_runs_out_with_noexist_and_later_requests_do_not_wait() -> None:
     t = table(route_wait=0.5)
-    t.get_host(M, 0.0, waiter(1))
-    t.get_route(M, 0.1, waiter(2, GET_ROUTE))
+    t.get_host(M, 0.0, *who(1))
+    t.get_route(M, 0.1, *who(2))
     assert t.next_deadline() == 0.5
     assert t.expire_waits(0.4) == []
     answers = t.expire_waits(0.5)
@@ -57,38 +58,38 @@ def test_wait_runs_out_with_noexist_and_later_requests_do_not_wait() -> None:
         (2, NOEXIST, ()),
     ]
     assert t.next_deadline() is None
-    assert t.get_host(M, 0.6, waiter(3)) == (NOEXIST, None)  # no second wait
+    assert t.get_host(M, 0.6, *who(3)) == (NOEXIST, None)  # no second wait
     assert t.pending[M].waiters == []
     # The route still arrives later and is served.
     t.apply_route(M, [A], 2.0)
-    assert t.get_host(M, 2.0, None) == (SUCC, A)
+    assert t.get_host(M, 2.0) == (SUCC, A)
 
 
 def test_route_wait_zero_answers_noexist_at_once_but_still_asks_dns() -> None:
     t = table(route_wait=0.0)
-    assert t.get_host(M, 0.0, waiter(1)) == (NOEXIST, None)
+    assert t.get_host(M, 0.0, *who(1)) == (NOEXIST, None)
     assert t.want == {M}
 
 
 def test_waiters_are_bounded() -> None:
     t = table()
     for seq in range(MAX_WAITERS):
-        assert t.get_host(M, 0.0, waiter(seq))[0] == -1
-    assert t.get_host(M, 0.0, waiter(MAX_WAITERS)) == (NOEXIST, None)
+        assert t.get_host(M, 0.0, *who(seq))[0] == -1
+    assert t.get_host(M, 0.0, *who(MAX_WAITERS)) == (NOEXIST, None)
 
 
 def test_empty_route_drops_the_module_and_remembers_it_absent() -> None:
     t = table()
-    t.get_host(M, 0.0, waiter(1))
+    t.get_host(M, 0.0, *who(1))
     answers = t.apply_route(M, [], 0.1)
     assert [(w.seq, code) for _, w, code, _ in answers] == [(1, NOEXIST)]
     assert M not in t.modules and M not in t.pending
     t.want.clear()
-    assert t.get_host(M, 1.0, waiter(2)) == (NOEXIST, None)  # negative cache: no wait ...
+    assert t.get_host(M, 1.0, *who(2)) == (NOEXIST, None)  # negative cache: no wait ...
     assert t.want == set()  # ... and no DNS request
     assert t.known() == []
     # After update_timeout the module is asked for again.
-    assert t.get_host(M, 0.1 + 15.0, waiter(3)) == (-1, None)
+    assert t.get_host(M, 0.1 + 15.0, *who(3)) == (-1, None)
     assert t.want == {M}
 
 
@@ -96,9 +97,9 @@ def test_a_push_with_hosts_brings_a_dropped_module_back() -> None:
     t = table()
     t.apply_route(M, [A], 0.0)
     t.apply_route(M, [], 1.0)
-    assert t.get_host(M, 2.0, None) == (NOEXIST, None)
+    assert t.get_host(M, 2.0) == (NOEXIST, None)
     t.apply_route(M, [B], 3.0)
-    assert t.get_host(M, 3.0, None) == (SUCC, B)
+    assert t.get_host(M, 3.0) == (SUCC, B)
     assert M not in t.negative
 
 
@@ -113,34 +114,34 @@ def test_route_update_keeps_host_state_and_removes_vanished_hosts() -> None:
     assert set(lb.hosts) == {B, C}
     assert lb.hosts[B].overloaded  # kept its state
     assert A not in lb.idle and A not in lb.overloaded
-    assert sorted(t.get_route(M, 2.0, None)[1]) == [B, C]
+    assert sorted(t.get_route(M, 2.0)[1]) == [B, C]
 
 
 def test_stale_route_is_refreshed_on_use_and_served_meanwhile() -> None:
     t = table()
     t.apply_route(M, [A], 0.0)
     t.want.clear()
-    assert t.get_host(M, 14.9, None) == (SUCC, A)
+    assert t.get_host(M, 14.9) == (SUCC, A)
     assert t.want == set()
-    assert t.get_host(M, 15.0, None) == (SUCC, A)  # served from the cache ...
+    assert t.get_host(M, 15.0) == (SUCC, A)  # served from the cache ...
     assert t.want == {M}  # ... and asked for again
     t.want.clear()
-    t.get_host(M, 15.5, None)
+    t.get_host(M, 15.5)
     assert t.want == set()  # one refresh in flight, not one per request
     t.apply_route(M, [A], 16.0)
-    assert t.get_host(M, 30.9, None) == (SUCC, A)
+    assert t.get_host(M, 30.9) == (SUCC, A)
     assert t.want == set()
-    t.get_route(M, 31.0, None)
+    t.get_route(M, 31.0)
     assert t.want == {M}
 
 
 def test_lost_dns_forgets_refreshes_in_flight() -> None:
     t = table()
     t.apply_route(M, [A], 0.0)
-    t.get_host(M, 20.0, None)
+    t.get_host(M, 20.0)
     t.want.clear()
     t.dns_unavailable()
-    t.get_host(M, 21.0, None)
+    t.get_host(M, 21.0)
     assert t.want == {M}
 
 
@@ -158,7 +159,7 @@ def test_all_hosts_overloaded_answers_overload() -> None:
     t.apply_route(M, [A], 0.0)
     for _ in range(15):
         t.report(M, A, False, 0.0)
-    assert t.get_host(M, 0.0, None) == (OVERLOAD, None)
+    assert t.get_host(M, 0.0) == (OVERLOAD, None)
 
 
 def test_dropped_module_keeps_its_unsent_statistics_until_sent() -> None:
@@ -177,16 +178,16 @@ def test_dropped_module_keeps_its_unsent_statistics_until_sent() -> None:
 
 def test_module_limit_answers_noexist() -> None:
     t = table(max_modules=2)
-    t.get_host((1, 1), 0.0, waiter(1))
-    t.get_host((1, 2), 0.0, waiter(2))
-    assert t.get_host((1, 3), 0.0, waiter(3)) == (NOEXIST, None)
+    t.get_host((1, 1), 0.0, *who(1))
+    t.get_host((1, 2), 0.0, *who(2))
+    assert t.get_host((1, 3), 0.0, *who(3)) == (NOEXIST, None)
     assert (1, 3) not in t.want
 
 
 def test_describe_reports_state_with_wall_clock_times() -> None:
     t = table()
     assert t.describe(M, 0.0, 1000.0) is None
-    t.get_host(M, 0.0, waiter(1))
+    t.get_host(M, 0.0, *who(1))
     assert t.describe(M, 0.0, 1000.0) == {"status": "pending", "last_update": None, "hosts": []}
     t.apply_route(M, [A, B], 10.0)
     for _ in range(15):
