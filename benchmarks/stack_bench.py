@@ -8,7 +8,7 @@ thread, 24,700 with two).
 
 Then the reporter ingest benchmark (see reporter_bench.py).
 
-Usage: python benchmarks/stack_bench.py [--duration S] [--agent-processes N]
+Usage: python benchmarks/stack_bench.py [--duration S] [--ports N]
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ async def bench_stack(workdir: Path, url: str, args: argparse.Namespace) -> None
     agent = {
         "base_port": base,
         "ports": args.ports,
-        "processes": args.agent_processes,
         "dns": [dns],
         "reporter": reporter,
     }
@@ -127,5 +126,4 @@ if __name__ == "__main__":
     )
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--ports", type=int, default=3)
-    parser.add_argument("--agent-processes", type=int, default=1)
     trio.run(run, parser.parse_args())

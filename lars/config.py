@@ -106,7 +106,6 @@ class AgentConfig:
     host: str = "127.0.0.1"
     base_port: int = attrs.field(default=8888, validator=_port)
     ports: int = attrs.field(default=3, validator=_positive)
-    processes: int = attrs.field(default=1, validator=_positive)
     dns: list[str] = attrs.field(
         factory=lambda: ["127.0.0.1:7778"], validator=[_nonempty, _address]
     )

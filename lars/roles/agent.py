@@ -35,7 +35,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -75,11 +75,10 @@ def port_for(module: ModuleKey, base_port: int, ports: int) -> int:
 
 
 class Agent:
-    """One agent process: serves ``port_indexes`` of the configured API ports."""
+    """One agent process: the API ports, the module table, the DNS and reporter clients."""
 
-    def __init__(self, config: AgentConfig, port_indexes: Sequence[int] | None = None) -> None:
+    def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.port_indexes = list(range(config.ports) if port_indexes is None else port_indexes)
         self.table = ModuleTable(config.loadbalance, config.route_wait)
         self.metrics = Metrics("agent")
         self.dns_address: str | None = None
@@ -109,7 +108,7 @@ class Agent:
         host = self.config.host
         self._trio_token = trio.lowlevel.current_trio_token()
         try:
-            for index in self.port_indexes:
+            for index in range(self.config.ports):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 self._sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)

@@ -1,0 +1,135 @@
+"""``lars run`` with no role (the quickstart), and the bench and simulate tools against it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from lars.client import LarsClient
+from lars.core.model import Host
+from lars.store import open_store
+from tests.e2e.procs import LARS, LarsProcess, lars_cli
+from tests.netutil import free_tcp_port, free_udp_base
+
+pytestmark = pytest.mark.e2e
+
+H1, H2, H3 = (Host(f"10.0.0.{i}", 7000 + i) for i in (1, 2, 3))
+
+
+class Quickstart:
+    """``lars run`` in an empty directory: default store (./lars.db), ports of our choosing."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.base = free_udp_base(3)
+        dns, reporter = free_tcp_port(), free_tcp_port()
+        # No store key: the default sqlite:///lars.db, relative to the working directory.
+        config = {
+            "dns": {"listen": f"127.0.0.1:{dns}"},
+            "reporter": {"listen": f"127.0.0.1:{reporter}"},
+            "agent": {
+                "base_port": self.base,
+                "dns": [f"127.0.0.1:{dns}"],
+                "reporter": f"127.0.0.1:{reporter}",
+            },
+        }
+        self.process = LarsProcess(workdir, "lars", [], config)
+        self.config = str(self.process.config_path)
+
+    async def lars(self, *argv: str) -> str:
+        return await lars_cli(*argv, "--config", self.config, cwd=self.workdir)
+
+
+@pytest.fixture
+async def quickstart(tmp_path: Path) -> AsyncIterator[Quickstart]:
+    q = Quickstart(tmp_path)
+    await q.process.start()
+    try:
+        yield q
+    finally:
+        q.process.kill()
+        assert q.process.process is not None
+        await q.process.process.wait()
+
+
+async def test_lars_run_starts_all_roles_on_a_new_sqlite_store(quickstart: Quickstart) -> None:
+    assert set(quickstart.process.addresses) == {"dns", "reporter", "agent"}
+    assert (quickstart.workdir / "lars.db").exists()  # created with its tables
+    log = quickstart.process.log
+    assert "dns listening on" in log and "reporter listening on" in log
+    assert "agent API on udp" in log
+    await quickstart.lars("route", "add", "1", "1", str(H1), str(H2))
+    with LarsClient(base_port=quickstart.base) as client:
+        assert {client.get_host(1, 1) for _ in range(4)} == {H1, H2}
+
+
+async def test_ctrl_c_stops_cleanly_and_flushes_the_last_statistics(
+    quickstart: Quickstart,
+) -> None:
+    await quickstart.lars("route", "add", "1", "1", str(H1))
+    with LarsClient(base_port=quickstart.base) as client:
+        client.get_host(1, 1)
+        for _ in range(9):
+            client.report(1, 1, H1, ok=True)
+    await trio.sleep(0.1)
+    started = time.monotonic()
+    status = await quickstart.process.stop(signal.SIGINT)
+    assert status == 0
+    assert time.monotonic() - started < 5.0 + 1.0  # within the grace deadline
+    assert "SIGINT received" in quickstart.process.log
+    async with open_store(f"sqlite:///{quickstart.workdir}/lars.db") as store:
+        (row,) = await store.read_call_status(1, 1)
+    assert row.succ_total == 9  # sent and stored before the process exited
+
+
+async def test_bench_reports_rates_and_latencies(quickstart: Quickstart) -> None:
+    await quickstart.lars("route", "add", "1", "1", str(H1), str(H2))
+    await quickstart.lars("route", "add", "1", "2", str(H3))
+    out = await quickstart.lars("bench", "--workers", "2", "--duration", "1", "--json")
+    result = json.loads(out)
+    assert set(result) == {"workers", "duration", "loops_per_s", "per_worker", "p50_us", "p99_us"}
+    assert result["workers"] == 2 and result["duration"] == 1.0
+    workers = result["per_worker"]
+    assert [(w["modid"], w["cmdid"]) for w in workers] == [(1, 1), (1, 2)]
+    assert all(w["loops"] > 100 and w["errors"] == 0 for w in workers)
+    assert result["loops_per_s"] == pytest.approx(sum(w["loops_per_s"] for w in workers), 0.01)
+    assert 0 < result["p50_us"] <= result["p99_us"]
+    text = await quickstart.lars("bench", "--duration", "0.5")
+    assert "loops/s" in text and "p99" in text
+
+
+async def test_bench_without_a_route_is_a_clear_error(quickstart: Quickstart) -> None:
+    result = await trio.run_process(
+        [*LARS, "bench", "--modid", "77", "--duration", "0.5", "--config", quickstart.config],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=quickstart.workdir,
+    )
+    assert result.returncode == 1
+    assert b"no route for module 77/1" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+async def test_simulate_shows_the_failing_host_avoided(quickstart: Quickstart) -> None:
+    await quickstart.lars("route", "add", "1", "1", str(H1), str(H2), str(H3))
+    out = await quickstart.lars(
+        "simulate", "1", "1", "--err-rate", "0.5", "--count", "3000", "--seed", "7", "--json"
+    )
+    result = json.loads(out)
+    hosts = {h["host"]: h for h in result["hosts"]}
+    assert hosts[str(H1)]["failing"] and not hosts[str(H2)]["failing"]
+    assert hosts[str(H2)]["err"] == hosts[str(H3)]["err"] == 0
+    assert hosts[str(H1)]["err"] > 0
+    calls = sum(h["calls"] for h in hosts.values()) + result["overloaded"]
+    assert calls == 3000
+    share = hosts[str(H1)]["calls"] / 3000
+    assert share < 0.25  # well under the even third it would get without the balancer
+    text = await quickstart.lars("simulate", "1", "1", "--count", "500", "--fail", str(H2))
+    assert "failing hosts got" in text and str(H2) in text

@@ -1,0 +1,217 @@
+"""The reporter role in process: batching, acknowledgements, outages, backpressure."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+
+from lars import wire
+from lars.config import ReporterConfig
+from lars.errors import StoreError
+from lars.roles.reporter import Reporter
+from lars.store import CallStatus, RouteStore
+from tests.fakes import FlakyStore, FramedClient, memory_store
+
+CALLER = 2130706433  # 127.0.0.1
+VIRTUAL_DEADLINE = 3600
+
+
+class PickyStore(FlakyStore):
+    """Refuses (with a non-retryable error) any batch holding a row of module 13/13."""
+
+    async def upsert_call_status(self, rows: Sequence[CallStatus]) -> None:
+        if any(r.modid == 13 for r in rows):
+            raise StoreError("test: value out of range for column modid")
+        await super().upsert_call_status(rows)
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[PickyStore]:
+    inner = memory_store()
+    await inner.init_schema()
+    picky = PickyStore(inner)
+    yield picky
+    await picky.aclose()
+
+
+def report(seq: int, modid: int = 1, *results: tuple[int, int, int, int, bool]) -> wire.Message:
+    hosts = results or ((167772161, 80, 3, 1, False),)
+    return wire.ReportStatusRequest(
+        modid, 1, CALLER, tuple(wire.HostResult(*r) for r in hosts), 1_800_000_000 + seq, seq
+    )
+
+
+@asynccontextmanager
+async def running(
+    store: FlakyStore, **config: float
+) -> AsyncIterator[tuple[Reporter, trio.Nursery]]:
+    reporter = Reporter(ReporterConfig(listen="127.0.0.1:0", **config), store)  # type: ignore[arg-type]
+    with trio.fail_after(VIRTUAL_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            for _ in range(reporter.config.writers):
+                nursery.start_soon(reporter._writer)
+            yield reporter, nursery
+            nursery.cancel_scope.cancel()
+
+
+def connect(reporter: Reporter, nursery: trio.Nursery) -> FramedClient:
+    client, served = trio.testing.memory_stream_pair()
+    nursery.start_soon(reporter.handle_connection, served)
+    return FramedClient(client)
+
+
+async def acks(client: FramedClient, count: int) -> list[int]:
+    seqs = []
+    for _ in range(count):
+        msg = await client.receive()
+        assert isinstance(msg, wire.ReportStatusAck), msg
+        seqs.append(msg.seq)
+    return sorted(seqs)
+
+
+async def test_reports_are_stored_then_acknowledged(
+    store: PickyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        await client.send(report(1), report(2, 2, (167772162, 81, 5, 0, True)))
+        assert await acks(client, 2) == [1, 2]
+        rows = await store.inner.read_call_status()
+        assert [(r.modid, r.ip, r.port, r.caller, r.succ, r.err, r.overload) for r in rows] == [
+            (1, 167772161, 80, CALLER, 3, 1, False),
+            (2, 167772162, 81, CALLER, 5, 0, True),
+        ]
+        await client.send(report(3))
+        assert await acks(client, 1) == [3]
+        (row,) = await store.inner.read_call_status(1, 1)
+        assert (row.succ, row.succ_total, row.err_total, row.ts) == (3, 6, 2, 1_800_000_003)
+        assert reporter.metrics.counters["results_written"] == 3
+
+
+async def test_an_unreachable_store_holds_reports_until_it_returns(
+    store: PickyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store, retry_max=2) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        store.down = True
+        await client.send(report(1), report(2))
+        with trio.move_on_after(60):
+            await client.receive()
+            pytest.fail("acknowledged while the store was down")
+        assert reporter.store_ok is False
+        assert reporter.metrics.gauges["store_ok"] == 0
+        store.down = False
+        assert await acks(client, 2) == [1, 2]
+        (row,) = await store.inner.read_call_status()
+        assert (row.succ_total, row.err_total) == (6, 2)
+        assert reporter.metrics.counters.get("reports_dropped", 0) == 0
+
+
+async def test_refused_reports_are_dropped_counted_and_acknowledged_others_stored(
+    store: PickyStore, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(store, writers=1) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        await client.send(report(1), report(2, 13), report(3, 3))
+        assert await acks(client, 3) == [1, 2, 3]
+        stored = {(r.modid, r.succ_total) for r in await store.inner.read_call_status()}
+        assert stored == {(1, 3), (3, 3)}
+        assert reporter.metrics.counters["reports_dropped"] == 1
+        assert reporter.metrics.counters["results_dropped"] == 1
+        assert any("dropped the report of module 13/1" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_full_queue_stops_reading_so_memory_stays_bounded(
+    store: PickyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store, queue_size=4, writers=1) as (reporter, nursery):
+        store.down = True  # nothing drains the queue
+        client, served = trio.testing.lockstep_stream_pair()  # no buffering in between
+        nursery.start_soon(reporter.handle_connection, served)
+        frame = wire.encode_frame(report(1))
+        sent = 0
+        with trio.move_on_after(30):
+            while True:
+                await client.send_all(frame)
+                sent += 1
+        # The queue, the batch a writer holds, and the reports in hand: no more.
+        assert reporter._receive.statistics().current_buffer_used == 4
+        assert sent <= 4 + 1 + 2
+        assert reporter.metrics.counters["reports_received"] <= 4 + 1 + 1
+        store.down = False
+        await client.aclose()
+
+
+async def test_bad_frames_close_the_connection_invalid_values_get_an_error(
+    store: PickyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        bad_port = wire.encode_frame(report(1))  # then poke an invalid port into a copy
+        body = msgpack.packb([3, 1, 1, CALLER, [[1, 0, 1, 0, False]], 5, 9])
+        await client.send_raw(struct.pack("!I", len(body)) + body)
+        reply = await client.receive()
+        assert isinstance(reply, wire.ErrorReply) and reply.code == wire.RetCode.BAD_REQUEST
+        await client.send_raw(bad_port)
+        assert await acks(client, 1) == [1]
+        await client.send_raw(struct.pack("!I", 4) + b"\xc1\xc1\xc1\xc1")
+        assert await client.closed_by_peer()
+        assert reporter.metrics.counters["malformed_frames"] == 1
+        assert reporter.metrics.counters["invalid_requests"] == 1
+
+
+async def test_drain_waits_for_the_queue_to_empty(
+    store: PickyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store, retry_max=1) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        store.down = True
+        await client.send(report(1), report(2))
+        await trio.sleep(5)
+        with trio.move_on_after(10) as waited:
+            await reporter.drain()
+        assert waited.cancelled_caught  # cannot drain while the store is down
+        store.down = False
+        with trio.fail_after(10):
+            await reporter.drain()
+        assert len(await store.inner.read_call_status()) == 1
+
+
+class OnceFailingStore(FlakyStore):
+    """Fails the first upsert with a generic (not "unreachable") error, then works."""
+
+    failures = 1
+
+    def __init__(self, inner: RouteStore) -> None:
+        super().__init__(inner)
+        self.attempts: list[list[CallStatus]] = []
+
+    async def upsert_call_status(self, rows: Sequence[CallStatus]) -> None:
+        self.attempts.append(list(rows))
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("test: deadlock found when trying to get lock")
+        await super().upsert_call_status(rows)
+
+
+async def test_a_transient_store_error_is_retried_as_a_whole_batch(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    inner = memory_store()
+    await inner.init_schema()
+    store = OnceFailingStore(inner)
+    async with running(store, writers=1) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        await client.send(report(1), report(2, 2))
+        assert await acks(client, 2) == [1, 2]
+    assert len(await inner.read_call_status()) == 2
+    assert store.attempts[1] == store.attempts[0]  # the failed batch was retried whole ...
+    assert not any("one by one" in r.getMessage() for r in caplog.records)  # ... not split
+    assert reporter.metrics.counters.get("reports_dropped", 0) == 0
+    await inner.aclose()
