@@ -35,7 +35,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-import msgpack
 import trio
 
 from lars import wire
@@ -65,13 +64,6 @@ _SUCC = wire.RetCode.SUCC
 _OVERLOAD = wire.RetCode.OVERLOAD
 _NOEXIST = wire.RetCode.NOEXIST
 _pack_ip = struct.Struct("!I").pack
-_packb = msgpack.Packer(use_bin_type=True).pack
-
-
-def _pack(fields: tuple[Any, ...]) -> bytes:
-    """Encode a request datagram (the same layout as :mod:`lars.wire` writes)."""
-    data: bytes = _packb(fields)
-    return data
 
 
 class ClientCore:
@@ -107,29 +99,31 @@ class ClientCore:
         """A fresh sequence number."""
         return next(self._seqs) & 0xFFFF_FFFF
 
-    @staticmethod
-    def check_module(modid: int, cmdid: int) -> None:
-        """Validate ids before sending (so a mistake is a local error, not a timeout)."""
-        check_id(modid, "modid")
-        check_id(cmdid, "cmdid")
+    # --- requests: each validates its arguments first, so a mistake is a local error ------
 
-    # --- requests --------------------------------------------------------------------------
+    def get_host_request(self, modid: int, cmdid: int) -> tuple[int, bytes]:
+        """``(seq, datagram)`` of a GetHostRequest."""
+        seq = self.next_seq()
+        return seq, wire.encode_get_host_request(seq, *_module(modid, cmdid))
 
-    def get_host_request(self, seq: int, modid: int, cmdid: int) -> bytes:
-        """A GetHostRequest datagram."""
-        return _pack((wire.GetHostRequest.TYPE, seq, modid, cmdid))
+    def get_route_request(self, modid: int, cmdid: int) -> tuple[int, bytes]:
+        """``(seq, datagram)`` of an API GetRouteRequest."""
+        seq = self.next_seq()
+        msg = wire.ApiGetRouteRequest(seq, *_module(modid, cmdid))
+        return seq, wire.encode_datagram(msg)
 
-    def get_route_request(self, seq: int, modid: int, cmdid: int) -> bytes:
-        """An API GetRouteRequest datagram."""
-        return _pack((wire.ApiGetRouteRequest.TYPE, seq, modid, cmdid))
-
-    def report_request(self, modid: int, cmdid: int, host: Host, retcode: int) -> bytes:
-        """A ReportRequest datagram."""
+    def report_request(
+        self, modid: int, cmdid: int, host: Host, ok: bool | None, retcode: int | None
+    ) -> bytes:
+        """A ReportRequest datagram, from ``ok=`` or ``retcode=`` (exactly one of them)."""
+        if (ok is None) == (retcode is None):
+            raise InvalidValue("report() takes exactly one of ok= or retcode=")
+        code = check_id(retcode, "retcode") if retcode is not None else (0 if ok else 1)
         ip = self._ip_int.get(host.ip)
         if ip is None:
             ip = self._ip_int[host.ip] = ip_to_int(host.ip)
             self._trim(self._ip_int)
-        return _pack((wire.ReportRequest.TYPE, modid, cmdid, (ip, host.port), retcode))
+        return wire.encode_report_request(*_module(modid, cmdid), (ip, host.port), code)
 
     # --- replies ---------------------------------------------------------------------------
 
@@ -191,18 +185,13 @@ class ClientCore:
         )
 
     @staticmethod
-    def retcode(ok: bool | None, retcode: int | None) -> int:
-        """The retcode to report from ``ok=`` or ``retcode=`` (exactly one of them)."""
-        if (ok is None) == (retcode is None):
-            raise InvalidValue("report() takes exactly one of ok= or retcode=")
-        if retcode is not None:
-            return check_id(retcode, "retcode")
-        return 0 if ok else 1
-
-    @staticmethod
     def _trim(cache: dict[Any, Any]) -> None:
         if len(cache) > 4096:
             cache.clear()
+
+
+def _module(modid: int, cmdid: int) -> tuple[int, int]:
+    return check_id(modid, "modid"), check_id(cmdid, "cmdid")
 
 
 def _config_kwargs(config_path: str | os.PathLike[str] | None) -> dict[str, Any]:
@@ -272,19 +261,13 @@ class LarsClient:
 
     def get_host(self, modid: int, cmdid: int) -> Host:
         """One healthy host of the module."""
-        core = self.core
-        core.check_module(modid, cmdid)
-        seq = core.next_seq()
-        reply = self._exchange(modid, cmdid, seq, core.get_host_request(seq, modid, cmdid))
-        return core.host_result(reply, modid, cmdid)
+        seq, request = self.core.get_host_request(modid, cmdid)
+        return self.core.host_result(self._exchange(modid, cmdid, seq, request), modid, cmdid)
 
     def get_route(self, modid: int, cmdid: int) -> list[Host]:
         """Every host of the module."""
-        core = self.core
-        core.check_module(modid, cmdid)
-        seq = core.next_seq()
-        reply = self._exchange(modid, cmdid, seq, core.get_route_request(seq, modid, cmdid))
-        return core.route_result(reply, modid, cmdid)
+        seq, request = self.core.get_route_request(modid, cmdid)
+        return self.core.route_result(self._exchange(modid, cmdid, seq, request), modid, cmdid)
 
     def report(
         self,
@@ -296,14 +279,10 @@ class LarsClient:
         retcode: int | None = None,
     ) -> None:
         """Report the result of a call to ``host``: ``ok=True/False`` or ``retcode=`` (0 ok)."""
-        core = self.core
-        code = core.retcode(ok, retcode)
-        core.check_module(modid, cmdid)
+        request = self.core.report_request(modid, cmdid, host, ok, retcode)
         # A report is best effort, like the original's: no agent, no report.
         with contextlib.suppress(ConnectionRefusedError, BlockingIOError):
-            self._socket(core.port(modid, cmdid)).send(
-                core.report_request(modid, cmdid, host, code)
-            )
+            self._socket(self.core.port(modid, cmdid)).send(request)
 
     def reg_init(self, modid: int, cmdid: int) -> list[Host]:
         """Preload a module at start-up: ask for its route, retrying briefly."""
@@ -386,19 +365,15 @@ class AsyncLarsClient:
 
     async def get_host(self, modid: int, cmdid: int) -> Host:
         """One healthy host of the module."""
-        core = self.core
-        core.check_module(modid, cmdid)
-        seq = core.next_seq()
-        reply = await self._exchange(modid, cmdid, seq, core.get_host_request(seq, modid, cmdid))
-        return core.host_result(reply, modid, cmdid)
+        seq, request = self.core.get_host_request(modid, cmdid)
+        reply = await self._exchange(modid, cmdid, seq, request)
+        return self.core.host_result(reply, modid, cmdid)
 
     async def get_route(self, modid: int, cmdid: int) -> list[Host]:
         """Every host of the module."""
-        core = self.core
-        core.check_module(modid, cmdid)
-        seq = core.next_seq()
-        reply = await self._exchange(modid, cmdid, seq, core.get_route_request(seq, modid, cmdid))
-        return core.route_result(reply, modid, cmdid)
+        seq, request = self.core.get_route_request(modid, cmdid)
+        reply = await self._exchange(modid, cmdid, seq, request)
+        return self.core.route_result(reply, modid, cmdid)
 
     async def report(
         self,
@@ -410,13 +385,11 @@ class AsyncLarsClient:
         retcode: int | None = None,
     ) -> None:
         """Report the result of a call to ``host``: ``ok=True/False`` or ``retcode=`` (0 ok)."""
-        core = self.core
-        code = core.retcode(ok, retcode)
-        core.check_module(modid, cmdid)
-        sock = await self._socket(core.port(modid, cmdid))
+        request = self.core.report_request(modid, cmdid, host, ok, retcode)
+        sock = await self._socket(self.core.port(modid, cmdid))
         # A report is best effort, like the original's: no agent, no report.
         with contextlib.suppress(ConnectionRefusedError):
-            await sock.send(core.report_request(modid, cmdid, host, code))
+            await sock.send(request)
 
     async def reg_init(self, modid: int, cmdid: int) -> list[Host]:
         """Preload a module at start-up: ask for its route, retrying briefly."""
