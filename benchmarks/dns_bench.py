@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import trio
@@ -34,15 +33,8 @@ from lars import wire
 from lars.roles.common import notify_dns
 from lars.roles.run import raise_fd_limit
 from lars.store import open_store
-from tests.e2e.procs import LARS, lars_process
-from tests.mysql_admin import _execute
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from tests.e2e.procs import LARS, lars_process, memory_mb
+from tests.mysql_admin import fresh_database
 
 
 async def fill(url: str, routes: int) -> None:
@@ -215,7 +207,7 @@ async def bench(kind: str, url: str, args: argparse.Namespace, workdir: Path) ->
             f"change reached all of them in {fanout * 1000:.0f} ms",
             flush=True,
         )
-        rss = rss_mb(dns.process.pid)
+        rss = memory_mb(dns.process.pid)[0]
         print(f"[{kind}] DNS RSS with {args.routes} routes: {rss:.0f} MB", flush=True)
     return {
         "store": kind,
@@ -237,12 +229,8 @@ async def main(args: argparse.Namespace) -> None:
         if args.store in ("sqlite", "both"):
             results.append(await bench("sqlite", f"sqlite:///{workdir}/bench.db", args, workdir))
         if args.store in ("mysql", "both"):
-            name = f"lars_bench_{uuid.uuid4().hex[:8]}"
-            await _execute(args.mysql, f"CREATE DATABASE {name}")
-            try:
-                results.append(await bench("mysql", f"{args.mysql}/{name}", args, workdir))
-            finally:
-                await _execute(args.mysql, f"DROP DATABASE {name}")
+            async with fresh_database(args.mysql) as url:
+                results.append(await bench("mysql", url, args, workdir))
     print(json.dumps(results))
 
 

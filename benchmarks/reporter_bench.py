@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import trio
@@ -26,19 +25,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lars import wire
-from lars.store import open_store
-from tests.e2e.procs import lars_process
-from tests.mysql_admin import _execute
-
-
-def memory_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process, in MB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return fields["VmRSS"], fields["VmHWM"]
+from tests.e2e.procs import lars_process, memory_mb
+from tests.mysql_admin import fresh_database
 
 
 def frame(conn: int, seq: int, results: int) -> bytes:
@@ -81,12 +69,7 @@ async def flood(address: str, conn: int, results: int, deadline: float, acked: l
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    name = f"lars_bench_{uuid.uuid4().hex[:8]}"
-    await _execute(args.mysql, f"CREATE DATABASE {name}")
-    url = f"{args.mysql}/{name}"
-    try:
-        async with open_store(url) as store:
-            await store.init_schema()
+    async with fresh_database(args.mysql, init=True) as url:
         with tempfile.TemporaryDirectory() as tmp:
             config = {"store": url, "reporter": {"listen": "127.0.0.1:0"}}
             async with lars_process(Path(tmp), "reporter", ["reporter"], config) as proc:
@@ -125,8 +108,6 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             f"37 -> 170 MB)"
         )
         return result
-    finally:
-        await _execute(args.mysql, f"DROP DATABASE {name}")
 
 
 if __name__ == "__main__":

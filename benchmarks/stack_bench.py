@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import trio
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lars.store import open_store
 from tests.e2e.procs import LARS, lars_process
-from tests.mysql_admin import _execute
+from tests.mysql_admin import fresh_database
 from tests.netutil import free_tcp_port, free_udp_base
 
 ORIGINAL = {1: 18_700, 2: 24_700}
@@ -40,18 +39,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def run(args: argparse.Namespace) -> None:
-    name = f"lars_bench_{uuid.uuid4().hex[:8]}"
-    await _execute(args.mysql, f"CREATE DATABASE {name}")
-    url = f"{args.mysql}/{name}"
-    try:
+    async with fresh_database(args.mysql, init=True) as url:
         async with open_store(url) as store:
-            await store.init_schema()
             hosts = [(0x0A000001 + i, 8000 + i) for i in range(3)]
             await store.change_routes(add={(1, 1): hosts, (1, 2): hosts})
         with tempfile.TemporaryDirectory() as tmp:
             await bench_stack(Path(tmp), url, args)
-    finally:
-        await _execute(args.mysql, f"DROP DATABASE {name}")
 
 
 async def bench_stack(workdir: Path, url: str, args: argparse.Namespace) -> None:

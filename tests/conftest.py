@@ -18,13 +18,8 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
             await store.init_schema()
         yield url
         return
-    url, name = await mysql_admin.new_database()
-    try:
-        async with open_store(url) as store:
-            await store.init_schema()
+    async with mysql_admin.fresh_database(init=True) as url:
         yield url
-    finally:
-        await mysql_admin.drop_database(name)
 
 
 @pytest.fixture
@@ -42,3 +37,10 @@ def mysql_db() -> Iterator[tuple[str, str]]:
         yield url, name
     finally:
         mysql_admin.drop_database_sync(name)
+
+
+@pytest.fixture
+async def db_url() -> AsyncIterator[str]:
+    """A fresh MySQL database with Lars's tables, dropped afterwards."""
+    async with mysql_admin.fresh_database(init=True) as url:
+        yield url

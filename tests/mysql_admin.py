@@ -11,11 +11,14 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import pytest
 import trio
 
+from lars.store import open_store
 from lars.store.mysql import _Connection
 
 ENV = "LARS_TEST_MYSQL"
@@ -72,14 +75,22 @@ def drop_database_sync(name: str) -> None:
     trio.run(_execute, server_url(), f"DROP DATABASE IF EXISTS `{name}`")
 
 
-async def new_database(*statements_after: str) -> tuple[str, str]:
-    """Async twin of :func:`new_database_sync` (runs it in a worker thread)."""
-    return await trio.to_thread.run_sync(lambda: new_database_sync(*statements_after))
-
-
-async def drop_database(name: str) -> None:
-    """Async twin of :func:`drop_database_sync`."""
-    await trio.to_thread.run_sync(drop_database_sync, name)
+@asynccontextmanager
+async def fresh_database(server: str | None = None, *, init: bool = False) -> AsyncIterator[str]:
+    """A new, empty database (with Lars's tables if ``init``), dropped afterwards; yields its
+    store URL. ``server`` defaults to the test server (``LARS_TEST_MYSQL``)."""
+    server = (server or server_url()).rstrip("/")
+    name = f"lars_test_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    await _execute(server, f"CREATE DATABASE `{name}`")
+    url = f"{server}/{name}"
+    try:
+        if init:
+            async with open_store(url) as store:
+                await store.init_schema()
+        yield url
+    finally:
+        with trio.CancelScope(shield=True):
+            await _execute(server, f"DROP DATABASE IF EXISTS `{name}`")
 
 
 async def execute(url: str, *statements: str) -> None:

@@ -24,6 +24,16 @@ _RUNNING = re.compile(r"lars \S+ running: (.*)$", re.MULTILINE)
 STARTUP_TIMEOUT = 20.0
 
 
+def memory_mb(pid: int) -> tuple[float, float]:
+    """``(VmRSS, VmHWM)`` of a process in MB: resident memory now, and its peak."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
 def toml_value(value: Any) -> str:
     return json.dumps(value)  # JSON strings, numbers, lists and booleans are valid TOML
 

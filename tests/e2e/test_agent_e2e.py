@@ -14,25 +14,12 @@ import trio
 
 from lars.client import LarsClient
 from lars.core.model import Host
-from lars.store import open_store
-from tests import mysql_admin
 from tests.e2e.procs import LarsProcess, lars_cli, lars_process
 from tests.netutil import free_tcp_port, free_udp_base
 
 pytestmark = [pytest.mark.mysql, pytest.mark.e2e]
 
 H1, H2, H3 = (Host(f"10.0.0.{i}", 7000 + i) for i in (1, 2, 3))
-
-
-@pytest.fixture
-async def db_url() -> AsyncIterator[str]:
-    url, name = await mysql_admin.new_database()
-    try:
-        async with open_store(url) as store:
-            await store.init_schema()
-        yield url
-    finally:
-        await mysql_admin.drop_database(name)
 
 
 class Stack:

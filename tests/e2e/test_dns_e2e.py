@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,23 +11,10 @@ import pytest
 import trio
 
 from lars import wire
-from lars.store import open_store
-from tests import mysql_admin
 from tests.e2e.procs import LineReader, Proxy, lars_cli, lars_process, watch_process
 from tests.fakes import FramedClient
 
 pytestmark = [pytest.mark.mysql, pytest.mark.e2e]
-
-
-@pytest.fixture
-async def db_url() -> AsyncIterator[str]:
-    url, name = await mysql_admin.new_database()
-    try:
-        async with open_store(url) as store:
-            await store.init_schema()
-        yield url
-    finally:
-        await mysql_admin.drop_database(name)
 
 
 def dns_config(store: str, **dns: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,7 @@ from lars import wire
 from lars.client import LarsClient
 from lars.core.model import Host
 from lars.store import open_store
-from tests import mysql_admin
-from tests.e2e.procs import LarsProcess, Proxy, lars_cli, lars_process
+from tests.e2e.procs import LarsProcess, Proxy, lars_cli, lars_process, memory_mb
 from tests.netutil import free_tcp_port, free_udp_base
 
 pytestmark = [pytest.mark.mysql, pytest.mark.e2e]
@@ -25,15 +23,12 @@ H1, H2, H3 = (Host(f"10.0.0.{i}", 7000 + i) for i in (1, 2, 3))
 
 
 @pytest.fixture
-async def db_url() -> AsyncIterator[str]:
-    url, name = await mysql_admin.new_database()
-    try:
-        async with open_store(url) as store:
-            await store.init_schema()
-            await store.add_hosts((1, 1), [h.key for h in (H1, H2, H3)])
-        yield url
-    finally:
-        await mysql_admin.drop_database(name)
+async def db_url(db_url: str) -> str:
+    """The conftest database, with module 1/1 routed to H1, H2, H3. (Not autouse:
+    pytest-trio only sets up async fixtures that a test requests.)"""
+    async with open_store(db_url) as store:
+        await store.add_hosts((1, 1), [h.key for h in (H1, H2, H3)])
+    return db_url
 
 
 def configs(db_url: str, dns: int, reporter: int, base: int) -> dict[str, dict[str, Any]]:
@@ -143,12 +138,12 @@ async def test_a_flood_while_the_store_is_down_keeps_memory_bounded(
             address = reporter.addresses["reporter"]
             sent = [0]
             acked = [0]
-            start_rss = rss_mb(reporter.process.pid)
+            start_rss = memory_mb(reporter.process.pid)[0]
             async with trio.open_nursery() as flooders:
                 for conn in range(4):
                     flooders.start_soon(flood, address, conn, sent, acked)
                 await trio.sleep(4)
-                peak = rss_mb(reporter.process.pid)
+                peak = memory_mb(reporter.process.pid)[0]
                 assert acked[0] == 0
                 # Far more was offered than the bounded queue can hold; TCP pushed back.
                 queued_bound = 64 + 4 * 2
@@ -160,13 +155,6 @@ async def test_a_flood_while_the_store_is_down_keeps_memory_bounded(
                         await trio.sleep(0.1)
                 flooders.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 async def flood(address: str, conn: int, sent: list[int], acked: list[int]) -> None:

@@ -163,13 +163,9 @@ async def test_missing_tables_are_reported_as_schema_missing(
             with pytest.raises(SchemaMissing, match="lars db init"):
                 await empty.list_routes()
         return
-    url, name = await mysql_admin.new_database()
-    try:
-        async with open_store(url) as empty:
-            with pytest.raises(SchemaMissing, match="lars db init"):
-                await empty.route_version()
-    finally:
-        await mysql_admin.drop_database(name)
+    async with mysql_admin.fresh_database() as url, open_store(url) as empty:
+        with pytest.raises(SchemaMissing, match="lars db init"):
+            await empty.route_version()
 
 
 async def test_missing_sqlite_file_is_an_error_not_a_new_database(tmp_path: object) -> None:
@@ -194,27 +190,22 @@ async def test_unknown_mysql_database_is_a_clear_error() -> None:
 
 
 @pytest.mark.mysql
-async def test_mysql_reconnects_after_the_server_drops_the_connection() -> None:
-    url, name = await mysql_admin.new_database()
-    try:
-        async with open_store(url) as store:
-            await store.init_schema()
-            await store.add_hosts(M1, [A])
-            # Kill every pooled connection server-side, as a server restart would.
-            async with open_store(url) as killer:
-                rows = await fetch(
-                    killer,
-                    "SELECT ID FROM information_schema.PROCESSLIST"
-                    " WHERE DB = ? AND ID <> CONNECTION_ID()",
-                    (name,),
-                )
-            assert rows  # the store's pooled connection is there to be killed
-            for (thread_id,) in rows:
-                await mysql_admin.execute(url, f"KILL {thread_id}")
-            assert await store.list_routes() == {M1: [A]}
-            assert (await store.add_hosts(M1, [B])).added == 1
-    finally:
-        await mysql_admin.drop_database(name)
+async def test_mysql_reconnects_after_the_server_drops_the_connection(db_url: str) -> None:
+    async with open_store(db_url) as store:
+        await store.add_hosts(M1, [A])
+        # Kill every pooled connection server-side, as a server restart would.
+        async with open_store(db_url) as killer:
+            rows = await fetch(
+                killer,
+                "SELECT ID FROM information_schema.PROCESSLIST"
+                " WHERE DB = ? AND ID <> CONNECTION_ID()",
+                (db_url.rpartition("/")[2],),
+            )
+        assert rows  # the store's pooled connection is there to be killed
+        for (thread_id,) in rows:
+            await mysql_admin.execute(db_url, f"KILL {thread_id}")
+        assert await store.list_routes() == {M1: [A]}
+        assert (await store.add_hosts(M1, [B])).added == 1
 
 
 def test_store_urls_are_validated() -> None:
