@@ -73,11 +73,28 @@ def fail(message: str) -> NoReturn:
 
 
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run a coroutine function under trio, turning LarsError into a one-line failure."""
+    """Run a coroutine function under trio, turning LarsError into a one-line failure
+    (also when it comes out of a nursery, wrapped in exception groups)."""
     try:
         return trio.run(fn)
     except LarsError as exc:
         fail(str(exc))
+    except BaseExceptionGroup as group:
+        error = _only_lars_error(group)
+        if error is None:
+            raise
+        fail(str(error))
+
+
+def _only_lars_error(group: BaseExceptionGroup[BaseException]) -> LarsError | None:
+    """The first LarsError of a group whose every leaf is a LarsError (else None)."""
+    rest = group.split(LarsError)[1]
+    if rest is not None:
+        return None
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, LarsError) else None
 
 
 def config_option(fn: F) -> F:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,3 +191,27 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert code == 0 and "Usage:" in out
     code, out, _ = run(capsys, "route", "add", "--help")
     assert "Example" in out
+
+
+def test_run_with_a_port_in_use_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        udp.bind(("127.0.0.1", 0))
+        tcp_port, udp_port = tcp.getsockname()[1], udp.getsockname()[1]
+        config = tmp_path / "ports.toml"
+        config.write_text(
+            f'store = "sqlite:///{tmp_path}/x.db"\n'
+            f'[dns]\nlisten = "127.0.0.1:{tcp_port}"\n'
+            f"[agent]\nbase_port = {udp_port}\nports = 1\n"
+        )
+        code, out, err = run(capsys, "run", "--role", "dns", "--config", str(config))
+        assert code == 1
+        assert f"dns cannot listen on tcp 127.0.0.1:{tcp_port}" in err
+        assert "Traceback" not in err + out
+        code, out, err = run(capsys, "run", "--role", "agent", "--config", str(config))
+        assert code == 1
+        assert f"agent cannot listen on udp 127.0.0.1:{udp_port}" in err
+        assert "Traceback" not in err + out

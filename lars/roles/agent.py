@@ -45,7 +45,7 @@ from lars.config import AgentConfig
 from lars.core.balancer import LoadBalancer
 from lars.core.model import ModuleKey, ip_to_int
 from lars.core.table import GET_HOST, ModuleTable, Waiter
-from lars.errors import ProtocolError
+from lars.errors import LarsError, ProtocolError
 from lars.roles.common import (
     RECEIVE_SIZE,
     Metrics,
@@ -114,7 +114,13 @@ class Agent:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
                 # A kernel timeout on a blocking socket: each receive stays one system call.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(STOP_CHECK))
-                sock.bind((host, self.config.base_port + index))
+                port = self.config.base_port + index
+                try:
+                    sock.bind((host, port))
+                except OSError as exc:
+                    raise LarsError(
+                        f"agent cannot listen on udp {host}:{port}: {exc.strerror or exc}"
+                    ) from None
             ports = [s.getsockname()[1] for s in self._sockets]
             self._socket_by_port = dict(zip(ports, self._sockets, strict=True))
             async with trio.open_nursery() as nursery:

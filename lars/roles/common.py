@@ -76,10 +76,14 @@ def backoff(initial: float = 0.1, cap: float = 30.0) -> Iterator[float]:
         delay = min(cap, delay * 2)
 
 
-async def open_listener(address: str) -> trio.SocketListener:
-    """Bind a TCP listener on ``host:port`` (port 0: any free port)."""
+async def open_listener(address: str, role: str) -> trio.SocketListener:
+    """Bind a TCP listener on ``host:port`` (port 0: any free port); a clear LarsError if
+    the address cannot be had."""
     host, port = parse_address(address, listen=True)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise LarsError(f"{role} cannot listen on tcp {address}: {exc.strerror or exc}") from None
     return listeners[0]
 
 

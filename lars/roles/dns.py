@@ -116,7 +116,7 @@ class DnsServer:
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Bind, start polling the store, and serve connections until cancelled."""
-        listener = await open_listener(self.config.listen)
+        listener = await open_listener(self.config.listen, "dns")
         address = bound_address(listener)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.track_changes)

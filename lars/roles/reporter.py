@@ -82,7 +82,7 @@ class Reporter:
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Bind, start the writers, and serve agents until cancelled."""
-        listener = await open_listener(self.config.listen)
+        listener = await open_listener(self.config.listen, "reporter")
         address = bound_address(listener)
         async with trio.open_nursery() as nursery:
             for _ in range(self.config.writers):
