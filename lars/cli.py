@@ -21,9 +21,10 @@ import trio
 
 from lars import tools, wire
 from lars._version import __version__
+from lars.client import AsyncLarsClient
 from lars.config import Config, load_config, parse_address, store_url
 from lars.core.model import UINT32_MAX, Host, HostKey, ModuleKey, format_host, int_to_ip
-from lars.errors import LarsError
+from lars.errors import AgentUnavailable, LarsError
 from lars.roles.common import RECEIVE_SIZE, notify_dns
 from lars.roles.run import ROLES
 from lars.store import CallStatus, RouteStore, RouteWrite, open_store
@@ -486,33 +487,22 @@ def query_command(
 
 async def query_agent(config: Config, module: ModuleKey, as_json: bool) -> None:
     """Ask the local agent for a module's state and print it."""
-    host, base_port, ports = config.agent.host, config.agent.base_port, config.agent.ports
-    port = base_port + (module[0] + module[1]) % ports
-    seq = int(time.monotonic() * 1000) & 0xFFFF_FFFF
-    request = wire.encode_datagram(wire.AgentStateRequest(seq, *module))
-    timeout = max(config.client.timeout, 0.5)
-    with trio.socket.socket(type=trio.socket.SOCK_DGRAM) as sock:
-        await sock.connect((host, port))
-        reply = None
-        for _ in range(config.client.retries + 1):
-            with trio.move_on_after(timeout):
-                try:
-                    await sock.send(request)
-                    while reply is None:
-                        data = await sock.recv(65536)
-                        try:
-                            msg = wire.decode_datagram(data)
-                        except LarsError:
-                            continue
-                        if isinstance(msg, wire.AgentStateResponse) and msg.seq == seq:
-                            reply = msg
-                except ConnectionRefusedError:
-                    await trio.sleep_forever()  # nothing listens: wait out this attempt
-            if reply is not None:
-                break
-    if reply is None:
-        fail(f"no answer from the agent at {host}:{port} (is `lars run --role agent` running?)")
-    state = dict(reply.state) if reply.retcode == wire.RetCode.SUCC else {}
+    a = config.agent
+    client = AsyncLarsClient(
+        a.host,
+        a.base_port,
+        a.ports,
+        timeout=max(config.client.timeout, 0.5),
+        retries=config.client.retries,
+    )
+    async with client:
+        try:
+            state = await client.agent_state(*module) or {}
+        except AgentUnavailable:
+            port = client.core.port(*module)
+            fail(
+                f"no answer from the agent at {a.host}:{port} (is `lars run --role agent` running?)"
+            )
     status = state.get("status", "unknown")
     hosts = [dict(h) for h in state.get("hosts", ())]
     if as_json:

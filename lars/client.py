@@ -112,6 +112,11 @@ class ClientCore:
         msg = wire.ApiGetRouteRequest(seq, *_module(modid, cmdid))
         return seq, wire.encode_datagram(msg)
 
+    def state_request(self, modid: int, cmdid: int) -> tuple[int, bytes]:
+        """``(seq, datagram)`` of an AgentStateRequest (what ``lars query`` shows)."""
+        seq = self.next_seq()
+        return seq, wire.encode_datagram(wire.AgentStateRequest(seq, *_module(modid, cmdid)))
+
     def report_request(
         self, modid: int, cmdid: int, host: Host, ok: bool | None, retcode: int | None
     ) -> bytes:
@@ -162,6 +167,14 @@ class ClientCore:
                 return [self.to_host(h) for h in msg.hosts]
             self._raise_for(msg.retcode, modid, cmdid)
         raise self._unexpected(msg)
+
+    @staticmethod
+    def state_result(msg: wire.Message) -> dict[str, Any] | None:
+        """The module's state from an AgentStateResponse; None if the agent does not know
+        the module."""
+        if not isinstance(msg, wire.AgentStateResponse):
+            raise ClientCore._unexpected(msg)
+        return dict(msg.state) if msg.retcode == _SUCC else None
 
     @staticmethod
     def _raise_for(retcode: int, modid: int, cmdid: int) -> None:
@@ -269,6 +282,12 @@ class LarsClient:
         seq, request = self.core.get_route_request(modid, cmdid)
         return self.core.route_result(self._exchange(modid, cmdid, seq, request), modid, cmdid)
 
+    def agent_state(self, modid: int, cmdid: int) -> dict[str, Any] | None:
+        """The agent's view of the module (status, hosts and their counters), as
+        ``lars query`` prints it; None if the agent does not know the module."""
+        seq, request = self.core.state_request(modid, cmdid)
+        return self.core.state_result(self._exchange(modid, cmdid, seq, request))
+
     def report(
         self,
         modid: int,
@@ -374,6 +393,12 @@ class AsyncLarsClient:
         seq, request = self.core.get_route_request(modid, cmdid)
         reply = await self._exchange(modid, cmdid, seq, request)
         return self.core.route_result(reply, modid, cmdid)
+
+    async def agent_state(self, modid: int, cmdid: int) -> dict[str, Any] | None:
+        """The agent's view of the module (status, hosts and their counters), as
+        ``lars query`` prints it; None if the agent does not know the module."""
+        seq, request = self.core.state_request(modid, cmdid)
+        return self.core.state_result(await self._exchange(modid, cmdid, seq, request))
 
     async def report(
         self,

@@ -279,3 +279,16 @@ async def test_async_client_error_mapping(fake: Callable[[Script], FakeAgent]) -
     async with AsyncLarsClient(base_port=agent.base, timeout=0.2) as client:
         with pytest.raises(NoRoute):
             await client.get_host(1, 1)
+
+
+def test_agent_state(fake: Callable[[Script], FakeAgent]) -> None:
+    def script(msg: wire.Message) -> list[bytes]:
+        assert isinstance(msg, wire.AgentStateRequest)
+        known = msg.modid == 1
+        state = {"status": "ready", "hosts": []} if known else {}
+        code = wire.RetCode.SUCC if known else wire.RetCode.NOEXIST
+        return [wire.encode_datagram(wire.AgentStateResponse(msg.seq, msg.modid, 1, code, state))]
+
+    with client_for(fake(script)) as client:
+        assert client.agent_state(1, 1) == {"status": "ready", "hosts": ()}
+        assert client.agent_state(2, 1) is None
