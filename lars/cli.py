@@ -25,7 +25,7 @@ from lars.client import AsyncLarsClient
 from lars.config import Config, load_config, parse_address, store_url
 from lars.core.model import UINT32_MAX, Host, HostKey, ModuleKey, format_host, int_to_ip
 from lars.errors import AgentUnavailable, LarsError
-from lars.roles.common import RECEIVE_SIZE, notify_dns
+from lars.roles.common import RECEIVE_SIZE, ask, notify_dns
 from lars.roles.run import ROLES
 from lars.store import CallStatus, RouteStore, RouteWrite, open_store
 
@@ -574,6 +574,57 @@ def _describe_module(
             f"{h['contin_err']:>5}"
         )
     return "\n".join(lines)
+
+
+# --- stats -----------------------------------------------------------------------------------
+
+
+@cli.command("stats", context_settings=CONTEXT)
+@click.option("--dns", "dns_address", metavar="HOST:PORT", help="A DNS's counters.")
+@click.option("--reporter", "reporter_address", metavar="HOST:PORT", help="A reporter's.")
+@click.option("--agent", "local_agent", is_flag=True, help="The local agent's (from the config).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@config_option
+def stats_command(
+    dns_address: str | None,
+    reporter_address: str | None,
+    local_agent: bool,
+    as_json: bool,
+    config_path: str | None,
+) -> None:
+    """Print a role's counters and gauges: requests served, malformed input dropped,
+    store errors, connections, whether the store is reachable (store_ok), ...
+
+    \b
+    Examples:
+      lars stats --dns 127.0.0.1:7778
+      lars stats --reporter 127.0.0.1:7779 --json
+      lars stats --agent
+    """
+    if sum(map(bool, (dns_address, reporter_address, local_agent))) != 1:
+        raise click.UsageError("give exactly one of --dns, --reporter or --agent")
+    config = get_config(config_path)
+
+    async def counters() -> dict[str, Any]:
+        if local_agent:
+            a = config.agent
+            async with AsyncLarsClient(
+                a.host, a.base_port, a.ports, timeout=max(config.client.timeout, 0.5)
+            ) as client:
+                return await client.agent_stats()
+        address = dns_address or reporter_address
+        assert address is not None
+        reply = await ask(address, wire.StatsRequest(1))
+        if not isinstance(reply, wire.StatsResponse):
+            raise LarsError(f"{address} answered {type(reply).__name__}, not its counters")
+        return dict(reply.counters)
+
+    result = run_async(counters)
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+        return
+    for name in sorted(result):
+        click.echo(f"{name:<28} {result[name]}")
 
 
 # --- bench and simulate ------------------------------------------------------------------

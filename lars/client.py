@@ -117,6 +117,11 @@ class ClientCore:
         seq = self.next_seq()
         return seq, wire.encode_datagram(wire.AgentStateRequest(seq, *_module(modid, cmdid)))
 
+    def stats_request(self) -> tuple[int, bytes]:
+        """``(seq, datagram)`` of a StatsRequest (the agent's counters)."""
+        seq = self.next_seq()
+        return seq, wire.encode_datagram(wire.StatsRequest(seq))
+
     def report_request(
         self, modid: int, cmdid: int, host: Host, ok: bool | None, retcode: int | None
     ) -> bytes:
@@ -175,6 +180,13 @@ class ClientCore:
         if not isinstance(msg, wire.AgentStateResponse):
             raise ClientCore._unexpected(msg)
         return dict(msg.state) if msg.retcode == _SUCC else None
+
+    @staticmethod
+    def stats_result(msg: wire.Message) -> dict[str, Any]:
+        """The counters of a StatsResponse."""
+        if not isinstance(msg, wire.StatsResponse):
+            raise ClientCore._unexpected(msg)
+        return dict(msg.counters)
 
     @staticmethod
     def _raise_for(retcode: int, modid: int, cmdid: int) -> None:
@@ -288,6 +300,12 @@ class LarsClient:
         seq, request = self.core.state_request(modid, cmdid)
         return self.core.state_result(self._exchange(modid, cmdid, seq, request))
 
+    def agent_stats(self) -> dict[str, Any]:
+        """The agent's counters (requests refused, DNS connections, ...), as ``lars stats``
+        prints them."""
+        seq, request = self.core.stats_request()
+        return self.core.stats_result(self._exchange(0, 0, seq, request))
+
     def report(
         self,
         modid: int,
@@ -399,6 +417,12 @@ class AsyncLarsClient:
         ``lars query`` prints it; None if the agent does not know the module."""
         seq, request = self.core.state_request(modid, cmdid)
         return self.core.state_result(await self._exchange(modid, cmdid, seq, request))
+
+    async def agent_stats(self) -> dict[str, Any]:
+        """The agent's counters (requests refused, DNS connections, ...), as ``lars stats``
+        prints them."""
+        seq, request = self.core.stats_request()
+        return self.core.stats_result(await self._exchange(0, 0, seq, request))
 
     async def report(
         self,

@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -55,8 +56,9 @@ class RateLimitedLog:
         self._suppressed = 0
 
     def warning(self, message: str, *args: object) -> None:
-        """Log now, or count the message if one was logged less than ``interval`` ago."""
-        now = trio.current_time()
+        """Log now, or count the message if one was logged less than ``interval`` ago.
+        Safe to call from any thread (the agent's API threads use it)."""
+        now = time.monotonic()
         if now < self._next:
             self._suppressed += 1
             return
@@ -93,9 +95,25 @@ def bound_address(listener: trio.SocketListener) -> tuple[str, int]:
     return host, port
 
 
-async def send_frames(stream: trio.abc.SendStream, messages: list[wire.Message]) -> None:
-    """Encode and send several messages in one write."""
-    await stream.send_all(b"".join(wire.encode_frame(m) for m in messages))
+async def ask(address: str, msg: wire.Message, wait: float = 2.0) -> wire.Message:
+    """Send one message to a role over TCP and return its first reply (StatsRequest and
+    the like). Raises LarsError when the role cannot be reached or does not answer."""
+    try:
+        host, port = parse_address(address)
+        with trio.fail_after(wait):
+            async with await trio.open_tcp_stream(host, port) as stream:
+                await stream.send_all(wire.encode_frame(msg))
+                decoder = wire.FrameDecoder()
+                while (items := await receive_messages(stream, decoder)) == []:
+                    pass  # part of a frame so far
+    except (OSError, trio.TooSlowError) as exc:
+        raise LarsError(f"no answer from {address}: {exc or 'timed out'}") from None
+    if not items:
+        raise LarsError(f"{address} closed the connection without answering")
+    reply = items[0]
+    if isinstance(reply, ProtocolError):
+        raise LarsError(f"bad answer from {address}: {reply}")
+    return reply
 
 
 async def notify_dns(addresses: list[str], version: int, wait: float = 0.5) -> list[str]:

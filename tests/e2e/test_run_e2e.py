@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,3 +134,30 @@ async def test_simulate_shows_the_failing_host_avoided(quickstart: Quickstart) -
     assert share < 0.25  # well under the even third it would get without the balancer
     text = await quickstart.lars("simulate", "1", "1", "--count", "500", "--fail", str(H2))
     assert "failing hosts got" in text and str(H2) in text
+
+
+async def test_stats_shows_each_roles_counters(quickstart: Quickstart) -> None:
+    dns = json.loads(
+        await quickstart.lars("stats", "--dns", quickstart.process.addresses["dns"], "--json")
+    )
+    assert dns["store_ok"] == 1 and dns["connections"] >= 1  # the agent's connection
+    reporter_address = quickstart.process.addresses["reporter"]
+    reporter = json.loads(await quickstart.lars("stats", "--reporter", reporter_address, "--json"))
+    assert reporter["connections_accepted"] >= 1
+    # Garbage sent to the agent is dropped and counted, and the count is visible.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _ in range(3):
+            sock.sendto(b"\xc1garbage", ("127.0.0.1", quickstart.base))
+    await trio.sleep(0.2)
+    agent = json.loads(await quickstart.lars("stats", "--agent", "--json"))
+    assert agent["malformed_datagrams"] == 3
+    assert agent["dns_connected"] == 1
+    text = await quickstart.lars("stats", "--agent")
+    assert "malformed_datagrams" in text
+
+
+async def test_stats_needs_exactly_one_role(quickstart: Quickstart) -> None:
+    result = await trio.run_process(
+        [*LARS, "stats", "--config", quickstart.config], capture_stderr=True, check=False
+    )
+    assert result.returncode == 2 and b"exactly one of" in result.stderr

@@ -210,3 +210,13 @@ async def test_no_agent_is_agent_unavailable() -> None:
         assert trio.current_time() - start >= 0.1  # waited out both attempts
     finally:
         client.close()
+
+
+def test_bad_datagrams_are_handled_off_the_trio_thread() -> None:
+    # The API threads call handle_datagram without trio: nothing on the bad-input path may
+    # need trio (the rate-limited log once did, and killed the agent).
+    a = agent()
+    for data in (b"\xc1", msgpack.packb([4, 1, 2**33, 1]), msgpack.packb([6, 1, 1, [1, 0], 0])):
+        a.handle_datagram(data, CLIENT)
+    assert a.metrics.counters["malformed_datagrams"] == 2
+    assert a.metrics.counters["invalid_requests"] == 1
