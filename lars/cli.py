@@ -485,17 +485,19 @@ def query_command(
     run_async(functools.partial(query_agent, config, (modid, cmdid), as_json))
 
 
+def local_agent_client(config: Config) -> AsyncLarsClient:
+    """A client of the configured local agent, patient enough for an operator's tool."""
+    a = config.agent
+    timeout = max(config.client.timeout, 0.5)
+    return AsyncLarsClient(
+        a.host, a.base_port, a.ports, timeout=timeout, retries=config.client.retries
+    )
+
+
 async def query_agent(config: Config, module: ModuleKey, as_json: bool) -> None:
     """Ask the local agent for a module's state and print it."""
     a = config.agent
-    client = AsyncLarsClient(
-        a.host,
-        a.base_port,
-        a.ports,
-        timeout=max(config.client.timeout, 0.5),
-        retries=config.client.retries,
-    )
-    async with client:
+    async with local_agent_client(config) as client:
         try:
             state = await client.agent_state(*module) or {}
         except AgentUnavailable:
@@ -607,10 +609,7 @@ def stats_command(
 
     async def counters() -> dict[str, Any]:
         if local_agent:
-            a = config.agent
-            async with AsyncLarsClient(
-                a.host, a.base_port, a.ports, timeout=max(config.client.timeout, 0.5)
-            ) as client:
+            async with local_agent_client(config) as client:
                 return await client.agent_stats()
         address = dns_address or reporter_address
         assert address is not None

@@ -39,7 +39,7 @@ import trio
 
 from lars import wire
 from lars.config import load_config
-from lars.core.model import Host, HostKey, check_id, check_port, ip_to_int
+from lars.core.model import Host, HostKey, check_id, check_port, ip_to_int, parse_module
 from lars.errors import (
     AgentUnavailable,
     InvalidValue,
@@ -104,18 +104,18 @@ class ClientCore:
     def get_host_request(self, modid: int, cmdid: int) -> tuple[int, bytes]:
         """``(seq, datagram)`` of a GetHostRequest."""
         seq = self.next_seq()
-        return seq, wire.encode_get_host_request(seq, *_module(modid, cmdid))
+        return seq, wire.encode_get_host_request(seq, *parse_module(modid, cmdid))
 
     def get_route_request(self, modid: int, cmdid: int) -> tuple[int, bytes]:
         """``(seq, datagram)`` of an API GetRouteRequest."""
         seq = self.next_seq()
-        msg = wire.ApiGetRouteRequest(seq, *_module(modid, cmdid))
+        msg = wire.ApiGetRouteRequest(seq, *parse_module(modid, cmdid))
         return seq, wire.encode_datagram(msg)
 
     def state_request(self, modid: int, cmdid: int) -> tuple[int, bytes]:
         """``(seq, datagram)`` of an AgentStateRequest (what ``lars query`` shows)."""
         seq = self.next_seq()
-        return seq, wire.encode_datagram(wire.AgentStateRequest(seq, *_module(modid, cmdid)))
+        return seq, wire.encode_datagram(wire.AgentStateRequest(seq, *parse_module(modid, cmdid)))
 
     def stats_request(self) -> tuple[int, bytes]:
         """``(seq, datagram)`` of a StatsRequest (the agent's counters)."""
@@ -133,7 +133,7 @@ class ClientCore:
         if ip is None:
             ip = self._ip_int[host.ip] = ip_to_int(host.ip)
             self._trim(self._ip_int)
-        return wire.encode_report_request(*_module(modid, cmdid), (ip, host.port), code)
+        return wire.encode_report_request(*parse_module(modid, cmdid), (ip, host.port), code)
 
     # --- replies ---------------------------------------------------------------------------
 
@@ -213,10 +213,6 @@ class ClientCore:
     def _trim(cache: dict[Any, Any]) -> None:
         if len(cache) > 4096:
             cache.clear()
-
-
-def _module(modid: int, cmdid: int) -> tuple[int, int]:
-    return check_id(modid, "modid"), check_id(cmdid, "cmdid")
 
 
 def _config_kwargs(config_path: str | os.PathLike[str] | None) -> dict[str, Any]:

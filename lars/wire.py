@@ -626,12 +626,6 @@ class FrameDecoder:
         self._need = None
         return body
 
-    def bytes_wanted(self) -> int:
-        """How many more bytes would complete the frame in progress (at least 1)."""
-        if self._need is None:
-            return max(1, HEADER_SIZE - len(self._buf))
-        return max(1, self._need - len(self._buf))
-
     def __iter__(self) -> Iterator[Message]:
         """Yield every complete message buffered so far."""
         while (body := self._next_body()) is not None:

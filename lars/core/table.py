@@ -101,7 +101,7 @@ class ModuleTable:
         waits."""
         lb = self.modules.get(key)
         if lb is not None:
-            if now - lb.last_update >= self.params.update_timeout:  # type: ignore[operator]
+            if lb.needs_update(now):
                 self._refresh(key)
             return lb.get_host(now)
         return self._absent(key, now, GET_HOST, seq, address)
@@ -113,7 +113,7 @@ class ModuleTable:
         :meth:`get_host`)."""
         lb = self.modules.get(key)
         if lb is not None:
-            if now - lb.last_update >= self.params.update_timeout:  # type: ignore[operator]
+            if lb.needs_update(now):
                 self._refresh(key)
             return SUCC, lb.route()
         return self._absent(key, now, GET_ROUTE, seq, address)
