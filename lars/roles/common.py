@@ -216,6 +216,20 @@ async def receive_messages(
                 return items
 
 
+def refuse(
+    error: ProtocolError, peer: str, metrics: Metrics, bad_input_log: RateLimitedLog
+) -> wire.ErrorReply | None:
+    """Count a frame that did not decode. Returns the ErrorReply to send for a well-formed
+    request with invalid values, or None when the stream is unusable and must be closed
+    (that is logged, at a rate limit)."""
+    if error.msg_type is None:
+        metrics.incr("malformed_frames")
+        bad_input_log.warning("closing %s: %s", peer, error)
+        return None
+    metrics.incr("invalid_requests")
+    return wire.ErrorReply(error.seq or 0, wire.RetCode.BAD_REQUEST, str(error))
+
+
 def peer_name(stream: object) -> str:
     """``host:port`` of a socket stream's peer, for logs."""
     try:

@@ -42,6 +42,7 @@ from lars.roles.common import (
     open_listener,
     peer_name,
     receive_messages,
+    refuse,
     write_loop,
 )
 from lars.store import RouteDelta, RouteMap, RouteSnapshot, RouteStore
@@ -166,18 +167,12 @@ class DnsServer:
         decoder = wire.FrameDecoder(self.config.max_frame)
         while (items := await receive_messages(stream, decoder)) is not None:
             for item in items:
-                if not isinstance(item, ProtocolError):
-                    if not self._dispatch(sub, item):
+                if isinstance(item, ProtocolError):
+                    reply = refuse(item, sub.peer, self.metrics, self._bad_input_log)
+                    if reply is None or not sub.queue_reply(reply):
                         return
-                elif item.msg_type is None:
-                    self.metrics.incr("malformed_frames")
-                    self._bad_input_log.warning("closing %s: %s", sub.peer, item)
+                elif not self._dispatch(sub, item):
                     return
-                else:
-                    self.metrics.incr("invalid_requests")
-                    reply = wire.ErrorReply(item.seq or 0, wire.RetCode.BAD_REQUEST, str(item))
-                    if not sub.queue_reply(reply):
-                        return
 
     def _dispatch(self, sub: Subscriber, msg: wire.Message) -> bool:
         if isinstance(msg, wire.GetRouteRequest):

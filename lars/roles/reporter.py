@@ -33,6 +33,7 @@ from lars.roles.common import (
     open_listener,
     peer_name,
     receive_messages,
+    refuse,
     write_loop,
 )
 from lars.store import CallStatus, RouteStore
@@ -116,15 +117,13 @@ class Reporter:
         decoder = wire.FrameDecoder(self.config.max_frame)
         while (items := await receive_messages(stream, decoder)) is not None:
             for item in items:
-                if not isinstance(item, ProtocolError):
-                    await self._dispatch(item, conn)
-                elif item.msg_type is None:
-                    self.metrics.incr("malformed_frames")
-                    self._bad_input_log.warning("closing %s: %s", conn.peer, item)
-                    return
+                if isinstance(item, ProtocolError):
+                    reply = refuse(item, conn.peer, self.metrics, self._bad_input_log)
+                    if reply is None:
+                        return
+                    conn.send(reply)
                 else:
-                    self.metrics.incr("invalid_requests")
-                    conn.send(wire.ErrorReply(item.seq or 0, wire.RetCode.BAD_REQUEST, str(item)))
+                    await self._dispatch(item, conn)
 
     async def _dispatch(self, msg: wire.Message, conn: MessageOutbox) -> None:
         if isinstance(msg, wire.ReportStatusRequest):
