@@ -66,6 +66,7 @@ __all__ = [
     "encode_get_host_request",
     "encode_get_host_response",
     "encode_report_request",
+    "peek_seq",
 ]
 
 #: Default maximum TCP frame body, in bytes.
@@ -207,6 +208,9 @@ class Message:
     _FIELDS: ClassVar[tuple[Callable[[Any], Any], ...]]
     #: Names of the fields when every one is a uint32 (decoded by a faster path), else ().
     _UINT32: ClassVar[tuple[str, ...]] = ()
+    #: How many trailing fields were added after the message was first released: a peer
+    #: that predates them omits them, and they take their defaults. Encoding writes all.
+    _ADDED: ClassVar[int] = 0
     #: The fields' values in order (an operator.attrgetter, set by _register).
     _getter: ClassVar[Callable[..., Any]]
 
@@ -366,19 +370,26 @@ class ErrorReply(Message):
 @_register
 @attrs.frozen
 class AgentStateRequest(Message):
-    """``lars query`` -> agent: describe this module's balancer."""
+    """``lars query`` -> agent: describe this module's balancer, its hosts from ``offset`` on.
+
+    A large route does not fit one datagram, so the reply carries one page of hosts; the
+    client asks again from the next offset until it has ``host_count`` of them.
+    """
 
     TYPE = 10
     seq: int
     modid: int
     cmdid: int
-    _FIELDS = (_seq, _modid, _cmdid)
+    offset: int = 0
+    _FIELDS = (_seq, _modid, _cmdid, _u32("offset"))
+    _ADDED = 1
 
 
 @_register
 @attrs.frozen
 class AgentStateResponse(Message):
-    """Agent -> ``lars query``: the module's state as a map (see the agent role)."""
+    """Agent -> ``lars query``: the module's state as a map: ``status``, ``last_update``,
+    ``host_count`` and the page ``hosts`` starting at the request's ``offset``."""
 
     TYPE = 11
     seq: int
@@ -502,7 +513,7 @@ def decode_agent_request(data: bytes) -> tuple[Any, ...] | Message:
     try:
         obj = msgpack.unpackb(data, use_list=False, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises a dozen kinds; all mean "malformed"
-        raise ProtocolError(f"not a msgpack message: {exc}") from None
+        raise _unpack_error(exc) from None
     if type(obj) is tuple:
         size = len(obj)
         if size == 4 and obj[0] == 4 and type(obj[0]) is int:
@@ -536,12 +547,27 @@ def decode_agent_request(data: bytes) -> tuple[Any, ...] | Message:
     return decode_object(obj)  # the general path; it also names what is wrong
 
 
+def peek_seq(data: bytes) -> int | None:
+    """The sequence number of a request datagram, if it has a readable one: for answering
+    a request that could not be handled with an error naming it. Never raises."""
+    try:
+        obj = msgpack.unpackb(data, use_list=False, raw=False, strict_map_key=True)
+    except Exception:  # not msgpack: no seq to answer
+        return None
+    if type(obj) is not tuple or len(obj) < 2 or type(obj[0]) is not int:
+        return None
+    if obj[0] not in _SEQ_FIRST:
+        return None
+    seq = obj[1]
+    return seq if type(seq) is int and 0 <= seq <= UINT32_MAX else None
+
+
 def decode_body(body: bytes | bytearray | memoryview) -> Message:
     """Decode one message body. Raises :class:`ProtocolError` and nothing else."""
     try:
         obj = msgpack.unpackb(body, use_list=False, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises a dozen kinds; all mean "malformed"
-        raise ProtocolError(f"not a msgpack message: {exc}") from None
+        raise _unpack_error(exc) from None
     return decode_object(obj)
 
 
@@ -555,14 +581,14 @@ def decode_object(obj: Any) -> Message:
         raise ProtocolError(f"unknown message type {msg_type!r}")
     checks = cls._FIELDS
     nfields = len(obj) - 1
-    if nfields != len(checks):
-        raise ProtocolError(f"{cls.__name__} takes {len(checks)} fields, got {nfields}")
+    if not len(checks) - cls._ADDED <= nfields <= len(checks):
+        raise ProtocolError(f"{cls.__name__} takes {_field_count(cls)} fields, got {nfields}")
     seq = None
     if msg_type in _SEQ_FIRST and type(obj[1]) is int and 0 <= obj[1] <= UINT32_MAX:
         seq = obj[1]
     if cls._UINT32:  # the hot requests: every field an unsigned 32-bit integer
         fields = obj[1:]
-        for value, name in zip(fields, cls._UINT32, strict=True):
+        for value, name in zip(fields, cls._UINT32):  # noqa: B905 (trailing fields may lack)
             if type(value) is not int:
                 raise ProtocolError(f"{cls.__name__}: malformed: {name} must be an integer")
             if not 0 <= value <= UINT32_MAX:
@@ -571,12 +597,32 @@ def decode_object(obj: Any) -> Message:
                 )
         return cls(*fields)
     try:
-        values = [check(value) for check, value in zip(checks, obj[1:], strict=True)]
+        values = [check(value) for check, value in zip(checks, obj[1:])]  # noqa: B905
     except _Invalid as exc:
         raise ProtocolError(f"{cls.__name__}: {exc}", msg_type=msg_type, seq=seq) from None
     except (_Malformed, ValueError, TypeError) as exc:
         raise ProtocolError(f"{cls.__name__}: malformed: {exc}") from None
     return cls(*values)
+
+
+def _field_count(cls: type[Message]) -> str:
+    """How many fields a message takes, for errors: "3" or "3 to 4"."""
+    most = len(cls._FIELDS)
+    return f"{most - cls._ADDED} to {most}" if cls._ADDED else str(most)
+
+
+_UNPACK_ERRORS = {
+    "FormatError": "a byte that starts no msgpack value",
+    "StackError": "nested too deeply",
+    "OutOfData": "truncated",
+}
+
+
+def _unpack_error(exc: Exception) -> ProtocolError:
+    """The ProtocolError for bytes msgpack could not unpack (some of its errors carry no
+    message: say what they mean)."""
+    detail = str(exc) or _UNPACK_ERRORS.get(type(exc).__name__, type(exc).__name__)
+    return ProtocolError(f"not a msgpack message: {detail}")
 
 
 def decode_datagram(data: bytes | bytearray | memoryview) -> Message:

@@ -48,6 +48,7 @@ SAMPLES: list[wire.Message] = [
     ApiGetRouteResponse(3, 1, 2, 0, ((167772161, 7001),)),
     ErrorReply(3, 4, "modid out of range"),
     AgentStateRequest(5, 1, 2),
+    AgentStateRequest(5, 1, 2, 256),
     AgentStateResponse(5, 1, 2, 0, {"status": "ready", "hosts": ()}),
     RouteChangeNotice(1_700_000_000),
     ReportStatusAck(7),
@@ -276,3 +277,30 @@ def test_agent_fast_path_returns_tuples_for_the_hot_messages() -> None:
     report = encode_datagram(ReportRequest(1, 2, (167772161, 80), 0))
     assert wire.decode_agent_request(report) == (6, 1, 2, (167772161, 80), 0)
     assert wire.decode_agent_request(encode_datagram(StatsRequest(3))) == StatsRequest(3)
+
+
+def test_a_field_added_later_may_be_omitted_by_an_older_peer() -> None:
+    # AgentStateRequest gained ``offset``: the three-field form still decodes.
+    assert wire.decode_datagram(msgpack.packb([10, 5, 1, 2])) == AgentStateRequest(5, 1, 2, 0)
+    assert wire.decode_datagram(msgpack.packb([10, 5, 1, 2, 9])) == AgentStateRequest(5, 1, 2, 9)
+    with pytest.raises(ProtocolError, match="takes 3 to 4 fields, got 2"):
+        wire.decode_datagram(msgpack.packb([10, 5, 1]))
+    with pytest.raises(ProtocolError, match="takes 3 fields, got 4"):  # no added field
+        wire.decode_datagram(msgpack.packb([4, 5, 1, 2, 3]))
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x93\x01", b"\x91\x01\x02", b"\xdd" * 3])
+def test_undecodable_bytes_say_why(data: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        wire.decode_datagram(data)
+    reason = str(info.value).removeprefix("not a msgpack message:").strip()
+    assert reason, "the reason must not be empty"
+
+
+def test_peek_seq_finds_a_request_seq_or_nothing() -> None:
+    assert wire.peek_seq(msgpack.packb([4, 77, 1, 1])) == 77
+    assert wire.peek_seq(msgpack.packb([10, 5, "x"])) == 5  # malformed, seq still readable
+    assert wire.peek_seq(msgpack.packb([6, 1, 1, [1, 1], 0])) is None  # a report has none
+    assert wire.peek_seq(msgpack.packb([4, -1, 1, 1])) is None
+    assert wire.peek_seq(msgpack.packb([[{}], 1])) is None
+    assert wire.peek_seq(b"\xc1") is None
