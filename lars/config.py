@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import attrs
 
 from lars.core.balancer import BalancerParams
-from lars.core.model import check_port
+from lars.core.model import check_port, ip_to_int
 from lars.errors import ConfigError, InvalidValue
 
 DEFAULT_CONFIG_NAME = "lars.toml"
@@ -63,6 +63,11 @@ def _port(_inst: object, attr: "attrs.Attribute[Any]", value: int) -> None:
 def _nonempty(_inst: object, attr: "attrs.Attribute[Any]", value: list[str]) -> None:
     if not value:
         raise InvalidValue("must not be empty")
+
+
+def _ipv4_or_empty(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    if value:
+        ip_to_int(value)
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -114,12 +119,18 @@ class AgentConfig:
     route_wait: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
     busy_poll: float = attrs.field(default=0.0002, validator=attrs.validators.ge(0))
     retry_max: float = attrs.field(default=5.0, validator=_positive)
-    ip: str = ""
+    max_frame: int = attrs.field(default=1 << 20, validator=_positive)
+    ip: str = attrs.field(default="", validator=_ipv4_or_empty)
     loadbalance: BalancerParams = attrs.field(factory=BalancerParams)
 
     def __attrs_post_init__(self) -> None:
         if self.base_port + self.ports - 1 > 65535:
             raise InvalidValue("base_port + ports - 1 must not exceed 65535")
+        if not self.ip and ":" in parse_address(self.reporter)[0]:
+            raise InvalidValue(
+                "the reporter is an IPv6 address: set [agent] ip to this host's IPv4"
+                " address, which names it in the call statistics"
+            )
 
 
 @attrs.frozen

@@ -96,6 +96,10 @@ def test_unknown_key_is_an_error_naming_key_and_file(
         ("[dns]\nlisten = 'nowhere'\n", "dns.listen"),
         ("[agent]\nbase_port = 70000\n", "agent.base_port"),
         ("[log]\nlevel = 'loud'\n", "log.level"),
+        ("[agent]\nip = '::1'\n", "agent.ip"),
+        ("[agent]\nip = 'host.example'\n", "agent.ip"),
+        ("[agent]\nreporter = '[::1]:7779'\n", "set [agent] ip"),
+        ("[agent]\nmax_frame = 0\n", "agent.max_frame"),
         ("agent = 3\n", "agent"),
     ],
 )

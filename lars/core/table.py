@@ -9,7 +9,10 @@ Rules (DESIGN §6, "Routes in the agent"):
 * The first request for an unknown module creates it *pending* and asks DNS. The request
   waits up to ``route_wait`` seconds for the answer (it is a *waiter*); when the route
   arrives every waiter is answered from it, when the wait runs out they get NOEXIST.
-  Later requests for a module still pending get NOEXIST at once.
+  Later requests for a module still pending get NOEXIST at once. A module DNS does not
+  answer within ``update_timeout`` stops being pending (its next use asks again), and at
+  most ``MAX_PENDING`` modules are pending at once: past that, new ones get NOEXIST
+  without asking DNS, so a flood of lookups for made-up modules costs bounded memory.
 * A DNS answer adds new hosts as idle, keeps the state of hosts that stay and removes
   vanished hosts everywhere (see :mod:`lars.core.balancer`).
 * An empty route drops the module. It is remembered as absent for ``update_timeout`` (the
@@ -18,10 +21,15 @@ Rules (DESIGN §6, "Routes in the agent"):
 * A module whose route is older than ``update_timeout`` is requested again on its next use,
   and served from the cache meanwhile.
 * A dropped module's balancer is kept aside until its call statistics are sent.
+
+Statistics: a module enters :attr:`ModuleTable.stats_due` on its first report since its
+counts were last taken, so a statistics send touches only the modules with calls, never
+all of them (:meth:`ModuleTable.take_due`, :meth:`ModuleTable.collect_stats`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -41,6 +49,8 @@ MAX_MODULES = 200_000
 MAX_NEGATIVE = 100_000
 #: Most requests waiting for one module's first route.
 MAX_WAITERS = 1024
+#: Most modules asked of DNS and not answered yet.
+MAX_PENDING = 10_000
 
 
 @attrs.frozen
@@ -65,9 +75,16 @@ def _nothing(waiter: Waiter) -> Any:
 class Pending:
     """A module asked for but not yet answered by DNS."""
 
+    #: When its waiters get NOEXIST.
     deadline: float
+    #: When the module stops being pending if DNS has not answered.
+    gives_up: float
     waiters: list[Waiter] = attrs.field(factory=list)
     expired: bool = False
+
+
+#: One module's lines in a statistics send: (host, successes, failures, overloaded).
+StatsLine = tuple[HostKey, int, int, bool]
 
 
 class ModuleTable:
@@ -81,14 +98,21 @@ class ModuleTable:
         self.max_modules = max_modules
         #: Modules with a route, by key.
         self.modules: dict[ModuleKey, LoadBalancer] = {}
-        #: Modules asked for and not answered yet.
+        #: Modules asked for and not answered yet, oldest first.
         self.pending: dict[ModuleKey, Pending] = {}
+        # Pending modules whose waiters still wait, earliest deadline first (route_wait is
+        # the same for all, so creation order is deadline order).
+        self._waiting: OrderedDict[ModuleKey, Pending] = OrderedDict()
+        # Pending modules in creation order, for giving up on them in O(1) each.
+        self._by_age: OrderedDict[ModuleKey, Pending] = OrderedDict()
         #: Modules to request from DNS (the agent drains this set).
         self.want: set[ModuleKey] = set()
         #: Modules known absent, with the time the knowledge expires.
         self.negative: OrderedDict[ModuleKey, float] = OrderedDict()
         #: Balancers of dropped modules that still hold unsent statistics.
         self.draining: list[tuple[ModuleKey, LoadBalancer]] = []
+        #: Modules with call counts to send (reported since their counts were last taken).
+        self.stats_due: dict[ModuleKey, LoadBalancer] = {}
         self._refreshing: set[ModuleKey] = set()
 
     # --- requests --------------------------------------------------------------------------
@@ -122,6 +146,8 @@ class ModuleTable:
         """Record a call result; unknown modules and hosts are ignored."""
         lb = self.modules.get(key)
         if lb is not None:
+            if not lb.stats_pending:
+                self.stats_due[key] = lb
             lb.report(host, success, now)
 
     def _refresh(self, key: ModuleKey) -> None:
@@ -139,31 +165,60 @@ class ModuleTable:
             del self.negative[key]
         pending = self.pending.get(key)
         if pending is None:
-            if len(self.modules) + len(self.pending) >= self.max_modules:
+            if (
+                len(self.pending) >= MAX_PENDING
+                or len(self.modules) + len(self.pending) >= self.max_modules
+            ):
                 return NOEXIST, None
-            pending = self.pending[key] = Pending(deadline=now + self.route_wait)
+            pending = Pending(now + self.route_wait, now + self.params.update_timeout)
+            self.pending[key] = self._by_age[key] = pending
             self.want.add(key)
             if self.route_wait <= 0:
                 pending.expired = True
+            else:
+                self._waiting[key] = pending
         if address is None or pending.expired or len(pending.waiters) >= MAX_WAITERS:
             return NOEXIST, None
         pending.waiters.append(Waiter(kind, seq, address))
         return -1, None
 
     def expire_waits(self, now: float) -> list[Answer]:
-        """Answer NOEXIST to waiters whose ``route_wait`` ran out."""
+        """Answer NOEXIST to waiters whose ``route_wait`` ran out, and stop waiting for DNS
+        to answer modules pending for ``update_timeout``. O(1) per expiry."""
         answers: list[Answer] = []
-        for key, pending in self.pending.items():
-            if not pending.expired and now >= pending.deadline:
-                pending.expired = True
-                answers += [(key, w, NOEXIST, _nothing(w)) for w in pending.waiters]
-                pending.waiters = []
+        waiting = self._waiting
+        while waiting:
+            key, pending = next(iter(waiting.items()))
+            if now < pending.deadline:
+                break
+            del waiting[key]
+            pending.expired = True
+            answers += [(key, w, NOEXIST, _nothing(w)) for w in pending.waiters]
+            pending.waiters = []
+        by_age = self._by_age
+        while by_age:
+            key, pending = next(iter(by_age.items()))
+            if now < pending.gives_up:
+                break
+            self._forget_pending(key)
+            self.want.discard(key)
         return answers
 
     def next_deadline(self) -> float | None:
-        """The earliest wait deadline still running, if any."""
-        deadlines = [p.deadline for p in self.pending.values() if not p.expired]
-        return min(deadlines) if deadlines else None
+        """When :meth:`expire_waits` next has something to do, if ever."""
+        times = []
+        if self._waiting:
+            times.append(next(iter(self._waiting.values())).deadline)
+        if self._by_age:
+            times.append(next(iter(self._by_age.values())).gives_up)
+        return min(times, default=None)
+
+    def _forget_pending(self, key: ModuleKey) -> Pending | None:
+        pending = self.pending.pop(key, None)
+        if pending is not None:
+            self._waiting.pop(key, None)
+            self._by_age.pop(key, None)
+        return pending
 
     # --- routes from DNS -------------------------------------------------------------------
 
@@ -171,7 +226,7 @@ class ModuleTable:
         """Apply a DNS answer or push; returns the answers for the module's waiters."""
         hosts = tuple(hosts)
         self._refreshing.discard(key)
-        pending = self.pending.pop(key, None)
+        pending = self._forget_pending(key)
         waiters = pending.waiters if pending is not None else []
         if not hosts:
             self._drop(key, now)
@@ -195,6 +250,7 @@ class ModuleTable:
     def _drop(self, key: ModuleKey, now: float) -> None:
         lb = self.modules.pop(key, None)
         if lb is not None:
+            self.stats_due.pop(key, None)
             lb.update_route((), now)  # hosts leave every structure; unsent stats retire
             if not lb.is_drained:
                 self.draining.append((key, lb))
@@ -211,19 +267,69 @@ class ModuleTable:
         """DNS is gone: answers to outstanding refreshes will not come."""
         self._refreshing.clear()
 
-    # --- introspection ---------------------------------------------------------------------
+    # --- statistics --------------------------------------------------------------------------
 
-    def balancers(self) -> Iterator[tuple[ModuleKey, LoadBalancer]]:
-        """Every balancer holding statistics: served modules, then dropped ones."""
-        yield from self.modules.items()
-        yield from self.draining
+    def take_due(self) -> Iterator[tuple[ModuleKey, LoadBalancer]]:
+        """The modules whose counts are to be sent: those with reports since their counts
+        were last taken, then dropped modules still holding counts. Empties
+        :attr:`stats_due` in O(1): the iterator runs over what it held, which nothing
+        else touches, so it may be consumed without the table's lock. Pass it to
+        :meth:`collect_stats` in slices so that no single call holds a lock for long."""
+        due, self.stats_due = self.stats_due, {}
+        return itertools.chain(due.items(), list(self.draining))
+
+    def collect_stats(
+        self, due: Iterable[tuple[ModuleKey, LoadBalancer]]
+    ) -> list[tuple[ModuleKey, LoadBalancer, list[StatsLine]]]:
+        """Take the unsent counts of ``due`` modules; they are in flight until
+        :meth:`stats_done`. A module whose previous send is still in flight yields nothing
+        now and is due again when that send is done."""
+        out = []
+        for key, lb in due:
+            lines = lb.take_stats()
+            if lines:
+                out.append((key, lb, [(st.key, s, e, st.overloaded) for st, s, e in lines]))
+        return out
+
+    def stats_done(self, key: ModuleKey, lb: LoadBalancer, stored: bool) -> None:
+        """The reporter stored a module's in-flight counts (``stored``), or the send was
+        lost and they are to be sent again."""
+        if stored:
+            lb.stats_sent()
+        else:
+            lb.stats_failed()
+        if lb.has_unsent_stats and self.modules.get(key) is lb:
+            self.stats_due[key] = lb
+
+    def requeue(self, due: Iterable[tuple[ModuleKey, LoadBalancer]]) -> None:
+        """Make modules from :meth:`take_due` due again (their counts were not taken)."""
+        for key, lb in due:
+            if self.modules.get(key) is lb:
+                self.stats_due[key] = lb
+
+    def stats_settled(self) -> bool:
+        """True when no counts wait to be sent (in-flight sends are the caller's)."""
+        return not any(lb.has_unsent_stats for _, lb in (*self.stats_due.items(), *self.draining))
 
     def forget_drained(self) -> None:
         """Let go of dropped modules whose statistics are all sent."""
         self.draining = [(k, lb) for k, lb in self.draining if not lb.is_drained]
 
-    def describe(self, key: ModuleKey, now: float, wall_now: float) -> dict[str, Any] | None:
-        """The module's state for ``lars query`` (times as epoch seconds), or None."""
+    # --- introspection ---------------------------------------------------------------------
+
+    def describe(
+        self,
+        key: ModuleKey,
+        now: float,
+        wall_now: float,
+        offset: int = 0,
+        limit: int | None = None,
+    ) -> dict[str, Any] | None:
+        """The module's state for ``lars query`` (times as epoch seconds), or None.
+
+        ``hosts`` holds the hosts from ``offset`` on (at most ``limit``), sorted by address
+        so that pages of one route line up; ``host_count`` is the number of all of them.
+        """
 
         def wall(t: float | None) -> float | None:
             return None if t is None else wall_now - (now - t)
@@ -231,8 +337,10 @@ class ModuleTable:
         lb = self.modules.get(key)
         if lb is None:
             if key in self.pending:
-                return {"status": "pending", "last_update": None, "hosts": []}
+                return {"status": "pending", "last_update": None, "host_count": 0, "hosts": []}
             return None
+        end = None if limit is None else offset + limit
+        page = [lb.hosts[k] for k in sorted(lb.hosts)[offset:end]]
         hosts = [
             {
                 "host": format_host(st.key),
@@ -245,6 +353,11 @@ class ModuleTable:
                 "contin_succ": st.contin_succ,
                 "contin_err": st.contin_err,
             }
-            for st in lb.states()
+            for st in page
         ]
-        return {"status": "ready", "last_update": wall(lb.last_update), "hosts": hosts}
+        return {
+            "status": "ready",
+            "last_update": wall(lb.last_update),
+            "host_count": len(lb.hosts),
+            "hosts": hosts,
+        }

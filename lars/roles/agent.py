@@ -18,11 +18,16 @@ An I/O shell around :class:`lars.core.table.ModuleTable`, in two halves:
 
 The module table is shared under one lock; both halves use ``time.monotonic()``. The API
 threads wake trio (``run_sync_soon``) only when they need it to act: a module to request
-from DNS, or a request waiting for its route. They are supervised: an exception in one
-surfaces in the trio nursery, and they stop when it is cancelled.
+from DNS, or a request waiting for its route. They check for stop after every datagram,
+so a steady client cannot hold up a shutdown; a shutdown first stops them (no new counts)
+and then sends the last statistics.
 
 Bad datagrams (not msgpack, wrong types, ids out of range) are counted and dropped, or
 answered with an ErrorReply when they carry a sequence number; they never stop the agent.
+Nor does a bug: an unexpected error while handling one datagram is logged (at a rate
+limit), counted as ``internal_errors`` and answered with SYSTEM_ERROR, and an API thread
+whose socket fails keeps trying. A reply always leaves from the socket its request came in
+on, also when it was deferred until the route arrived.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from lars.config import AgentConfig
 from lars.core.balancer import LoadBalancer
 from lars.core.model import ModuleKey, ip_to_int
 from lars.core.table import GET_HOST, ModuleTable, Waiter
-from lars.errors import LarsError, ProtocolError
+from lars.errors import InvalidValue, LarsError, ProtocolError
 from lars.roles.common import (
     RECEIVE_SIZE,
     Metrics,
@@ -64,6 +69,14 @@ SOCKET_BUFFER = 4 << 20
 STOP_CHECK = 0.2
 #: Seconds without an acknowledgement after which the reporter connection is renewed.
 ACK_TIMEOUT = 30.0
+#: Seconds a stopping agent waits for its API threads (they check every STOP_CHECK).
+API_STOP_TIMEOUT = 2.0
+#: Seconds an API thread pauses after its socket failed, before it receives again.
+SOCKET_ERROR_PAUSE = 0.05
+#: Hosts in the first page of an agent state reply (halved until the page fits a datagram).
+STATE_PAGE = 256
+#: Modules whose statistics are taken per hold of the table lock.
+STATS_CHUNK = 64
 
 _SUCC = wire.RetCode.SUCC
 _BAD = wire.RetCode.BAD_REQUEST
@@ -87,9 +100,11 @@ class Agent:
         self._dns_bell = trio.Event()
         self._wait_bell = trio.Event()
         self._bad_input_log = RateLimitedLog(log)
+        self._internal_error_log = RateLimitedLog(log)
+        self._session_log = RateLimitedLog(log)
         self._report_seqs = itertools.count(1)
-        #: Statistics sent and not yet acknowledged: seq -> (balancer, when sent).
-        self._in_flight: dict[int, tuple[LoadBalancer, float]] = {}
+        #: Statistics sent and not yet acknowledged: seq -> (module, balancer, when sent).
+        self._in_flight: dict[int, tuple[ModuleKey, LoadBalancer, float]] = {}
         self._flush_now = trio.Event()
         self._acked = trio.Event()
         self._sockets: list[socket.socket] = []
@@ -98,6 +113,7 @@ class Agent:
         self._lock = threading.Lock()
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -152,23 +168,38 @@ class Agent:
                 if self._trio_token is not None:
                     self._trio_token.run_sync_soon(failed.set)
 
-        threads = [
+        self._threads = [
             threading.Thread(
                 target=run, args=(sock,), name=f"lars-api-{sock.getsockname()[1]}", daemon=True
             )
             for sock in self._sockets
         ]
         self._stopping.clear()
-        for thread in threads:
+        for thread in self._threads:
             thread.start()
         try:
             await failed.wait()
             raise RuntimeError("an agent API thread failed") from errors[0]
         finally:
-            self._stopping.set()
             with trio.CancelScope(shield=True):
-                for thread in threads:
-                    await trio.to_thread.run_sync(thread.join)
+                await self.stop_api()
+
+    async def stop_api(self) -> None:
+        """Stop the API threads: each finishes the datagram in hand, within STOP_CHECK.
+        Waits at most API_STOP_TIMEOUT (they are daemon threads: a stuck one cannot keep
+        the process alive)."""
+        self._stopping.set()
+        threads = self._threads
+
+        def join() -> None:
+            deadline = time.monotonic() + API_STOP_TIMEOUT
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+        with trio.move_on_after(API_STOP_TIMEOUT + 0.5):
+            await trio.to_thread.run_sync(join, abandon_on_cancel=True)
+        if any(thread.is_alive() for thread in threads):
+            log.error("an agent API thread did not stop within %.0fs", API_STOP_TIMEOUT)
 
     def _serve_socket(self, sock: socket.socket) -> None:
         """The body of an API thread: receive, answer, repeat, until told to stop.
@@ -178,6 +209,22 @@ class Agent:
         machines waking a halted vCPU costs tens of microseconds, more than the whole
         exchange; a client's report and next request usually arrive within the window.
         """
+        stopping = self._stopping.is_set
+        while not stopping():
+            try:
+                self._serve_datagrams(sock)
+            except OSError as exc:
+                if stopping():
+                    return
+                with self._lock:
+                    self.metrics.incr("socket_errors")
+                self._internal_error_log.warning(
+                    "agent API socket %s failed: %s", sock.getsockname(), exc
+                )
+                time.sleep(SOCKET_ERROR_PAUSE)
+
+    def _serve_datagrams(self, sock: socket.socket) -> None:
+        """Receive and answer until told to stop; raises OSError if the socket fails."""
         recvfrom, sendto, handle = sock.recvfrom, sock.sendto, self.handle_datagram
         stopping = self._stopping.is_set
         busy_poll = self.config.busy_poll
@@ -190,18 +237,16 @@ class Agent:
             except OSError as exc:
                 if _ignorable(exc):
                     continue
-                if stopping():
-                    return
                 raise
             while True:
-                reply = handle(data, address)
+                reply = handle(data, address, sock)
                 if reply is not None:
                     try:
                         sendto(reply, address)
                     except OSError:  # the client's buffer is full or it is gone: UDP drops
                         with self._lock:
                             self.metrics.incr("replies_dropped")
-                if not busy_poll:
+                if not busy_poll or stopping():
                     break
                 until = perf() + busy_poll
                 while True:
@@ -232,43 +277,61 @@ class Agent:
     def _wake_waits(self) -> None:
         self._wait_bell.set()
 
-    def handle_datagram(self, data: bytes, address: Any) -> bytes | None:
-        """Answer one API datagram (None: no reply). Never raises for bad input.
+    def handle_datagram(
+        self, data: bytes, address: Any, sock: socket.socket | None = None
+    ) -> bytes | None:
+        """Answer one API datagram that came in on ``sock`` (None: no reply). Never raises.
 
         Called from the API threads (and directly by tests); takes the table lock.
         """
         try:
-            msg = wire.decode_agent_request(data)
-        except ProtocolError as exc:
-            return self._bad_datagram(exc, address)
-        now = time.monotonic()
-        table = self.table
-        if type(msg) is tuple:
-            if msg[0] == wire.GetHostRequest.TYPE:
-                _, seq, modid, cmdid = msg
+            try:
+                msg = wire.decode_agent_request(data)
+            except ProtocolError as exc:
+                return self._bad_datagram(exc, address)
+            now = time.monotonic()
+            table = self.table
+            if type(msg) is tuple:
+                if msg[0] == wire.GetHostRequest.TYPE:
+                    _, seq, modid, cmdid = msg
+                    with self._lock:
+                        wanted = bool(table.want)
+                        retcode, host = table.get_host((modid, cmdid), now, seq, (sock, address))
+                        wake_dns = not wanted and bool(table.want)
+                    if wake_dns:
+                        self._wake_trio(self._wake_dns)
+                    if retcode < 0:
+                        self._wake_trio(self._wake_waits)
+                        return None
+                    return wire.encode_get_host_response(seq, modid, cmdid, retcode, host)
+                _, modid, cmdid, host, retcode = msg  # a ReportRequest
                 with self._lock:
-                    wanted = bool(table.want)
-                    retcode, host = table.get_host((modid, cmdid), now, seq, address)
-                    wake_dns = not wanted and bool(table.want)
-                if wake_dns:
-                    self._wake_trio(self._wake_dns)
-                if retcode < 0:
-                    self._wake_trio(self._wake_waits)
-                    return None
-                return wire.encode_get_host_response(seq, modid, cmdid, retcode, host)
-            _, modid, cmdid, host, retcode = msg  # a ReportRequest
-            with self._lock:
-                table.report((modid, cmdid), host, retcode == 0, now)
-            return None
-        assert isinstance(msg, wire.Message)
-        return self._other(msg, address, now)
+                    table.report((modid, cmdid), host, retcode == 0, now)
+                return None
+            assert isinstance(msg, wire.Message)
+            return self._other(msg, (sock, address), now)
+        except Exception as exc:  # a bug: it costs this datagram, never the agent
+            return self._internal_error(data, address, exc)
 
-    def _other(self, msg: wire.Message, address: Any, now: float) -> bytes | None:
+    def _internal_error(self, data: bytes, address: Any, exc: Exception) -> bytes | None:
+        """Count and log an unexpected error; SYSTEM_ERROR to the request if it has a seq."""
+        with self._lock:
+            self.metrics.incr("internal_errors")
+        self._internal_error_log.error(
+            "internal error on a datagram from %s: %r", address, exc, exc_info=exc
+        )
+        seq = wire.peek_seq(data)
+        if seq is None:
+            return None
+        reason = f"internal error: {type(exc).__name__}"
+        return wire.encode_datagram(wire.ErrorReply(seq, wire.RetCode.SYSTEM_ERROR, reason))
+
+    def _other(self, msg: wire.Message, reply_to: Any, now: float) -> bytes | None:
         if isinstance(msg, wire.ApiGetRouteRequest):
             key = (msg.modid, msg.cmdid)
             with self._lock:
                 wanted = bool(self.table.want)
-                retcode, hosts = self.table.get_route(key, now, msg.seq, address)
+                retcode, hosts = self.table.get_route(key, now, msg.seq, reply_to)
                 wake_dns = not wanted and bool(self.table.want)
             if wake_dns:
                 self._wake_trio(self._wake_dns)
@@ -277,13 +340,7 @@ class Agent:
                 return None
             return self._route_reply(msg.seq, key, retcode, hosts)
         if isinstance(msg, wire.AgentStateRequest):
-            key = (msg.modid, msg.cmdid)
-            with self._lock:
-                state = self.table.describe(key, now, time.time())
-            retcode = wire.RetCode.NOEXIST if state is None else _SUCC
-            return wire.encode_datagram(
-                wire.AgentStateResponse(msg.seq, msg.modid, msg.cmdid, retcode, state or {})
-            )
+            return self._state_reply(msg, now)
         with self._lock:
             if isinstance(msg, wire.StatsRequest):
                 self.metrics.set("modules", len(self.table.modules))
@@ -294,6 +351,22 @@ class Agent:
         seq = getattr(msg, "seq", 0)
         reason = f"the agent does not serve {type(msg).__name__}"
         return wire.encode_datagram(wire.ErrorReply(seq, _BAD, reason))
+
+    def _state_reply(self, msg: wire.AgentStateRequest, now: float) -> bytes:
+        """One page of the module's state, as many hosts from ``msg.offset`` as fit."""
+        key = (msg.modid, msg.cmdid)
+        limit = STATE_PAGE
+        while True:
+            with self._lock:
+                state = self.table.describe(key, now, time.time(), msg.offset, limit)
+            retcode = wire.RetCode.NOEXIST if state is None else _SUCC
+            reply = wire.AgentStateResponse(msg.seq, msg.modid, msg.cmdid, retcode, state or {})
+            try:
+                return wire.encode_datagram(reply)
+            except ProtocolError:
+                if limit == 1:
+                    raise
+                limit //= 2
 
     def _route_reply(self, seq: int, key: ModuleKey, retcode: int, hosts: Any) -> bytes:
         msg = wire.ApiGetRouteResponse(seq, key[0], key[1], retcode, tuple(hosts or ()))
@@ -320,13 +393,16 @@ class Agent:
             )
         else:
             reply = self._route_reply(waiter.seq, key, retcode, payload)
-        # Answer from the port the request went to (the module's), as a direct reply would.
-        port = port_for(key, self.config.base_port, self.config.ports)
-        sock = self._socket_by_port.get(port, self._sockets[0])
+        # Answer from the socket the request came in on, as a direct reply would.
+        sock, address = waiter.address
+        if sock is None:  # handle_datagram called without a socket (tests)
+            port = port_for(key, self.config.base_port, self.config.ports)
+            sock = self._socket_by_port.get(port, self._sockets[0])
         try:
-            sock.sendto(reply, waiter.address)
+            sock.sendto(reply, address)
         except OSError:
-            self.metrics.incr("replies_dropped")
+            with self._lock:
+                self.metrics.incr("replies_dropped")
 
     async def _wait_timer(self) -> None:
         """Answer NOEXIST to first requests whose ``route_wait`` ran out."""
@@ -337,8 +413,10 @@ class Agent:
             if deadline is None:
                 await self._wait_bell.wait()
                 continue
-            with trio.move_on_after(deadline - time.monotonic()):
-                await self._wait_bell.wait()
+            delay = deadline - time.monotonic()  # already past after a burst: no wait
+            if delay > 0:
+                with trio.move_on_after(delay):
+                    await self._wait_bell.wait()
             with self._lock:
                 answers = self.table.expire_waits(time.monotonic())
             for key, waiter, retcode, payload in answers:
@@ -365,7 +443,7 @@ class Agent:
                 with self._lock:
                     self.table.dns_unavailable()
                 await trio.aclose_forcefully(stream)
-            log.warning("lost dns; serving from cache, failing over")
+            self._session_log.warning("lost dns; serving from cache, failing over")
 
     async def _dns_session(self, stream: trio.SocketStream) -> None:
         """Request every known module, then exchange requests and routes until the end."""
@@ -393,11 +471,16 @@ class Agent:
             scope.cancel()
 
     async def _dns_reader(self, stream: trio.SocketStream) -> None:
-        decoder = wire.FrameDecoder()
+        decoder = wire.FrameDecoder(self.config.max_frame)
         while (items := await receive_messages(stream, decoder)) is not None:
             for item in items:
                 if isinstance(item, ProtocolError):
-                    log.error("bad frame from dns %s: %s; reconnecting", self.dns_address, item)
+                    self._bad_input_log.error(
+                        "bad frame from dns %s: %s (the agent's limit is [agent] max_frame);"
+                        " reconnecting",
+                        self.dns_address,
+                        item,
+                    )
                     self.metrics.incr("dns_bad_frames")
                     return
                 self._dns_message(item)
@@ -433,23 +516,34 @@ class Agent:
         )
         while True:
             _, stream = await reporter.connect()
-            caller = self._caller(stream)
             try:
-                await self._report_session(stream, caller)
+                caller = self._caller(stream)
+                if caller is not None:
+                    await self._report_session(stream, caller)
             finally:
                 with self._lock:
-                    for lb, _ in self._in_flight.values():
-                        lb.stats_failed()  # never acknowledged: send them again later
+                    for key, lb, _ in self._in_flight.values():
+                        self.table.stats_done(key, lb, stored=False)  # send them again later
                 self._in_flight.clear()
                 await trio.aclose_forcefully(stream)
-            log.warning("lost the reporter; keeping the counts, reconnecting")
+            self._session_log.warning("lost the reporter; keeping the counts, reconnecting")
 
-    def _caller(self, stream: trio.SocketStream) -> int:
-        """This host's IPv4 as an integer: configured, else the address used to reach the
-        reporter."""
+    def _caller(self, stream: trio.SocketStream) -> int | None:
+        """This host's IPv4 as an integer, which names it in the statistics: ``[agent] ip``,
+        else the address used to reach the reporter. None (logged) when neither is IPv4."""
         if self.config.ip:
             return ip_to_int(self.config.ip)
-        return ip_to_int(stream.socket.getsockname()[0])
+        local = stream.socket.getsockname()[0]
+        try:
+            return ip_to_int(local.removeprefix("::ffff:"))  # IPv4 or IPv4-mapped
+        except InvalidValue:
+            self._bad_input_log.error(
+                "the reporter is reached over IPv6 (from %s) and [agent] ip is not set: set it"
+                " to this host's IPv4 address, which names it in the statistics; keeping the"
+                " counts meanwhile",
+                local,
+            )
+            return None
 
     async def _report_session(self, stream: trio.SocketStream, caller: int) -> None:
         async with trio.open_nursery() as nursery:
@@ -458,40 +552,48 @@ class Agent:
                 with trio.move_on_after(self.config.report_interval):
                     await self._flush_now.wait()
                 self._flush_now = trio.Event()
-                oldest = min((sent for _, sent in self._in_flight.values()), default=None)
-                if oldest is not None and time.monotonic() - oldest > ACK_TIMEOUT:
+                oldest = next(iter(self._in_flight.values()), None)  # sent first
+                if oldest is not None and time.monotonic() - oldest[2] > ACK_TIMEOUT:
                     log.warning("reporter acknowledged nothing for %.0fs", ACK_TIMEOUT)
                     nursery.cancel_scope.cancel()
                     return
-                with self._lock:
-                    messages = self.take_reports(caller)
-                if messages:
-                    try:
-                        await stream.send_all(b"".join(wire.encode_frame(m) for m in messages))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        nursery.cancel_scope.cancel()
-                        return
-                    self.metrics.incr("reports_sent", len(messages))
+                try:
+                    await self.send_reports(stream, caller)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    nursery.cancel_scope.cancel()
+                    return
 
-    def take_reports(self, caller: int) -> list[wire.ReportStatusRequest]:
-        """One ReportStatusRequest per module with counts since the last acknowledged send
-        and none in flight; the counts become in flight until acknowledged. Call it holding
-        the table lock."""
-        now = time.monotonic()
-        ts = int(time.time())
-        messages = []
-        for (modid, cmdid), lb in self.table.balancers():
-            lines = lb.take_stats()
-            if not lines:
-                continue
-            seq = next(self._report_seqs)
-            results = tuple(
-                wire.HostResult(st.key[0], st.key[1], succ, err, st.overloaded)
-                for st, succ, err in lines
-            )
-            messages.append(wire.ReportStatusRequest(modid, cmdid, caller, results, ts, seq))
-            self._in_flight[seq] = (lb, now)
-        return messages
+    async def send_reports(self, stream: trio.abc.SendStream, caller: int) -> int:
+        """Send one ReportStatusRequest per module with counts since the last acknowledged
+        send and none in flight; the counts are in flight until acknowledged. Returns the
+        number sent.
+
+        Only modules with calls are touched, STATS_CHUNK of them per hold of the table lock,
+        so the API threads never wait long however many modules there are.
+        """
+        with self._lock:
+            due = self.table.take_due()
+        sent = 0
+        try:
+            while chunk := list(itertools.islice(due, STATS_CHUNK)):
+                with self._lock:
+                    taken = self.table.collect_stats(chunk)
+                now, ts = time.monotonic(), int(time.time())
+                messages = []
+                for key, lb, lines in taken:
+                    seq = next(self._report_seqs)
+                    results = tuple(wire.HostResult(*h, s, e, o) for h, s, e, o in lines)
+                    messages.append(wire.ReportStatusRequest(*key, caller, results, ts, seq))
+                    self._in_flight[seq] = (key, lb, now)
+                if messages:
+                    await stream.send_all(b"".join(wire.encode_frame(m) for m in messages))
+                    self.metrics.incr("reports_sent", len(messages))
+                    sent += len(messages)
+        finally:
+            if rest := list(due):  # the send failed: what was not taken is due again
+                with self._lock:
+                    self.table.requeue(rest)
+        return sent
 
     async def _report_acks(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
         decoder = wire.FrameDecoder()
@@ -501,7 +603,7 @@ class Agent:
                     entry = self._in_flight.pop(item.seq, None)
                     if entry is not None:
                         with self._lock:
-                            entry[0].stats_sent()
+                            self.table.stats_done(entry[0], entry[1], stored=True)
                         self.metrics.incr("reports_acknowledged")
                 elif isinstance(item, ProtocolError) and item.msg_type is None:
                     log.error("bad frame from the reporter: %s; reconnecting", item)
@@ -519,12 +621,12 @@ class Agent:
     def stats_settled(self) -> bool:
         """True when every count has been acknowledged by the reporter."""
         with self._lock:
-            return not self._in_flight and not any(
-                lb.has_unsent_stats for _, lb in self.table.balancers()
-            )
+            return not self._in_flight and self.table.stats_settled()
 
     async def drain(self) -> None:
-        """Send the remaining statistics and wait for their acknowledgement (shutdown)."""
+        """Stop the API (no new counts), send the remaining statistics and wait for their
+        acknowledgement (shutdown)."""
+        await self.stop_api()
         while not self.stats_settled:
             self._flush_now.set()
             await self._acked.wait()

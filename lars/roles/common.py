@@ -10,6 +10,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import trio
 
@@ -55,7 +56,7 @@ class RateLimitedLog:
         self._next = -math.inf
         self._suppressed = 0
 
-    def warning(self, message: str, *args: object) -> None:
+    def log(self, level: int, message: str, *args: object, **kwargs: Any) -> None:
         """Log now, or count the message if one was logged less than ``interval`` ago.
         Safe to call from any thread (the agent's API threads use it)."""
         now = time.monotonic()
@@ -65,9 +66,17 @@ class RateLimitedLog:
         if self._suppressed:
             message += " (and %d more like it since the last report)"
             args = (*args, self._suppressed)
-        self.logger.warning(message, *args)
+        self.logger.log(level, message, *args, **kwargs)
         self._suppressed = 0
         self._next = now + self.interval
+
+    def warning(self, message: str, *args: object, **kwargs: Any) -> None:
+        """:meth:`log` at WARNING."""
+        self.log(logging.WARNING, message, *args, **kwargs)
+
+    def error(self, message: str, *args: object, **kwargs: Any) -> None:
+        """:meth:`log` at ERROR."""
+        self.log(logging.ERROR, message, *args, **kwargs)
 
 
 def backoff(initial: float = 0.1, cap: float = 30.0) -> Iterator[float]:
@@ -239,11 +248,19 @@ def peer_name(stream: object) -> str:
     return f"{host}:{port}"
 
 
+#: Seconds a session must have lasted for the reconnect backoff to start afresh.
+HEALTHY_SESSION = 10.0
+
+
 class Reconnector:
     """Connects to one of ``addresses`` (in turn, failing over), forever, with capped backoff.
 
     Logs once when a peer becomes unreachable, not on every retry; a full round of failed
-    addresses waits the next backoff delay before the next round.
+    addresses waits the next backoff delay before the next round. A session that ends
+    within HEALTHY_SESSION of its start also waits the next delay before reconnecting (and
+    only a longer one resets the backoff), so a peer that accepts and then drops every
+    connection is not hammered in a hot loop; the connect and loss lines of such a
+    session are logged at a rate limit.
     """
 
     def __init__(
@@ -265,9 +282,21 @@ class Reconnector:
         self._attempt = 0
         self._delays = backoff(cap=retry_max)
         self._reported_down = False
+        self._session_started: float | None = None
+        self._connected_log = RateLimitedLog(log)
 
     async def connect(self) -> tuple[str, trio.SocketStream]:
-        """The next working connection, as ``(address, stream)``."""
+        """The next working connection, as ``(address, stream)``. Call it again when the
+        session on the previous one has ended."""
+        short = False
+        if self._session_started is not None:
+            lasted = trio.current_time() - self._session_started
+            self._session_started = None
+            if lasted >= HEALTHY_SESSION:
+                self._delays = backoff(cap=self.retry_max)
+            else:
+                short = True
+                await trio.sleep(next(self._delays))
         while True:
             address = self.addresses[self._attempt % len(self.addresses)]
             self._attempt += 1
@@ -285,11 +314,14 @@ class Reconnector:
                 if self._attempt % len(self.addresses) == 0:  # a full round failed
                     await trio.sleep(next(self._delays))
                 continue
-            self._delays = backoff(cap=self.retry_max)
             self._reported_down = False
+            self._session_started = trio.current_time()
             keepalive(stream)
             self.metrics.incr(f"{self.what}_connects")
-            self.log.info("connected to %s %s", self.what, address)
+            if short:  # maybe one of many: at a rate limit
+                self._connected_log.log(logging.INFO, "connected to %s %s", self.what, address)
+            else:
+                self.log.info("connected to %s %s", self.what, address)
             return address, stream
 
 

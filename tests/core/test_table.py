@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lars.core.balancer import NOEXIST, OVERLOAD, SUCC, BalancerParams
-from lars.core.table import MAX_WAITERS, ModuleTable
+from lars.core.table import MAX_PENDING, MAX_WAITERS, ModuleTable
 
 A = (167772161, 7001)
 B = (167772162, 7002)
@@ -57,7 +57,7 @@ def test_wait_runs_out_with_noexist_and_later_requests_do_not_wait() -> None:
         (1, NOEXIST, None),
         (2, NOEXIST, ()),
     ]
-    assert t.next_deadline() is None
+    assert t.next_deadline() == 15.0  # when DNS's answer is given up on
     assert t.get_host(M, 0.6, *who(3)) == (NOEXIST, None)  # no second wait
     assert t.pending[M].waiters == []
     # The route still arrives later and is served.
@@ -168,12 +168,13 @@ def test_dropped_module_keeps_its_unsent_statistics_until_sent() -> None:
     t.report(M, A, True, 0.0)
     lb = t.modules[M]
     t.apply_route(M, [], 1.0)
-    assert [(key, balancer) for key, balancer in t.balancers()] == [(M, lb)]
-    lines = lb.take_stats()
-    assert [(st.key, s, e) for st, s, e in lines] == [(A, 1, 0)]
-    lb.stats_sent()
+    due = list(t.take_due())
+    assert due == [(M, lb)]
+    assert t.collect_stats(due) == [(M, lb, [(A, 1, 0, False)])]
+    t.stats_done(M, lb, stored=True)
     t.forget_drained()
-    assert list(t.balancers()) == []
+    assert list(t.take_due()) == []
+    assert t.stats_settled()
 
 
 def test_module_limit_answers_noexist() -> None:
@@ -188,7 +189,12 @@ def test_describe_reports_state_with_wall_clock_times() -> None:
     t = table()
     assert t.describe(M, 0.0, 1000.0) is None
     t.get_host(M, 0.0, *who(1))
-    assert t.describe(M, 0.0, 1000.0) == {"status": "pending", "last_update": None, "hosts": []}
+    assert t.describe(M, 0.0, 1000.0) == {
+        "status": "pending",
+        "last_update": None,
+        "host_count": 0,
+        "hosts": [],
+    }
     t.apply_route(M, [A, B], 10.0)
     for _ in range(15):
         t.report(M, B, False, 12.0)
@@ -212,3 +218,79 @@ def test_describe_reports_state_with_wall_clock_times() -> None:
         "contin_succ",
         "contin_err",
     }
+
+
+def test_describe_pages_hosts_in_address_order() -> None:
+    t = table()
+    t.apply_route(M, [C, A, B], 0.0)
+    t.get_host(M, 0.0)  # rotation must not reorder the pages
+    first = t.describe(M, 0.0, 0.0, offset=0, limit=2)
+    rest = t.describe(M, 0.0, 0.0, offset=2, limit=2)
+    assert first is not None and rest is not None
+    assert first["host_count"] == rest["host_count"] == 3
+    pages = [h["host"] for h in first["hosts"] + rest["hosts"]]
+    assert pages == ["10.0.0.1:7001", "10.0.0.2:7002", "10.0.0.3:7003"]
+
+
+def test_pending_module_dns_never_answers_is_given_up_after_update_timeout() -> None:
+    t = table(route_wait=0.5)
+    t.get_host(M, 0.0, *who(1))
+    t.want.clear()  # sent to DNS
+    t.expire_waits(0.5)
+    assert M in t.pending and t.known() == [M]
+    assert t.expire_waits(14.9) == [] and M in t.pending
+    t.expire_waits(15.0)
+    assert M not in t.pending and t.known() == []
+    assert t.next_deadline() is None
+    # Its next use asks DNS again.
+    assert t.get_host(M, 16.0, *who(2)) == (-1, None)
+    assert t.want == {M}
+
+
+def test_pending_modules_are_bounded_and_expire_in_constant_time_each() -> None:
+    t = table(route_wait=0.5)
+    for modid in range(MAX_PENDING):
+        t.get_host((modid, 1), modid * 1e-6, *who(modid))
+    assert len(t.pending) == MAX_PENDING
+    # One more is refused without asking DNS or queueing a waiter.
+    assert t.get_host((MAX_PENDING, 1), 0.1, *who(1)) == (NOEXIST, None)
+    assert (MAX_PENDING, 1) not in t.want
+    # The waits run out oldest first, each answered once.
+    answers = t.expire_waits(0.5 + 5000e-6)
+    assert len(answers) == 5001
+    assert t.next_deadline() == 0.5 + 5001e-6
+    assert len(t.expire_waits(100.0)) == MAX_PENDING - 5001
+    assert not t.pending and not t.want and t.next_deadline() is None
+
+
+def test_only_modules_with_reports_are_due_for_statistics() -> None:
+    t = table()
+    for modid in range(1000):
+        t.apply_route((modid, 1), [A], 0.0)
+    t.report((7, 1), A, True, 0.0)
+    t.report((7, 1), A, False, 0.0)
+    t.report((9, 1), A, True, 0.0)
+    due = list(t.take_due())
+    assert [key for key, _ in due] == [(7, 1), (9, 1)]
+    assert list(t.take_due()) == []  # taken: nothing is due twice
+    taken = t.collect_stats(due)
+    assert [(key, lines) for key, _, lines in taken] == [
+        ((7, 1), [(A, 1, 1, False)]),
+        ((9, 1), [(A, 1, 0, False)]),
+    ]
+    # A report while a send is in flight makes the module due again once it is done.
+    t.report((7, 1), A, True, 1.0)
+    assert t.collect_stats(t.take_due()) == []  # still in flight: nothing taken
+    lb7, lb9 = taken[0][1], taken[1][1]
+    t.stats_done((7, 1), lb7, stored=True)
+    t.stats_done((9, 1), lb9, stored=False)  # lost: sent again
+    assert sorted(key for key, _ in t.take_due()) == [(7, 1), (9, 1)]
+
+
+def test_requeue_makes_untaken_modules_due_again() -> None:
+    t = table()
+    t.apply_route(M, [A], 0.0)
+    t.report(M, A, True, 0.0)
+    due = list(t.take_due())
+    t.requeue(due)
+    assert list(t.take_due()) == due

@@ -131,7 +131,12 @@ async def stack(
     dns_port = free_tcp_port()
     dns = DnsServer(DnsConfig(listen=f"127.0.0.1:{dns_port}", check_interval=0.1), store)
     base = free_udp_base(3)
-    config = {"base_port": base, "dns": [f"127.0.0.1:{dns_port}"], **agent_config}
+    config = {
+        "base_port": base,
+        "dns": [f"127.0.0.1:{dns_port}"],
+        "reporter": f"127.0.0.1:{free_tcp_port()}",  # nothing there: never a default port
+        **agent_config,
+    }
     the_agent = agent(**config)
     client = AsyncLarsClient(base_port=base, timeout=0.5, retries=2)
     try:
