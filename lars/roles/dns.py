@@ -20,12 +20,19 @@ Each connection has one reader and one writer task. The writer sends what is que
 connection: routes coalesce per module (a newer route replaces an unsent older one), so a
 slow agent costs at most one pending frame per subscribed module, never an unbounded queue.
 A consequence: two requests for one module answered in one write get one (current) route.
+
+A subscription to a module that does not exist (asked for, or deleted) lapses after
+``ABSENT_SUBSCRIPTION_TTL`` unless the module appears or is asked for again meanwhile: an
+agent that asked for a made-up module gets NOEXIST, caches that for its ``update_timeout``
+and asks again on the next use, so the DNS need not remember every module any client ever
+named.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 
 import trio
 
@@ -55,6 +62,9 @@ PURGE_INTERVAL = 3600.0
 MAX_SUBSCRIPTIONS = 100_000
 #: Replies (errors, stats) queued for one connection before it counts as abusive.
 MAX_QUEUED_REPLIES = 1000
+#: Seconds a subscription to a module without a route is kept (longer than an agent's
+#: negative cache, so a module added meanwhile is still pushed).
+ABSENT_SUBSCRIPTION_TTL = 60.0
 
 _EMPTY: frozenset[HostKey] = frozenset()
 
@@ -110,6 +120,8 @@ class DnsServer:
         self._frames: dict[ModuleKey, bytes] = {}
         self._next_full_reload = -math.inf
         self._bad_input_log = RateLimitedLog(log)
+        # Subscriptions to modules without a route, with when they lapse, oldest first.
+        self._absent: OrderedDict[tuple[Subscriber, ModuleKey], float] = OrderedDict()
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -154,14 +166,48 @@ class DnsServer:
         sub.closed = True
         self.connections.discard(sub)
         for module in sub.modules:
-            subs = self.subscribers.get(module)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self.subscribers[module]
+            self._unsubscribe_one(sub, module)
         sub.modules.clear()
         self.metrics.set("connections", len(self.connections))
         self.metrics.set("subscribed_modules", len(self.subscribers))
+
+    def _unsubscribe_one(self, sub: Subscriber, module: ModuleKey) -> None:
+        subs = self.subscribers.get(module)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self.subscribers[module]
+
+    def _absent_for(self, sub: Subscriber, module: ModuleKey) -> None:
+        """``sub`` is subscribed to a module without a route: let that lapse in time."""
+        entry = (sub, module)
+        self._absent[entry] = trio.current_time() + ABSENT_SUBSCRIPTION_TTL
+        self._absent.move_to_end(entry)
+
+    def lapse_absent(self) -> int:
+        """End the subscriptions to modules still without a route ABSENT_SUBSCRIPTION_TTL
+        after they were last asked for or pushed empty; returns how many ended."""
+        now = trio.current_time()
+        absent = self._absent
+        lapsed = 0
+        while absent:
+            (sub, module), expires = next(iter(absent.items()))
+            if now < expires:
+                break
+            del absent[sub, module]
+            routes = self.routes
+            if (
+                not sub.closed
+                and module in sub.modules
+                and (routes is None or module not in routes)
+            ):
+                sub.modules.discard(module)
+                self._unsubscribe_one(sub, module)
+                lapsed += 1
+        if lapsed:
+            self.metrics.incr("subscriptions_lapsed", lapsed)
+            self.metrics.set("subscribed_modules", len(self.subscribers))
+        return lapsed
 
     async def _read_loop(self, stream: trio.abc.Stream, sub: Subscriber) -> None:
         decoder = wire.FrameDecoder(self.config.max_frame)
@@ -188,6 +234,8 @@ class DnsServer:
                 self.metrics.set("subscribed_modules", len(self.subscribers))
             if self.routes is not None:
                 sub.queue_route(module, self._frame(module))
+                if module not in self.routes:
+                    self._absent_for(sub, module)
             return True
         if isinstance(msg, wire.RouteChangeNotice):
             self.metrics.incr("change_notices")
@@ -231,8 +279,11 @@ class DnsServer:
             subs = self.subscribers.get(module)
             if subs:
                 frame = self._frame(module)
+                gone = module not in routes
                 for sub in subs:
                     sub.queue_route(module, frame)
+                    if gone:
+                        self._absent_for(sub, module)
                 pushed += len(subs)
         self.metrics.incr("pushes", pushed)
         self.metrics.set("route_version", version)
@@ -305,6 +356,7 @@ class DnsServer:
             self.store_ok = True
             self.metrics.set("store_ok", 1)
             delays = None
+            self.lapse_absent()
             self.checked.set()
             self.checked = trio.Event()
             with trio.move_on_after(self.config.check_interval):

@@ -14,7 +14,7 @@ import trio.testing
 
 from lars import wire
 from lars.config import DnsConfig
-from lars.roles.dns import DnsServer
+from lars.roles.dns import ABSENT_SUBSCRIPTION_TTL, DnsServer
 from lars.store import RouteStore
 from tests.fakes import FlakyStore, FramedClient, memory_store
 from tests.store_helpers import fetch
@@ -313,3 +313,31 @@ async def test_slow_subscriber_costs_one_pending_frame_per_module(
             await trio.sleep(1.5)
         (sub,) = server.connections
         assert len(sub.pending) <= 1  # coalesced: only the newest route waits
+
+
+async def test_subscriptions_to_absent_modules_lapse(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.change_routes(add={M1: [A]})
+    async with running(store) as (server, nursery):
+        client = connect(server, nursery)
+        assert await ask(client, M1) == {A}
+        made_up = [(modid, 1) for modid in range(100, 1100)]
+        await client.send(*(wire.GetRouteRequest(*m) for m in made_up))
+        for _ in made_up:
+            assert (await client.route()).hosts == ()
+        assert len(server.subscribers) == 1 + len(made_up)
+        # One absent module appears in time: it is pushed and stays subscribed.
+        await trio.sleep(ABSENT_SUBSCRIPTION_TTL / 2)
+        await store.inner.change_routes(add={(100, 1): [B]})
+        server.poke()
+        assert await client.route() == wire.GetRouteResponse(100, 1, (B,))
+        await trio.sleep(ABSENT_SUBSCRIPTION_TTL / 2 + 2)
+        assert server.subscribers.keys() == {M1, (100, 1)}
+        assert server.metrics.counters["subscriptions_lapsed"] == len(made_up) - 1
+        # A module deleted later lapses the same way, after it was pushed empty.
+        await store.inner.remove_hosts(M1, None)
+        server.poke()
+        assert (await client.route()).hosts == ()
+        await trio.sleep(ABSENT_SUBSCRIPTION_TTL + 2)
+        assert server.subscribers.keys() == {(100, 1)}
