@@ -16,7 +16,8 @@ context manager). Errors: :class:`~lars.NoRoute`, :class:`~lars.Overloaded`,
 :class:`~lars.AgentUnavailable` (no answer after the retries),
 :class:`~lars.RequestRejected`, all under :class:`~lars.LarsError`.
 
-Each request carries a sequence number; replies to earlier, timed-out requests are
+:class:`LarsClient` is safe to share between threads, :class:`AsyncLarsClient` between
+tasks. Each request carries a sequence number; replies to earlier, timed-out requests are
 discarded. A module is served on ``base_port + (modid + cmdid) % ports``. The protocol logic
 lives in :class:`ClientCore` (no I/O); the two clients only send and receive. On the hot
 path get_host is one send and one receive, and report one send.
@@ -56,7 +57,9 @@ DEFAULT_BASE_PORT = 8888
 DEFAULT_PORTS = 3
 DEFAULT_TIMEOUT = 0.25
 DEFAULT_RETRIES = 2
-#: Attempts of reg_init, and the pause between them.
+#: Largest datagram a client receives (the most UDP carries).
+RECEIVE_SIZE = 65536
+#: Attempts of reg_init while the agent answers NoRoute, and the pause between them.
 REG_INIT_ATTEMPTS = 10
 REG_INIT_PAUSE = 0.2
 
@@ -112,10 +115,12 @@ class ClientCore:
         msg = wire.ApiGetRouteRequest(seq, *parse_module(modid, cmdid))
         return seq, wire.encode_datagram(msg)
 
-    def state_request(self, modid: int, cmdid: int) -> tuple[int, bytes]:
-        """``(seq, datagram)`` of an AgentStateRequest (what ``lars query`` shows)."""
+    def state_request(self, modid: int, cmdid: int, offset: int = 0) -> tuple[int, bytes]:
+        """``(seq, datagram)`` of an AgentStateRequest for the hosts from ``offset`` on
+        (what ``lars query`` shows)."""
         seq = self.next_seq()
-        return seq, wire.encode_datagram(wire.AgentStateRequest(seq, *parse_module(modid, cmdid)))
+        msg = wire.AgentStateRequest(seq, *parse_module(modid, cmdid), offset)
+        return seq, wire.encode_datagram(msg)
 
     def stats_request(self) -> tuple[int, bytes]:
         """``(seq, datagram)`` of a StatsRequest (the agent's counters)."""
@@ -138,16 +143,22 @@ class ClientCore:
     # --- replies ---------------------------------------------------------------------------
 
     @staticmethod
-    def match(data: bytes, seq: int) -> wire.Message | None:
-        """The reply in ``data`` if it answers request ``seq``; None for anything else
-        (a late reply to an earlier request, or garbage)."""
+    def reply(data: bytes) -> tuple[int, wire.Message] | None:
+        """``(seq, message)`` of a datagram from the agent; None for garbage or a message
+        that answers no request (one without a sequence number)."""
         try:
             msg = wire.decode_datagram(data)
         except ProtocolError:
             return None
-        if getattr(msg, "seq", None) != seq:
-            return None
-        return msg
+        seq = getattr(msg, "seq", None)
+        return None if seq is None else (seq, msg)
+
+    @staticmethod
+    def match(data: bytes, seq: int) -> wire.Message | None:
+        """The reply in ``data`` if it answers request ``seq``; None for anything else
+        (a late reply to an earlier request, or garbage)."""
+        got = ClientCore.reply(data)
+        return got[1] if got is not None and got[0] == seq else None
 
     def to_host(self, key: HostKey) -> Host:
         """The public form of a host from the wire."""
@@ -174,12 +185,20 @@ class ClientCore:
         raise self._unexpected(msg)
 
     @staticmethod
-    def state_result(msg: wire.Message) -> dict[str, Any] | None:
-        """The module's state from an AgentStateResponse; None if the agent does not know
-        the module."""
+    def state_page(msg: wire.Message, state: dict[str, Any]) -> int | None:
+        """Add one AgentStateResponse page to ``state`` (a dict the caller starts empty):
+        returns the offset of the next page to ask for, or None when the state is whole
+        (or the agent does not know the module: ``state`` stays empty)."""
         if not isinstance(msg, wire.AgentStateResponse):
             raise ClientCore._unexpected(msg)
-        return dict(msg.state) if msg.retcode == _SUCC else None
+        if msg.retcode != _SUCC:
+            return None
+        hosts = [*state.get("hosts", ()), *msg.state.get("hosts", ())]
+        state.update(msg.state, hosts=hosts)
+        total = msg.state.get("host_count")  # absent from agents that do not page
+        if type(total) is not int or not msg.state.get("hosts") or len(hosts) >= total:
+            return None
+        return len(hosts)
 
     @staticmethod
     def stats_result(msg: wire.Message) -> dict[str, Any]:
@@ -271,7 +290,7 @@ class LarsClient:
             try:
                 sock.send(request)
                 while True:
-                    reply = self.core.match(sock.recv(65536), seq)
+                    reply = self.core.match(sock.recv(RECEIVE_SIZE), seq)
                     if reply is not None:
                         return reply
             except BlockingIOError:  # SO_RCVTIMEO ran out
@@ -292,9 +311,14 @@ class LarsClient:
 
     def agent_state(self, modid: int, cmdid: int) -> dict[str, Any] | None:
         """The agent's view of the module (status, hosts and their counters), as
-        ``lars query`` prints it; None if the agent does not know the module."""
-        seq, request = self.core.state_request(modid, cmdid)
-        return self.core.state_result(self._exchange(modid, cmdid, seq, request))
+        ``lars query`` prints it; None if the agent does not know the module. A large
+        route comes in several pages, one request each."""
+        state: dict[str, Any] = {}
+        offset: int | None = 0
+        while offset is not None:
+            seq, request = self.core.state_request(modid, cmdid, offset)
+            offset = self.core.state_page(self._exchange(modid, cmdid, seq, request), state)
+        return state or None
 
     def agent_stats(self) -> dict[str, Any]:
         """The agent's counters (requests refused, DNS connections, ...), as ``lars stats``
@@ -318,11 +342,13 @@ class LarsClient:
             self._socket(self.core.port(modid, cmdid)).send(request)
 
     def reg_init(self, modid: int, cmdid: int) -> list[Host]:
-        """Preload a module at start-up: ask for its route, retrying briefly."""
+        """Preload a module at start-up: ask for its route, retrying briefly while the agent
+        answers NoRoute (its DNS may not have answered yet). No answer at all is
+        AgentUnavailable at once: the client's own timeout and retries have run out."""
         for attempt in range(REG_INIT_ATTEMPTS):
             try:
                 return self.get_route(modid, cmdid)
-            except (NoRoute, AgentUnavailable):
+            except NoRoute:
                 if attempt == REG_INIT_ATTEMPTS - 1:
                     raise
                 time.sleep(REG_INIT_PAUSE)
@@ -354,8 +380,151 @@ class LarsClient:
         self.close()
 
 
+def _closed_error() -> trio.ClosedResourceError:
+    return trio.ClosedResourceError("the AsyncLarsClient was closed")
+
+
+class _Slot:
+    """Where the reply to one request in flight lands."""
+
+    __slots__ = ("reply", "wake")
+
+    def __init__(self) -> None:
+        self.reply: wire.Message | None = None
+        #: While the request's task is parked: set it to wake the task.
+        self.wake: trio.Event | None = None
+
+
+class _Channel:
+    """One connected UDP socket to one agent port, shared by every task of a client.
+
+    Replies are dispatched by sequence number: each request in flight has a slot; the task
+    that receives a datagram puts it into the slot of its seq and wakes that slot's task. A
+    reply whose seq has no slot (its request timed out or was answered already) is dropped.
+
+    trio lets one task at a time receive on a socket, and here that is always one of the
+    waiting tasks: a task that needs a reply becomes *the reader* if there is none, and
+    receives (dispatching every reply) until its own reply is in, its attempt times out or
+    it is cancelled. Then it hands the reading over by waking the oldest parked task. Every
+    other waiting task is parked on its slot. Sends go through a lock: two tasks must not
+    both wait for room in the socket's buffer.
+    """
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.closed = False
+        self._send_lock = trio.Lock()
+        self._slots: dict[int, _Slot] = {}
+        #: Slots of the parked tasks, oldest first (a dict as an ordered set).
+        self._parked: dict[_Slot, None] = {}
+        self._reading = False
+
+    def expect(self, seq: int) -> _Slot:
+        """Open the slot for the reply to ``seq``, before the request goes out."""
+        slot = self._slots[seq] = _Slot()
+        return slot
+
+    def forget(self, seq: int) -> None:
+        """Close the slot of ``seq``: a reply to it is stale from now on."""
+        self._slots.pop(seq, None)
+
+    async def send(self, datagram: bytes) -> None:
+        """Send one datagram. A send refused because nothing listens on the port is dropped:
+        the request's attempt runs out, as if the datagram had been lost."""
+        async with self._send_lock:
+            if self.closed:
+                raise _closed_error()
+            try:
+                await self.sock.send(datagram)
+            except ConnectionRefusedError:
+                pass
+            except (OSError, trio.ClosedResourceError):
+                if self.closed:
+                    raise _closed_error() from None
+                raise
+
+    async def receive(self, slot: _Slot) -> wire.Message:
+        """Wait for the reply in ``slot``, being the reader meanwhile if no task is."""
+        try:
+            while slot.reply is None:
+                if self.closed:
+                    raise _closed_error()
+                if self._reading:
+                    await self._park(slot)
+                else:
+                    await self._read_until(slot)
+        finally:
+            if not self._reading:  # we were the reader, or were woken to become it
+                self._hand_over()
+        return slot.reply
+
+    async def _park(self, slot: _Slot) -> None:
+        slot.wake = trio.Event()
+        self._parked[slot] = None
+        try:
+            await slot.wake.wait()
+        finally:
+            slot.wake = None
+            del self._parked[slot]
+
+    async def _read_until(self, slot: _Slot) -> None:
+        self._reading = True
+        try:
+            while slot.reply is None:
+                try:
+                    data = await self.sock.recv(RECEIVE_SIZE)
+                except ConnectionRefusedError:  # some request met a closed port: it runs out
+                    continue
+                except (OSError, trio.ClosedResourceError):
+                    if self.closed:
+                        raise _closed_error() from None
+                    raise
+                self._deliver(data)
+        finally:
+            self._reading = False
+
+    def _deliver(self, data: bytes) -> None:
+        got = ClientCore.reply(data)
+        if got is None:
+            return
+        slot = self._slots.get(got[0])
+        if slot is None or slot.reply is not None:
+            return  # stale: its request is gone; or a duplicate
+        slot.reply = got[1]
+        if slot.wake is not None:
+            slot.wake.set()
+
+    def _hand_over(self) -> None:
+        """Wake the oldest parked task that has not been woken yet: it becomes the reader."""
+        for slot in self._parked:
+            if slot.wake is not None and not slot.wake.is_set():
+                slot.wake.set()
+                return
+
+    def close(self) -> None:
+        """Close the socket; the reader and the parked tasks get ClosedResourceError."""
+        self.closed = True
+        self.sock.close()  # ends the reader's receive
+        for slot in self._parked:
+            if slot.wake is not None:
+                slot.wake.set()
+
+
 class AsyncLarsClient:
-    """The trio client of the local agent: :class:`LarsClient`'s methods, awaited."""
+    """The trio client of the local agent: :class:`LarsClient`'s methods, awaited.
+
+    Safe to share between tasks. Each agent port has one socket; replies are dispatched to
+    the waiting requests by sequence number (see :class:`_Channel`). The reading is done by
+    the waiting tasks themselves, one at a time, handed over from one to the next, rather
+    than by a background reader task: a background task needs a nursery — the caller's, which
+    every user would have to open, or a trio system task, which outlives the client and whose
+    crash ends the whole program. This way each receive runs inside a request's own cancel
+    scope, so timeouts and cancellation stay per request, and nothing runs while no request
+    is in flight. One task alone still does one send and one receive per request.
+
+    :meth:`close` is final: waiting tasks, and any later call, get
+    :class:`trio.ClosedResourceError`.
+    """
 
     def __init__(
         self,
@@ -367,33 +536,46 @@ class AsyncLarsClient:
         retries: int = DEFAULT_RETRIES,
     ) -> None:
         self.core = ClientCore(host, base_port, ports, timeout, retries)
-        self._sockets: dict[int, trio.socket.SocketType] = {}
+        self._channels: dict[int, _Channel] = {}
+        self._open_lock = trio.Lock()
+        self._closed = False
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None) -> AsyncLarsClient:
         """A client for the agent of a lars.toml (``path``, else ./lars.toml, else defaults)."""
         return cls(**_config_kwargs(path))
 
-    async def _socket(self, port: int) -> trio.socket.SocketType:
-        sock = self._sockets.get(port)
-        if sock is None:
-            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            await sock.connect((self.core.host, port))
-            self._sockets[port] = sock
-        return sock
+    async def _channel(self, port: int) -> _Channel:
+        channel = self._channels.get(port)
+        if channel is not None:
+            return channel
+        async with self._open_lock:  # one socket per port, however many tasks ask at once
+            if self._closed:
+                raise _closed_error()
+            channel = self._channels.get(port)
+            if channel is None:
+                sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                try:
+                    await sock.connect((self.core.host, port))
+                except BaseException:
+                    sock.close()
+                    raise
+                channel = self._channels[port] = _Channel(sock)
+        return channel
 
     async def _exchange(self, modid: int, cmdid: int, seq: int, request: bytes) -> wire.Message:
-        sock = await self._socket(self.core.port(modid, cmdid))
-        for _ in range(self.core.retries + 1):
-            with trio.move_on_after(self.core.timeout):
-                try:
-                    await sock.send(request)
-                    while True:
-                        reply = self.core.match(await sock.recv(65536), seq)
-                        if reply is not None:
-                            return reply
-                except ConnectionRefusedError:
-                    await trio.sleep_forever()  # nothing listens yet: wait out the attempt
+        channel = await self._channel(self.core.port(modid, cmdid))
+        slot = channel.expect(seq)
+        try:
+            for _ in range(self.core.retries + 1):
+                with trio.move_on_after(self.core.timeout):
+                    if slot.reply is None:  # else it came in as the last attempt ran out
+                        await channel.send(request)
+                    return await channel.receive(slot)
+            if slot.reply is not None:
+                return slot.reply
+        finally:
+            channel.forget(seq)
         raise self.core.unavailable(modid, cmdid)
 
     async def get_host(self, modid: int, cmdid: int) -> Host:
@@ -410,9 +592,15 @@ class AsyncLarsClient:
 
     async def agent_state(self, modid: int, cmdid: int) -> dict[str, Any] | None:
         """The agent's view of the module (status, hosts and their counters), as
-        ``lars query`` prints it; None if the agent does not know the module."""
-        seq, request = self.core.state_request(modid, cmdid)
-        return self.core.state_result(await self._exchange(modid, cmdid, seq, request))
+        ``lars query`` prints it; None if the agent does not know the module. A large
+        route comes in several pages, one request each."""
+        state: dict[str, Any] = {}
+        offset: int | None = 0
+        while offset is not None:
+            seq, request = self.core.state_request(modid, cmdid, offset)
+            reply = await self._exchange(modid, cmdid, seq, request)
+            offset = self.core.state_page(reply, state)
+        return state or None
 
     async def agent_stats(self) -> dict[str, Any]:
         """The agent's counters (requests refused, DNS connections, ...), as ``lars stats``
@@ -431,17 +619,17 @@ class AsyncLarsClient:
     ) -> None:
         """Report the result of a call to ``host``: ``ok=True/False`` or ``retcode=`` (0 ok)."""
         request = self.core.report_request(modid, cmdid, host, ok, retcode)
-        sock = await self._socket(self.core.port(modid, cmdid))
         # A report is best effort, like the original's: no agent, no report.
-        with contextlib.suppress(ConnectionRefusedError):
-            await sock.send(request)
+        await (await self._channel(self.core.port(modid, cmdid))).send(request)
 
     async def reg_init(self, modid: int, cmdid: int) -> list[Host]:
-        """Preload a module at start-up: ask for its route, retrying briefly."""
+        """Preload a module at start-up: ask for its route, retrying briefly while the agent
+        answers NoRoute (its DNS may not have answered yet). No answer at all is
+        AgentUnavailable at once: the client's own timeout and retries have run out."""
         for attempt in range(REG_INIT_ATTEMPTS):
             try:
                 return await self.get_route(modid, cmdid)
-            except (NoRoute, AgentUnavailable):
+            except NoRoute:
                 if attempt == REG_INIT_ATTEMPTS - 1:
                     raise
                 await trio.sleep(REG_INIT_PAUSE)
@@ -459,10 +647,12 @@ class AsyncLarsClient:
         await self.report(modid, cmdid, host, ok=True)
 
     def close(self) -> None:
-        """Close the client's sockets."""
-        sockets, self._sockets = self._sockets, {}
-        for sock in sockets.values():
-            sock.close()
+        """Close the client's sockets, for good: tasks waiting for a reply, and any later
+        call, get :class:`trio.ClosedResourceError`."""
+        self._closed = True
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            channel.close()
 
     async def __aenter__(self) -> AsyncLarsClient:
         return self

@@ -239,6 +239,59 @@ def test_from_config_uses_the_agent_section(tmp_path: object) -> None:
     assert client.core.port(1, 2) == 9001
 
 
+def test_core_reads_the_seq_of_a_reply_and_ignores_the_rest() -> None:
+    reply = wire.GetHostResponse(5, 1, 1, 0, A)
+    assert ClientCore.reply(wire.encode_datagram(reply)) == (5, reply)
+    assert ClientCore.reply(b"\xc1") is None
+    assert ClientCore.reply(wire.encode_datagram(wire.ReportRequest(1, 1, A, 0))) is None
+
+
+def route_reply(noroute_first: int) -> Script:
+    """Answer GetRoute with NOEXIST ``noroute_first`` times, then with route [A]."""
+    asked: list[int] = []
+
+    def script(msg: wire.Message) -> list[bytes]:
+        assert isinstance(msg, wire.ApiGetRouteRequest)
+        asked.append(msg.seq)
+        if len(asked) <= noroute_first:
+            reply = wire.ApiGetRouteResponse(msg.seq, 1, 1, wire.RetCode.NOEXIST, ())
+        else:
+            reply = wire.ApiGetRouteResponse(msg.seq, 1, 1, 0, (A,))
+        return [wire.encode_datagram(reply)]
+
+    return script
+
+
+def test_reg_init_retries_no_route_but_not_a_silent_agent(
+    fake: Callable[[Script], FakeAgent],
+) -> None:
+    with client_for(fake(route_reply(noroute_first=2))) as client:
+        assert client.reg_init(1, 1) == [Host("10.0.0.1", 7001)]
+    silent = fake(lambda msg: [])
+    with client_for(silent, timeout=0.05, retries=2) as client, pytest.raises(AgentUnavailable):
+        client.reg_init(1, 1)
+    wait_until(lambda: len(silent.received) >= 3)
+    time.sleep(0.1)  # room for a fourth, which must not come
+    assert len(silent.received) == 3  # one get_route and its two retries, not ten of them
+
+
+async def test_async_reg_init_retries_no_route_but_not_a_silent_agent(
+    fake: Callable[[Script], FakeAgent],
+) -> None:
+    agent = fake(route_reply(noroute_first=2))
+    async with AsyncLarsClient(base_port=agent.base, timeout=0.2) as client:
+        assert await client.reg_init(1, 1) == [Host("10.0.0.1", 7001)]
+    silent = fake(lambda msg: [])
+    async with AsyncLarsClient(base_port=silent.base, timeout=0.05, retries=2) as client:
+        with pytest.raises(AgentUnavailable):
+            await client.reg_init(1, 1)
+    with trio.fail_after(2):
+        while len(silent.received) < 3:
+            await trio.sleep(0.01)
+    await trio.sleep(0.1)  # room for a fourth, which must not come
+    assert len(silent.received) == 3
+
+
 def test_core_matches_only_its_own_seq() -> None:
     core = ClientCore()
     good = wire.encode_datagram(wire.GetHostResponse(5, 1, 1, 0, A))
@@ -290,5 +343,22 @@ def test_agent_state(fake: Callable[[Script], FakeAgent]) -> None:
         return [wire.encode_datagram(wire.AgentStateResponse(msg.seq, msg.modid, 1, code, state))]
 
     with client_for(fake(script)) as client:
-        assert client.agent_state(1, 1) == {"status": "ready", "hosts": ()}
+        assert client.agent_state(1, 1) == {"status": "ready", "hosts": []}
         assert client.agent_state(2, 1) is None
+
+
+def test_agent_state_is_read_page_by_page(fake: Callable[[Script], FakeAgent]) -> None:
+    hosts = [{"host": f"10.0.0.{i}:7001"} for i in range(1, 8)]
+    offsets = []
+
+    def script(msg: wire.Message) -> list[bytes]:
+        assert isinstance(msg, wire.AgentStateRequest)
+        offsets.append(msg.offset)
+        page = hosts[msg.offset : msg.offset + 3]
+        state = {"status": "ready", "host_count": len(hosts), "hosts": page}
+        return [wire.encode_datagram(wire.AgentStateResponse(msg.seq, 1, 1, 0, state))]
+
+    with client_for(fake(script)) as client:
+        state = client.agent_state(1, 1)
+    assert offsets == [0, 3, 6]
+    assert state == {"status": "ready", "host_count": 7, "hosts": hosts}

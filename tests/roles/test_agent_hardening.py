@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from lars import wire
-from lars.client import AsyncLarsClient
+from lars.client import AsyncLarsClient, LarsClient
 from lars.config import AgentConfig, ReporterConfig
 from lars.errors import RequestRejected
 from lars.roles.agent import STATE_PAGE, Agent
@@ -73,6 +73,23 @@ async def test_state_query_of_a_route_too_large_for_one_datagram_is_paged() -> N
         if offset >= 2000:
             break
     assert len(set(seen)) == 2000
+
+
+async def test_clients_and_lars_query_read_a_large_route_whole() -> None:
+    a = agent(base_port=free_udp_base(3), route_wait=0.0)
+    async with serving(a):
+        a.table.apply_route(M, hosts(2000), time.monotonic())
+        state = await trio.to_thread.run_sync(_sync_state, a.config.base_port)
+        assert state is not None and len(state["hosts"]) == 2000
+        async with AsyncLarsClient(base_port=a.config.base_port) as client:
+            state = await client.agent_state(*M)
+        assert state is not None and len(state["hosts"]) == 2000
+        assert state["host_count"] == 2000
+
+
+def _sync_state(base_port: int) -> dict[str, Any] | None:
+    with LarsClient(base_port=base_port) as client:
+        return client.agent_state(*M)
 
 
 async def test_an_unexpected_error_is_answered_with_system_error_and_counted(
