@@ -66,8 +66,7 @@ def _bench_worker(
     """One bench process: loop get_host + report on one module for ``duration`` seconds."""
     client = agent.client()
     try:
-        client.reg_init(modid, cmdid)
-        client.get_host(modid, cmdid)
+        client.get_host(modid, cmdid)  # the route is loaded (bench checked): warm up
     except LarsError as exc:
         ready.put(f"module {modid}/{cmdid}: {exc}")
         return
@@ -131,7 +130,16 @@ class BenchResult:
 def bench(
     agent: AgentAddress, modid: int, cmdid: int, workers: int, duration: float
 ) -> BenchResult:
-    """Run ``workers`` processes, worker i on module (modid, cmdid + i), all started at once."""
+    """Run ``workers`` processes, worker i on module (modid, cmdid + i), all started at once.
+
+    Every module's route is loaded first, here: no agent or no route fails within the
+    client's timeout, before a worker process is started."""
+    with agent.client() as client:
+        for i in range(workers):
+            try:
+                client.reg_init(modid, cmdid + i)
+            except LarsError as exc:
+                raise LarsError(f"bench needs module {modid}/{cmdid + i}: {exc}") from None
     ctx = multiprocessing.get_context("spawn")
     ready: Any = ctx.Queue()
     results: Any = ctx.Queue()
