@@ -29,12 +29,13 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from reporter_bench import fresh_database
+
 from lars import wire
 from lars.roles.common import notify_dns
 from lars.roles.run import raise_fd_limit
 from lars.store import open_store
 from tests.e2e.procs import LARS, lars_process, memory_mb
-from tests.mysql_admin import fresh_database
 
 
 async def fill(url: str, routes: int) -> None:
