@@ -5,9 +5,11 @@
 -- appended at the end of their table with defaults (the original C++ DNS reads `SELECT *`
 -- positionally), marked "Lars addition" below. Nothing here drops anything: run it on an
 -- existing database, or let `lars db init` create what is missing (it also appends missing
--- columns to tables created by the original scripts).
+-- columns to tables created by the original scripts). `lars db upgrade` brings an existing
+-- database all the way: it also widens the original's narrower columns and adds the keys.
 --
 --   mysql -u root lars_dns < schema.sql      or      lars db init --store mysql://...
+--   lars db upgrade --store mysql://... --dry-run      (prints the ALTERs it would run)
 
 CREATE TABLE IF NOT EXISTS `RouteData` (
     `id` int(10) unsigned NOT NULL AUTO_INCREMENT,
@@ -16,7 +18,9 @@ CREATE TABLE IF NOT EXISTS `RouteData` (
     `serverip` int(10) unsigned NOT NULL,
     `serverport` int(10) unsigned NOT NULL,
     PRIMARY KEY (`id`),
-    KEY `idx_module` (`modid`, `cmdid`)
+    -- Lars addition: a host is in a module's route once. Also serves lookups by module.
+    -- `lars db upgrade` adds it to an existing database (after removing repeated rows).
+    UNIQUE KEY `uniq_node` (`modid`, `cmdid`, `serverip`, `serverport`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8;
 
 -- A single row, id = 1. Every route write raises `version`.
@@ -37,6 +41,7 @@ CREATE TABLE IF NOT EXISTS `RouteChange` (
     -- Lars addition: when the row was written; DNS instances purge rows by age.
     `created` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP,
     PRIMARY KEY (`id`),
+    -- Lars addition.
     KEY `idx_version` (`version`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8;
 

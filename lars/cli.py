@@ -11,6 +11,7 @@ import datetime
 import functools
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -54,6 +55,26 @@ def _hosts(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
         return [Host.parse(value) for value in values]
     except LarsError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+_NEGATIVE_NUMBER = re.compile(r"-\d+")
+
+
+class IdCommand(click.Command):
+    """A command with MODID/CMDID arguments. Click takes an argument such as ``-1`` for an
+    option and would say "No such option"; here it reaches the id's own check, which says
+    that it is out of range."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, list(args))  # a copy: the parser consumes it
+        except click.NoSuchOption as exc:
+            if not _NEGATIVE_NUMBER.fullmatch(exc.option_name):
+                raise
+        # Parse again with unknown options left in place as arguments: the negative number
+        # lands in its argument, whose callback refuses it by name.
+        ctx.ignore_unknown_options = True
+        return super().parse_args(ctx, args)
 
 
 def id_argument(name: str, required: bool = True) -> Callable[[F], F]:
@@ -174,10 +195,67 @@ def db_init(config_path: str | None, store_override: str | None) -> None:
       lars db init --store mysql://root@127.0.0.1:3306/lars_dns
     """
     url = store_url(get_config(config_path), store_override)
-    done = run_async(functools.partial(with_store, url, lambda s: s.init_schema(), create=True))
+
+    async def init(store: RouteStore) -> tuple[list[str], int]:
+        done = await store.init_schema()
+        plan = await store.plan_upgrade()
+        return done, len(plan.steps) + len(plan.blockers)
+
+    done, more = run_async(functools.partial(with_store, url, init, create=True))
     for line in done:
         click.echo(line)
     click.echo(f"store {_display(url)} is ready" + ("" if done else " (nothing to do)"))
+    if more:
+        click.echo(
+            f"note: {more} more change(s), such as wider columns or keys, would bring it to"
+            " Lars's schema: see `lars db upgrade --dry-run`"
+        )
+
+
+@db.command("upgrade", context_settings=CONTEXT)
+@click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
+@config_option
+@store_option
+def db_upgrade(config_path: str | None, store_override: str | None, dry_run: bool) -> None:
+    """Bring an existing database to Lars's schema, printing every statement as it runs.
+
+    Creates missing tables, appends missing columns (with their defaults), widens the
+    integer columns of the original Lars schema that are too narrow for Lars's values
+    (signed ServerCallStatus.modid/cmdid/ip cannot hold ids above 2147483647 or addresses
+    such as 192.168.1.177) and adds missing keys, among them the unique key on a route's
+    (modid, cmdid, serverip, serverport): repeated rows, identical to the one kept, are
+    removed first. Never drops data: if a column holds a value its wider type cannot, nothing
+    is changed and the values are named. Idempotent: a second run has nothing to do.
+
+    \b
+    Examples:
+      lars db upgrade --store mysql://root@127.0.0.1:3306/lars_dns --dry-run
+      lars db upgrade --store mysql://root@127.0.0.1:3306/lars_dns
+    """
+    url = store_url(get_config(config_path), store_override)
+
+    async def upgrade(store: RouteStore) -> int:
+        plan = await store.plan_upgrade()
+        if plan.blockers:
+            fail(
+                f"cannot upgrade {store.display_url}, nothing was changed: "
+                + "; ".join(plan.blockers)
+            )
+        for step in plan.steps:
+            click.echo(f"-- {step.description}")
+            for statement in step.statements:
+                click.echo(f"{statement};")
+            if not dry_run:
+                await store.apply_upgrade(step)
+        return len(plan.steps)
+
+    changes = run_async(functools.partial(with_store, url, upgrade))
+    if not changes:
+        click.echo(f"store {_display(url)} is up to date (nothing to do)")
+    elif dry_run:
+        click.echo(f"dry run: store {_display(url)} would get {changes} change(s); none was made")
+    else:
+        click.echo(f"store {_display(url)} upgraded ({changes} change(s))")
 
 
 def _display(url: str) -> str:
@@ -231,7 +309,7 @@ def notify_option(fn: F) -> F:
     )(fn)
 
 
-@route.command("add", context_settings=CONTEXT)
+@route.command("add", context_settings=CONTEXT, cls=IdCommand)
 @id_argument("modid")
 @id_argument("cmdid")
 @hosts_argument()
@@ -263,7 +341,7 @@ def route_add(
     )
 
 
-@route.command("rm", context_settings=CONTEXT)
+@route.command("rm", context_settings=CONTEXT, cls=IdCommand)
 @id_argument("modid")
 @id_argument("cmdid")
 @hosts_argument(required=False)
@@ -301,7 +379,7 @@ def route_rm(
     )
 
 
-@route.command("ls", context_settings=CONTEXT)
+@route.command("ls", context_settings=CONTEXT, cls=IdCommand)
 @id_argument("modid", required=False)
 @id_argument("cmdid", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of modules.")
@@ -418,7 +496,7 @@ async def query_dns(address: str, module: ModuleKey, watch: bool, as_json: bool)
                         return
 
 
-@cli.command("query", context_settings=CONTEXT)
+@cli.command("query", context_settings=CONTEXT, cls=IdCommand)
 @id_argument("modid")
 @id_argument("cmdid")
 @click.option(
@@ -690,7 +768,7 @@ def bench_command(
     )
 
 
-@cli.command("simulate", context_settings=CONTEXT)
+@cli.command("simulate", context_settings=CONTEXT, cls=IdCommand)
 @id_argument("modid")
 @id_argument("cmdid")
 @click.option(

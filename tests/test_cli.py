@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from lars import __version__
+from lars import __version__, wire
 from lars.cli import main
 from lars.store import open_store
+from tests.netutil import free_tcp_port
 from tests.store_helpers import change_rows
 
 
@@ -25,6 +26,10 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``lars ARGV`` in process; route writes get --no-notify unless they say otherwise
+    (the default config would notify a DNS on the default port)."""
+    if argv[:1] == ("route",) and argv[1:2] != ("ls",) and "--notify" not in argv:
+        argv = (*argv, "--no-notify")
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
@@ -118,7 +123,12 @@ def test_store_from_env_and_config(
         (["route", "add", "1", "1", "10.0.0.1:0"], "port"),
         (["route", "add", "1", "1", "10.0.0.1"], "IP:PORT"),
         (["route", "add", "4294967296", "1", "10.0.0.1:80"], "out of range"),
-        (["route", "add", "-1", "1", "10.0.0.1:80"], "-1"),
+        (["route", "add", "-1", "1", "10.0.0.1:80"], "'MODID': -1 is out of range"),
+        (["route", "add", "1", "-7", "10.0.0.1:80"], "'CMDID': -7 is out of range"),
+        (["route", "rm", "-1", "1", "--all"], "'MODID': -1 is out of range"),
+        (["route", "ls", "-12"], "'MODID': -12 is out of range"),
+        (["route", "add", "--nosuch", "1", "1", "10.0.0.1:80"], "No such option '--nosuch'"),
+        (["route", "add", "-x", "1", "1", "10.0.0.1:80"], "No such option '-x'"),
         (["route", "add", "x", "1", "10.0.0.1:80"], "not an integer"),
         (["route", "add", "1", "1"], "Missing argument"),
         (["route", "rm", "1", "1"], "--all"),
@@ -132,6 +142,25 @@ def test_usage_mistakes_are_one_clear_error(
     assert code == 2
     assert needle in err
     assert "Traceback" not in err + out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["query", "-1", "1"],
+        ["query", "1", "-1", "--json"],
+        ["simulate", "-3", "1", "--count", "5"],
+        ["bench", "--modid", "-1", "--duration", "0.1"],
+    ],
+)
+def test_a_negative_id_is_out_of_range_not_an_unknown_option(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    (error,) = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert "is out of range (0 to 4294967295)" in error
+    assert "No such option" not in err and "Traceback" not in err + out
 
 
 @pytest.mark.parametrize(
@@ -215,3 +244,31 @@ def test_run_with_a_port_in_use_is_one_clear_error(
         assert code == 1
         assert f"agent cannot listen on udp 127.0.0.1:{udp_port}" in err
         assert "Traceback" not in err + out
+
+
+def test_route_writes_notify_the_configured_dns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as dns:
+        dns.bind(("127.0.0.1", 0))
+        dns.listen()
+        config = tmp_path / "notify.toml"
+        config.write_text(
+            f'store = "sqlite:///{tmp_path}/lars.db"\n'
+            f'[agent]\ndns = ["127.0.0.1:{dns.getsockname()[1]}", "127.0.0.1:{free_tcp_port()}"]\n'
+        )
+        assert run(capsys, "db", "init", "--config", str(config))[0] == 0
+        code, out, err = run(
+            capsys, "route", "add", "1", "1", "10.0.0.1:80", "--config", str(config), "--notify"
+        )
+        assert code == 0
+        version = int(out.split("route version ")[1])
+        # The DNS that listens gets the notice; the one that does not is a warning only.
+        assert "could not notify DNS 127.0.0.1:" in err and len(err.splitlines()) == 1
+        conn, _ = dns.accept()
+        with conn:
+            conn.settimeout(5)
+            decoder = wire.FrameDecoder()
+            while not (messages := list(decoder)):
+                decoder.feed(conn.recv(65536))
+    assert messages == [wire.RouteChangeNotice(version)]

@@ -8,6 +8,19 @@ the commit is each report acknowledged (``ReportStatusAck``). An agent keeps its
 until acknowledged, so a reporter outage or crash loses nothing; at worst a report whose
 ack was lost is stored twice.
 
+Replies (acknowledgements, error replies, counters) wait in a per-connection outbox of at
+most ``MAX_QUEUED_REPLY_BYTES``: a peer that lets more pile up is not reading, and its
+connection is closed (counted in ``reply_overflows``, logged at a rate limit). Nothing is
+lost: an agent sends again every report that was never acknowledged.
+
+Before a batch is written, each row is checked against the integer ranges of the
+``ServerCallStatus`` columns as the database declares them (read at the first write, after
+an outage and every ``COLUMN_TYPES_MAX_AGE``): an original Lars schema has signed columns
+that cannot hold ids above 2**31 - 1 or addresses such as 192.168.1.177, and SQLite holds
+no count beyond 2**63 - 1. Such a row is dropped up front (logged at a rate limit, counted
+in ``results_out_of_range``, its report acknowledged) and never fails the good rows of its
+batch; ``lars db upgrade`` widens the columns.
+
 Store errors: an unreachable store (or missing tables) is retried with capped backoff for
 as long as it takes; the queue and the agents hold the data meanwhile. Any other error is
 retried a few times, then the batch is written report by report so that only the reports
@@ -23,10 +36,11 @@ import trio
 
 from lars import wire
 from lars.config import ReporterConfig
+from lars.core.model import UINT32_MAX, format_host, int_to_ip
 from lars.errors import ProtocolError, SchemaMissing, StoreError, StoreUnavailable
 from lars.roles.common import (
-    MessageOutbox,
     Metrics,
+    Outbox,
     RateLimitedLog,
     backoff,
     bound_address,
@@ -36,16 +50,63 @@ from lars.roles.common import (
     refuse,
     write_loop,
 )
-from lars.store import CallStatus, RouteStore
+from lars.store import CallStatus, ColumnLimits, RouteStore
 
 log = logging.getLogger("lars.reporter")
 
 #: Attempts for a batch failing with an error other than "store unreachable".
 BAD_BATCH_ATTEMPTS = 3
+#: Bytes of encoded replies that may wait for one peer (about 100,000 acknowledgements, on top
+#: of what the kernel buffers hold); a peer with more unread is disconnected.
+MAX_QUEUED_REPLY_BYTES = 1 << 20
+#: Seconds after which the column types of ServerCallStatus are read again.
+COLUMN_TYPES_MAX_AGE = 60.0
+
+
+class ReplyOutbox(Outbox):
+    """One agent connection's replies, encoded as they are queued so that their bytes can be
+    bounded. :meth:`close` ends the connection (its reader and writer) from any task."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__(peer)
+        self.queued_bytes = 0
+        self._frames: list[bytes] = []
+        self._scope: trio.CancelScope | None = None
+
+    def attach(self, scope: trio.CancelScope) -> None:
+        """The cancel scope that holds the connection's reader and writer."""
+        self._scope = scope
+
+    def queue(self, msg: wire.Message) -> bool:
+        """Queue a reply (a no-op once closed). False if it would take the queued bytes over
+        MAX_QUEUED_REPLY_BYTES: then nothing is queued and the caller closes the connection."""
+        if self.closed:
+            return True
+        frame = wire.encode_frame(msg)
+        if self.queued_bytes + len(frame) > MAX_QUEUED_REPLY_BYTES:
+            return False
+        self._frames.append(frame)
+        self.queued_bytes += len(frame)
+        self.ring()
+        return True
+
+    def close(self) -> None:
+        """Drop what is queued and end the connection."""
+        self.closed = True
+        self._frames = []
+        self.queued_bytes = 0
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def take(self) -> bytes:
+        data = b"".join(self._frames)
+        self._frames = []
+        self.queued_bytes = 0
+        return data
 
 
 #: A queued report and the connection to acknowledge it on.
-Item = tuple[wire.ReportStatusRequest, MessageOutbox]
+Item = tuple[wire.ReportStatusRequest, ReplyOutbox]
 
 
 def rows_of(report: wire.ReportStatusRequest) -> list[CallStatus]:
@@ -77,7 +138,13 @@ class Reporter:
         self._busy = 0
         self._idle = trio.Event()
         self._bad_input_log = RateLimitedLog(log)
+        self._overflow_log = RateLimitedLog(log)
+        self._out_of_range_log = RateLimitedLog(log)
+        self._limits: ColumnLimits | None = None
+        self._limits_read: float | None = None
         self.store_ok: bool | None = None
+        #: The open agent connections.
+        self.connections: set[ReplyOutbox] = set()
 
     async def serve(
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
@@ -102,41 +169,61 @@ class Reporter:
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Read reports from one agent and write back their acknowledgements."""
-        conn = MessageOutbox(peer_name(stream))
+        conn = ReplyOutbox(peer_name(stream))
+        self.connections.add(conn)
         self.metrics.incr("connections_accepted")
+        self.metrics.set("connections", len(self.connections))
         try:
             async with trio.open_nursery() as nursery:
+                conn.attach(nursery.cancel_scope)
                 nursery.start_soon(write_loop, stream, conn, nursery.cancel_scope)
                 await self._read(stream, conn)
                 nursery.cancel_scope.cancel()
         finally:
-            conn.closed = True
+            conn.close()
+            self.connections.discard(conn)
+            self.metrics.set("connections", len(self.connections))
             await trio.aclose_forcefully(stream)
 
-    async def _read(self, stream: trio.abc.Stream, conn: MessageOutbox) -> None:
+    def _reply(self, conn: ReplyOutbox, msg: wire.Message) -> None:
+        """Queue a reply; close the connection of a peer that leaves too many unread."""
+        if not conn.queue(msg):
+            self.metrics.incr("reply_overflows")
+            self._overflow_log.warning(
+                "closing %s: over %d bytes of replies unread (the peer is not reading)",
+                conn.peer,
+                MAX_QUEUED_REPLY_BYTES,
+            )
+            conn.close()
+
+    async def _read(self, stream: trio.abc.Stream, conn: ReplyOutbox) -> None:
         decoder = wire.FrameDecoder(self.config.max_frame)
         while (items := await receive_messages(stream, decoder)) is not None:
             for item in items:
+                if conn.closed:
+                    return
                 if isinstance(item, ProtocolError):
                     reply = refuse(item, conn.peer, self.metrics, self._bad_input_log)
                     if reply is None:
                         return
-                    conn.send(reply)
+                    self._reply(conn, reply)
                 else:
                     await self._dispatch(item, conn)
 
-    async def _dispatch(self, msg: wire.Message, conn: MessageOutbox) -> None:
+    async def _dispatch(self, msg: wire.Message, conn: ReplyOutbox) -> None:
         if isinstance(msg, wire.ReportStatusRequest):
             self.metrics.incr("reports_received")
             self.metrics.incr("results_received", len(msg.results))
             await self._send.send((msg, conn))  # blocks while the queue is full
         elif isinstance(msg, wire.StatsRequest):
             self.metrics.set("queued", self._receive.statistics().current_buffer_used)
-            conn.send(self.metrics.response(msg.seq))
+            self._reply(conn, self.metrics.response(msg.seq))
         else:
             self.metrics.incr("invalid_requests")
             reason = f"the reporter does not serve {type(msg).__name__}"
-            conn.send(wire.ErrorReply(getattr(msg, "seq", 0), wire.RetCode.BAD_REQUEST, reason))
+            seq = getattr(msg, "seq", 0)  # some messages carry a 64-bit seq, ErrorReply 32 bits
+            seq = seq if 0 <= seq <= UINT32_MAX else 0
+            self._reply(conn, wire.ErrorReply(seq, wire.RetCode.BAD_REQUEST, reason))
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -159,12 +246,18 @@ class Reporter:
                 self._idle.set()
 
     async def _write(self, batch: list[Item]) -> None:
-        rows = [row for report, _ in batch for row in rows_of(report)]
+        # Each report's rows that fit the columns; known once the column types are.
+        fitting: list[list[CallStatus]] | None = None
+        rows: list[CallStatus] = []
         delays = None
         attempts = 0
         while True:
             try:
-                await self.store.upsert_call_status(rows)
+                if fitting is None:
+                    fitting = self._fitting_rows(batch, await self._column_limits())
+                    rows = [row for report_rows in fitting for row in report_rows]
+                if rows:
+                    await self.store.upsert_call_status(rows)
                 break
             except (StoreUnavailable, SchemaMissing) as exc:
                 self._store_down(exc)
@@ -172,42 +265,94 @@ class Reporter:
                 attempts += 1
                 self.metrics.incr("store_errors")
                 if attempts >= BAD_BATCH_ATTEMPTS:
-                    await self._write_one_by_one(batch, exc)
+                    await self._write_one_by_one(batch, fitting, exc)
                     return
-                log.warning("writing %d results failed (%s); retrying", len(rows), exc)
+                log.warning("writing %d reports failed (%s); retrying", len(batch), exc)
             delays = delays or backoff(cap=self.config.retry_max)
             await trio.sleep(next(delays))
         self._store_up()
         self.metrics.incr("batches_written")
         self.metrics.incr("results_written", len(rows))
         for report, conn in batch:
-            conn.send(wire.ReportStatusAck(report.seq))
+            self._reply(conn, wire.ReportStatusAck(report.seq))
 
-    async def _write_one_by_one(self, batch: list[Item], error: StoreError) -> None:
+    async def _column_limits(self) -> ColumnLimits | None:
+        """What ServerCallStatus's columns hold: read at the first write, again after a store
+        outage and every COLUMN_TYPES_MAX_AGE (a `lars db upgrade` may have widened them)."""
+        now = trio.current_time()
+        if self._limits_read is None or now - self._limits_read >= COLUMN_TYPES_MAX_AGE:
+            limits = await self.store.call_status_limits()
+            narrower = limits.narrower if limits else ()
+            if narrower and narrower != (self._limits.narrower if self._limits else ()):
+                log.warning(
+                    "ServerCallStatus has columns narrower than Lars's schema (%s): results"
+                    " that do not fit them are dropped; `lars db upgrade` widens them",
+                    ", ".join(narrower),
+                )
+            self._limits, self._limits_read = limits, now
+        return self._limits
+
+    def _fitting_rows(
+        self, batch: list[Item], limits: ColumnLimits | None
+    ) -> list[list[CallStatus]]:
+        """Each report's rows, less those the columns cannot hold: dropped before the write
+        (counted, logged at a rate limit) so that they never fail the batch of good rows."""
+        fitting = []
+        for report, _ in batch:
+            rows = rows_of(report)
+            if limits is not None:
+                kept = []
+                for row in rows:
+                    reason = limits.refusal(row)
+                    if reason is None:
+                        kept.append(row)
+                        continue
+                    self.metrics.incr("results_dropped")
+                    self.metrics.incr("results_out_of_range")
+                    self._out_of_range_log.warning(
+                        "dropped the result of module %d/%d for %s from caller %s: %s",
+                        report.modid,
+                        report.cmdid,
+                        format_host((row.ip, row.port)),
+                        int_to_ip(report.caller),
+                        reason,
+                    )
+                if rows and not kept:
+                    self.metrics.incr("reports_dropped")
+                rows = kept
+            fitting.append(rows)
+        return fitting
+
+    async def _write_one_by_one(
+        self, batch: list[Item], fitting: list[list[CallStatus]] | None, error: StoreError
+    ) -> None:
         """Store what the store accepts; drop (logged, counted, acknowledged) what it refuses."""
         log.error(
             "a batch of %d reports keeps failing (%s); writing them one by one", len(batch), error
         )
-        for report, conn in batch:
+        for i, (report, conn) in enumerate(batch):
+            rows = rows_of(report) if fitting is None else fitting[i]
             try:
-                await self.store.upsert_call_status(rows_of(report))
+                if rows:
+                    await self.store.upsert_call_status(rows)
             except StoreError as exc:
                 self.metrics.incr("reports_dropped")
-                self.metrics.incr("results_dropped", len(report.results))
+                self.metrics.incr("results_dropped", len(rows))
                 log.error(
                     "dropped the report of module %d/%d from caller %d (%d results): %s",
                     report.modid,
                     report.cmdid,
                     report.caller,
-                    len(report.results),
+                    len(rows),
                     exc,
                 )
             else:
-                self.metrics.incr("results_written", len(report.results))
-            conn.send(wire.ReportStatusAck(report.seq))
+                self.metrics.incr("results_written", len(rows))
+            self._reply(conn, wire.ReportStatusAck(report.seq))
 
     def _store_down(self, exc: StoreError) -> None:
         self.metrics.incr("store_errors")
+        self._limits_read = None  # the store may come back upgraded
         if self.store_ok is not False:
             log.error("statistics store unavailable (%s); holding reports and retrying", exc)
         self.store_ok = False

@@ -3,6 +3,13 @@
 Layout: one nursery per role under a supervisor nursery. SIGINT/SIGTERM start a graceful
 shutdown: each role gets ``GRACE_SECONDS`` to finish (the reporter flushes what it holds),
 then everything is cancelled. A second signal cancels at once.
+
+Before the DNS and reporter start, their store is checked once (:func:`check_role_store`).
+A store that can never work -- an unknown database, refused credentials, missing tables or
+columns -- stops the process with one line naming the problem. A store that cannot be
+reached (connection refused, timed out) may be starting up alongside Lars: it is waited
+for, with capped backoff, logged once and then at a rate limit, and no role starts until it
+answers. An outage after a good start is the roles' to ride out, as they always have.
 """
 
 from __future__ import annotations
@@ -17,14 +24,31 @@ import trio
 
 from lars._version import __version__
 from lars.config import Config, store_url
-from lars.errors import ConfigError
+from lars.errors import ConfigError, SchemaMissing, StoreUnavailable
+from lars.roles.common import RateLimitedLog, backoff
 from lars.store import RouteStore, open_store
+from lars.store.sql import STATUS_COLUMNS, STATUS_TABLE
 
 log = logging.getLogger("lars")
 
 ROLES = ("dns", "reporter", "agent")
 #: Seconds the roles get to stop cleanly after SIGINT/SIGTERM.
 GRACE_SECONDS = 5.0
+
+#: The tables and columns a role cannot work without. An original Lars database has what
+#: the DNS needs; the reporter also needs the totals that `lars db init` appends.
+ROLE_SCHEMA: dict[str, dict[str, tuple[str, ...]]] = {
+    "dns": {
+        "RouteData": ("modid", "cmdid", "serverip", "serverport"),
+        "RouteVersion": ("id", "version"),
+        "RouteChange": ("modid", "cmdid", "version"),
+    },
+    "reporter": {STATUS_TABLE: STATUS_COLUMNS},
+}
+#: Longest wait between tries while the store is unreachable at start-up, seconds.
+STARTUP_RETRY_MAX = 5.0
+#: Seconds between the "still unreachable" lines at start-up.
+STARTUP_LOG_INTERVAL = 60.0
 
 
 def raise_fd_limit() -> int:
@@ -53,6 +77,38 @@ async def open_role_store(url: str) -> RouteStore:
     return store
 
 
+async def check_role_store(store: RouteStore, roles: Sequence[str]) -> None:
+    """Return once the store answers and has what ``roles`` need.
+
+    Raises a StoreError (one line: what is wrong, with which store) if it never can: an
+    unknown database, refused credentials, missing tables or columns. Waits, logging at a
+    rate limit, while it cannot be reached.
+    """
+    required: dict[str, tuple[str, ...]] = {}
+    for role in roles:
+        required.update(ROLE_SCHEMA.get(role, {}))
+    if not required:
+        return
+    waiting = RateLimitedLog(log, STARTUP_LOG_INTERVAL)
+    delays = backoff(cap=STARTUP_RETRY_MAX)
+    while True:
+        try:
+            missing = await store.missing_schema(required)
+            break
+        except StoreUnavailable as exc:
+            waiting.warning(
+                "store unreachable at start-up (%s); %s will start once it answers",
+                exc,
+                " and ".join(r for r in roles if r in ROLE_SCHEMA),
+            )
+            await trio.sleep(next(delays))
+    if missing:
+        raise SchemaMissing(
+            f"the store {store.display_url} is not initialised (missing {', '.join(missing)});"
+            " run `lars db init`"
+        )
+
+
 async def run_roles(
     config: Config,
     roles: Sequence[str],
@@ -75,6 +131,7 @@ async def run_roles(
         if {"dns", "reporter"} & set(roles):
             store = await open_role_store(store_url(config, store_override))
             stack.push_async_callback(store.aclose)
+            await check_role_store(store, roles)
         async with trio.open_nursery() as nursery:
             if "dns" in roles:
                 from lars.roles.dns import DnsServer

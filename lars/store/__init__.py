@@ -20,14 +20,18 @@ from lars.store.base import (
     RouteStore,
     RouteWrite,
 )
+from lars.store.schema import ColumnLimits, UpgradePlan, UpgradeStep
 
 __all__ = [
     "CallStatus",
+    "ColumnLimits",
     "RouteDelta",
     "RouteMap",
     "RouteSnapshot",
     "RouteStore",
     "RouteWrite",
+    "UpgradePlan",
+    "UpgradeStep",
     "open_store",
 ]
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
 from lars.core.model import HostKey, ModuleKey
+from lars.errors import StoreError
+
+if TYPE_CHECKING:
+    from lars.store.schema import ColumnLimits, UpgradePlan, UpgradeStep
 
 #: Module -> its hosts.
 RouteMap = dict[ModuleKey, frozenset[HostKey]]
@@ -90,6 +95,26 @@ class RouteStore(abc.ABC):
     @abc.abstractmethod
     async def init_schema(self) -> list[str]:
         """Create missing tables and columns, never dropping anything. Returns what it did."""
+
+    async def missing_schema(self, required: Mapping[str, Collection[str]]) -> list[str]:
+        """What the store lacks of the ``required`` tables and columns (table -> columns), as
+        ``"table X"`` and ``"column X.c"``; empty when nothing is missing (or the store has
+        no schema to check)."""
+        return []
+
+    async def plan_upgrade(self) -> UpgradePlan:
+        """What ``lars db upgrade`` would change (reads only)."""
+        raise StoreError(f"the store {self.display_url} cannot be upgraded")
+
+    async def apply_upgrade(self, step: UpgradeStep) -> None:
+        """Apply one step of :meth:`plan_upgrade`'s plan."""
+        raise StoreError(f"the store {self.display_url} cannot be upgraded")
+
+    async def call_status_limits(self) -> ColumnLimits | None:
+        """The values ``ServerCallStatus``'s integer columns hold as the database declares
+        them, so that the reporter drops a row that does not fit before writing its batch;
+        None when unknown (nothing to check)."""
+        return None
 
     @abc.abstractmethod
     async def route_version(self) -> int:

@@ -23,7 +23,7 @@ from trio_mysql.constants import CR, ER
 
 from lars.core.model import HostKey, ModuleKey
 from lars.errors import SchemaMissing, StoreError, StoreUnavailable
-from lars.store import sql
+from lars.store import schema, sql
 from lars.store.base import CallStatus, RouteDelta, RouteSnapshot, RouteStore, RouteWrite
 
 T = TypeVar("T")
@@ -39,21 +39,42 @@ def _schema() -> str:
     return resources.files("lars.store").joinpath("mysql_schema.sql").read_text("utf-8")
 
 
+#: Largest BIGINT UNSIGNED (ServerCallStatus.succ_total/err_total).
+BIGINT_UNSIGNED_MAX = 2**64 - 1
+
+
+def _saturating_sum(column: str) -> str:
+    """``column + VALUES(column)``, or the type's limit where the sum would pass it."""
+    most = BIGINT_UNSIGNED_MAX
+    return f"IF(VALUES({column}) > {most} - {column}, {most}, {column} + VALUES({column}))"
+
+
 DIALECT = sql.Dialect(
     name="mysql",
     schema=_schema(),
     lock_version="SELECT version FROM RouteVersion WHERE id = 1 FOR UPDATE",
     list_tables="SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE()",
     list_columns=(
-        "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
-        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?"
+        "SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.COLUMNS"
+        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION"
     ),
+    list_indexes=(
+        "SELECT INDEX_NAME, NON_UNIQUE, COLUMN_NAME FROM information_schema.STATISTICS"
+        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? ORDER BY INDEX_NAME, SEQ_IN_INDEX"
+    ),
+    add_key="ALTER TABLE {table} ADD {unique}KEY {name} ({columns})",
+    # The totals stop at BIGINT UNSIGNED's limit rather than fail every later batch.
     upsert_status_suffix=(
         " ON DUPLICATE KEY UPDATE succ_cnt = VALUES(succ_cnt), err_cnt = VALUES(err_cnt),"
         " ts = VALUES(ts), overload = VALUES(overload),"
-        " succ_total = succ_total + VALUES(succ_total), err_total = err_total + VALUES(err_total)"
+        f" succ_total = {_saturating_sum('succ_total')},"
+        f" err_total = {_saturating_sum('err_total')}"
     ),
     purge_changes="DELETE FROM RouteChange WHERE created < NOW() - INTERVAL ? SECOND",
+    strict_session=(
+        "SET SESSION sql_mode ="
+        " TRIM(BOTH ',' FROM CONCAT(@@SESSION.sql_mode, ',STRICT_ALL_TABLES'))"
+    ),
 )
 
 _LOST = {
@@ -248,6 +269,18 @@ class MysqlStore(RouteStore):
 
     async def init_schema(self) -> list[str]:
         return await self._run(functools.partial(sql.init_schema, DIALECT))
+
+    async def missing_schema(self, required: Mapping[str, Collection[str]]) -> list[str]:
+        return await self._run(functools.partial(schema.missing_schema, DIALECT, required))
+
+    async def plan_upgrade(self) -> schema.UpgradePlan:
+        return await self._run(functools.partial(schema.plan_upgrade, DIALECT))
+
+    async def apply_upgrade(self, step: schema.UpgradeStep) -> None:
+        await self._run(functools.partial(schema.apply_upgrade, DIALECT, step))
+
+    async def call_status_limits(self) -> schema.ColumnLimits | None:
+        return await self._run(functools.partial(schema.status_limits, DIALECT))
 
     async def route_version(self) -> int:
         return await self._run(sql.route_version)

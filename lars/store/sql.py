@@ -41,10 +41,57 @@ Op = Generator[Query, Result, T]
 INSERT_CHUNK = 500
 #: Largest value of a signed INT column (ServerCallStatus.succ_cnt/err_cnt).
 INT_MAX = 2**31 - 1
+#: What a SQLite integer holds, whatever its declared type.
+INT64_RANGE = (-(2**63), 2**63 - 1)
 
-_STATUS_COLUMNS = (
-    "modid, cmdid, ip, port, caller, succ_cnt, err_cnt, ts, overload, succ_total, err_total"
+#: The statistics table, and its columns in the order of :func:`status_values`.
+STATUS_TABLE = "ServerCallStatus"
+STATUS_COLUMNS = (
+    "modid",
+    "cmdid",
+    "ip",
+    "port",
+    "caller",
+    "succ_cnt",
+    "err_cnt",
+    "ts",
+    "overload",
+    "succ_total",
+    "err_total",
 )
+_STATUS_COLUMNS = ", ".join(STATUS_COLUMNS)
+
+#: Bytes of each MySQL integer type.
+_INTEGER_BYTES = {"tinyint": 1, "smallint": 2, "mediumint": 3, "int": 4, "integer": 4, "bigint": 8}
+_INTEGER_TYPE = re.compile(
+    r"(tinyint|smallint|mediumint|integer|int|bigint)\b(?:\s*\(\s*\d+\s*\))?(\s+unsigned)?",
+    re.IGNORECASE,
+)
+
+
+def integer_range(declared: str, *, sized: bool = True) -> tuple[int, int] | None:
+    """The values a column of an integer type holds, from its declared type (``int(11)``,
+    ``int(10) unsigned NOT NULL``, ``BIGINT``); None for a type that is not an integer.
+
+    Without ``sized`` (SQLite), every type with "INT" in its name holds a signed 64-bit
+    integer, whatever width it declares.
+    """
+    if not sized:
+        return INT64_RANGE if "INT" in declared.upper() else None
+    match = _INTEGER_TYPE.match(declared.strip())
+    if match is None:
+        return None
+    bits = 8 * _INTEGER_BYTES[match.group(1).lower()]
+    if match.group(2):
+        return 0, 2**bits - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def type_name(definition: str) -> str:
+    """The type part of a column definition: ``int(10) unsigned`` of ``int(10) unsigned NOT
+    NULL``."""
+    match = _INTEGER_TYPE.match(definition.strip())
+    return match.group(0) if match else definition.split()[0]
 
 
 @attrs.frozen
@@ -55,23 +102,58 @@ class Dialect:
     schema: str
     lock_version: str
     list_tables: str
+    #: Rows ``(name, declared type)`` of a table's columns, in table order.
     list_columns: str
+    #: Rows ``(index name, non-unique, column)`` of a table's indexes, columns in key order.
+    list_indexes: str
+    #: Adds a key: formatted with ``table``, ``name``, ``unique`` and ``columns``.
+    add_key: str
     upsert_status_suffix: str
     purge_changes: str
+    #: False when integer columns hold 64 bits whatever their declared width (SQLite).
+    sized_integers: bool = True
+    #: Makes this session refuse (not clamp) values a column cannot hold.
+    strict_session: str | None = None
+
+    def integer_range(self, declared: str) -> tuple[int, int] | None:
+        """:func:`integer_range` of a declared type in this database."""
+        return integer_range(declared, sized=self.sized_integers)
+
+
+@attrs.frozen
+class KeyDef:
+    """A key (an index) of a schema's table."""
+
+    name: str
+    columns: tuple[str, ...]
+    unique: bool
+    #: Declared inside the ``CREATE TABLE`` (MySQL), rather than by ``CREATE INDEX``.
+    inline: bool
 
 
 @attrs.frozen
 class TableDef:
-    """A ``CREATE TABLE`` statement of a schema and the definition of each of its columns."""
+    """A ``CREATE TABLE`` statement of a schema, the definition of each of its columns and its
+    keys (besides the primary key)."""
 
     name: str
     create: str
     columns: tuple[tuple[str, str], ...]
+    keys: tuple[KeyDef, ...] = ()
 
 
 _CREATE_TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS [`\"]?(\w+)[`\"]?", re.IGNORECASE)
+_CREATE_INDEX = re.compile(
+    r"CREATE (UNIQUE )?INDEX IF NOT EXISTS [`\"]?(\w+)[`\"]? ON [`\"]?(\w+)[`\"]?\s*\(([^)]*)\)",
+    re.IGNORECASE,
+)
 _COLUMN = re.compile(r"^\s*[`\"]?(\w+)[`\"]?\s+(\w.*?),?\s*$")
+_KEY = re.compile(r"^\s*(UNIQUE\s+)?(?:KEY|INDEX)\s+[`\"]?(\w+)[`\"]?\s*\(([^)]*)\)", re.IGNORECASE)
 _NOT_COLUMN = ("PRIMARY", "KEY", "UNIQUE", "INDEX", "CONSTRAINT", "FOREIGN")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip().strip('`"') for name in text.split(","))
 
 
 def split_statements(schema: str) -> list[str]:
@@ -81,20 +163,32 @@ def split_statements(schema: str) -> list[str]:
 
 
 def parse_tables(schema: str) -> list[TableDef]:
-    """The tables of a schema script, with their column definitions, in script order."""
-    tables = []
+    """The tables of a schema script, with their column definitions and keys, in script
+    order."""
+    tables: dict[str, TableDef] = {}
     for stmt in split_statements(schema):
+        index = _CREATE_INDEX.match(stmt)
+        if index and index.group(3) in tables:
+            unique, name, table, columns = index.groups()
+            key = KeyDef(name, _names(columns), unique=bool(unique), inline=False)
+            tables[table] = attrs.evolve(tables[table], keys=(*tables[table].keys, key))
+            continue
         match = _CREATE_TABLE.match(stmt)
         if not match:
             continue
         body = stmt[stmt.index("(") + 1 : stmt.rindex(")")]
-        columns = []
+        cols = []
+        keys = []
         for line in body.splitlines():
+            if key_match := _KEY.match(line):
+                unique, name, columns = key_match.groups()
+                keys.append(KeyDef(name, _names(columns), unique=bool(unique), inline=True))
+                continue
             col = _COLUMN.match(line)
             if col and col.group(1).upper() not in _NOT_COLUMN:
-                columns.append((col.group(1), col.group(2)))
-        tables.append(TableDef(match.group(1), stmt, tuple(columns)))
-    return tables
+                cols.append((col.group(1), col.group(2)))
+        tables[match.group(1)] = TableDef(match.group(1), stmt, tuple(cols), tuple(keys))
+    return list(tables.values())
 
 
 def other_statements(schema: str) -> list[str]:
@@ -291,24 +385,30 @@ def purge_changes(dialect: Dialect, older_than: float) -> Op[int]:
     return (yield (dialect.purge_changes, (int(older_than),))).rowcount
 
 
+def status_values(r: CallStatus) -> tuple[int | str, ...]:
+    """A row's ServerCallStatus values in STATUS_COLUMNS order: the counts of the latest
+    report clamped to a signed INT, the totals exact."""
+    return (
+        r.modid,
+        r.cmdid,
+        r.ip,
+        r.port,
+        r.caller,
+        min(r.succ, INT_MAX),
+        min(r.err, INT_MAX),
+        r.ts,
+        "1" if r.overload else "0",
+        r.succ,
+        r.err,
+    )
+
+
 def upsert_call_status(dialect: Dialect, rows: Sequence[CallStatus]) -> Op[None]:
     """Upsert statistics: the latest counts replace the row's, the totals add up."""
     for chunk in _chunks(rows):
         flat: list[Any] = []
         for r in chunk:
-            flat += (
-                r.modid,
-                r.cmdid,
-                r.ip,
-                r.port,
-                r.caller,
-                min(r.succ, INT_MAX),
-                min(r.err, INT_MAX),
-                r.ts,
-                "1" if r.overload else "0",
-                r.succ,
-                r.err,
-            )
+            flat += status_values(r)
         yield (
             f"INSERT INTO ServerCallStatus ({_STATUS_COLUMNS}) VALUES "
             + _values_sql(11, len(chunk))

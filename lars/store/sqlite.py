@@ -12,7 +12,7 @@ import trio
 
 from lars.core.model import HostKey, ModuleKey
 from lars.errors import SchemaMissing, StoreError, StoreUnavailable
-from lars.store import sql
+from lars.store import schema, sql
 from lars.store.base import CallStatus, RouteDelta, RouteSnapshot, RouteStore, RouteWrite
 
 T = TypeVar("T")
@@ -70,7 +70,12 @@ DIALECT = sql.Dialect(
     # BEGIN IMMEDIATE already holds the write lock: every writer is serialised.
     lock_version="SELECT version FROM RouteVersion WHERE id = 1",
     list_tables="SELECT name FROM sqlite_master WHERE type = 'table'",
-    list_columns="SELECT name FROM pragma_table_info(?)",
+    list_columns="SELECT name, type FROM pragma_table_info(?)",
+    list_indexes=(
+        'SELECT il.name, NOT il."unique", ii.name FROM pragma_index_list(?) AS il'
+        " JOIN pragma_index_info(il.name) AS ii ORDER BY il.name, ii.seqno"
+    ),
+    add_key="CREATE {unique}INDEX IF NOT EXISTS {name} ON {table} ({columns})",
     upsert_status_suffix=(
         " ON CONFLICT (modid, cmdid, ip, port, caller) DO UPDATE SET"
         " succ_cnt = excluded.succ_cnt, err_cnt = excluded.err_cnt, ts = excluded.ts,"
@@ -80,6 +85,7 @@ DIALECT = sql.Dialect(
     purge_changes=(
         "DELETE FROM RouteChange WHERE created < CAST(strftime('%s', 'now') AS INTEGER) - ?"
     ),
+    sized_integers=False,
 )
 
 Txn = Literal["read", "write"] | None
@@ -155,6 +161,8 @@ class SqliteStore(RouteStore):
             return result
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from exc
+        except OverflowError as exc:  # an integer beyond SQLite's 64 bits
+            raise StoreError(f"SQLite store {self.path}: {exc}") from exc
 
     async def _run(self, make_op: Callable[[], sql.Op[T]], txn: Txn = None) -> T:
         if self._inline:
@@ -164,6 +172,18 @@ class SqliteStore(RouteStore):
 
     async def init_schema(self) -> list[str]:
         return await self._run(functools.partial(sql.init_schema, DIALECT))
+
+    async def missing_schema(self, required: Mapping[str, Collection[str]]) -> list[str]:
+        return await self._run(functools.partial(schema.missing_schema, DIALECT, required))
+
+    async def plan_upgrade(self) -> schema.UpgradePlan:
+        return await self._run(functools.partial(schema.plan_upgrade, DIALECT))
+
+    async def apply_upgrade(self, step: schema.UpgradeStep) -> None:
+        await self._run(functools.partial(schema.apply_upgrade, DIALECT, step))
+
+    async def call_status_limits(self) -> schema.ColumnLimits | None:
+        return await self._run(functools.partial(schema.status_limits, DIALECT))
 
     async def route_version(self) -> int:
         return await self._run(sql.route_version)

@@ -5,18 +5,32 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import trio
 
+from lars import wire
 from lars.client import LarsClient
-from lars.core.model import Host
+from lars.core.model import Host, format_host
+from lars.roles.common import ask
 from lars.store import open_store
-from tests.e2e.procs import LARS, LarsProcess, lars_cli
+from tests import mysql_admin
+from tests.e2e.procs import (
+    LARS,
+    STARTUP_TIMEOUT,
+    LarsProcess,
+    Proxy,
+    lars_cli,
+    lars_process,
+    write_config,
+)
 from tests.netutil import free_tcp_port, free_udp_base
+from tests.store.test_legacy_schema import FILL, ORIGINAL_TABLES
 
 pytestmark = pytest.mark.e2e
 
@@ -161,3 +175,104 @@ async def test_stats_needs_exactly_one_role(quickstart: Quickstart) -> None:
         [*LARS, "stats", "--config", quickstart.config], capture_stderr=True, check=False
     )
     assert result.returncode == 2 and b"exactly one of" in result.stderr
+
+
+# --- a store that can never work stops a daemon at start-up ------------------------------------
+
+
+def _with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    return f"mysql://{parts.username or 'root'}:{password}@{parts.hostname}:{parts.port or 3306}"
+
+
+async def run_to_exit(tmp_path: Path, role: str, store: str) -> subprocess.CompletedProcess[bytes]:
+    """``lars run --role ROLE --store STORE`` on free ports; its result once it exits."""
+    config = write_config(
+        tmp_path / "fails.toml",
+        {"dns": {"listen": "127.0.0.1:0"}, "reporter": {"listen": "127.0.0.1:0"}},
+    )
+    argv = [*LARS, "run", "--role", role, "--store", store, "--config", str(config)]
+    with trio.fail_after(STARTUP_TIMEOUT):  # today's behaviour: retrying forever
+        return await trio.run_process(
+            argv, capture_stdout=True, capture_stderr=True, check=False, cwd=tmp_path
+        )
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize(
+    ("role", "database", "needle"),
+    [
+        ("dns", "unknown", "database 'lars_no_such_database' does not exist"),
+        ("reporter", "unknown", "database 'lars_no_such_database' does not exist"),
+        ("dns", "empty", "not initialised (missing table RouteData, table RouteVersion"),
+        ("reporter", "empty", "not initialised (missing table ServerCallStatus)"),
+        ("reporter", "original", "(missing column ServerCallStatus.succ_total, column"),
+        ("dns", "wrong password", "access denied"),
+        ("reporter", "wrong password", "access denied"),
+    ],
+)
+async def test_a_store_that_can_never_work_stops_the_daemon_with_one_line(
+    role: str, database: str, needle: str, tmp_path: Path
+) -> None:
+    server = mysql_admin.server_url()
+    if database == "unknown":
+        result = await run_to_exit(tmp_path, role, f"{server}/lars_no_such_database")
+    elif database == "wrong password":
+        url = f"{_with_password(server, 'not-the-password')}/lars_no_such_database"
+        result = await run_to_exit(tmp_path, role, url)
+    else:
+        async with mysql_admin.fresh_database() as url:
+            if database == "original":
+                await mysql_admin.execute(url, *ORIGINAL_TABLES)
+            result = await run_to_exit(tmp_path, role, url)
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    (line,) = err.strip().splitlines()
+    assert needle in line and line.startswith("Error: ")
+    if "not initialised" in needle or "missing column" in needle:
+        assert "run `lars db init`" in line
+
+
+@pytest.mark.mysql
+async def test_the_dns_serves_an_original_database_that_lars_db_init_never_touched(
+    tmp_path: Path,
+) -> None:
+    async with mysql_admin.fresh_database() as url:
+        await mysql_admin.execute(url, *ORIGINAL_TABLES, *FILL)
+        config = {"store": url, "dns": {"listen": "127.0.0.1:0"}}
+        async with lars_process(tmp_path, "dns", ["dns"], config) as dns:
+            reply = await ask(dns.addresses["dns"], wire.GetRouteRequest(1, 1))
+            assert isinstance(reply, wire.GetRouteResponse)
+            assert [format_host(h) for h in reply.hosts] == ["192.168.1.177:7777"]
+
+
+@pytest.mark.mysql
+async def test_an_unreachable_store_at_start_up_is_waited_for(tmp_path: Path) -> None:
+    async with mysql_admin.fresh_database(init=True) as url, trio.open_nursery() as nursery:
+        parts = urlsplit(url)
+        proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 3306))
+        proxy.disable()  # accepts and hangs up: the server is not up yet
+        port = await nursery.start(proxy.serve)
+        via_proxy = f"mysql://{parts.username}@127.0.0.1:{port}{parts.path}?connect_timeout=1"
+        process = LarsProcess(
+            tmp_path,
+            "reporter",
+            ["reporter"],
+            {"store": via_proxy, "reporter": {"listen": "127.0.0.1:0"}},
+        )
+        async with trio.open_nursery() as starting:
+            starting.start_soon(process.start)
+            with trio.fail_after(STARTUP_TIMEOUT):
+                while "unreachable at start-up" not in process.log:
+                    await trio.sleep(0.05)
+            await trio.sleep(1.0)
+            assert process.process is not None and process.process.poll() is None
+            assert "running:" not in process.log
+            proxy.enable()  # the server is up: the reporter starts
+        try:
+            assert "reporter" in process.addresses
+            assert process.log.count("unreachable at start-up") == 1  # logged once, not per try
+            assert "Traceback" not in process.log
+        finally:
+            assert await process.stop() == 0
+        nursery.cancel_scope.cancel()

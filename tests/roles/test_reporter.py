@@ -14,7 +14,8 @@ import trio.testing
 from lars import wire
 from lars.config import ReporterConfig
 from lars.errors import StoreError
-from lars.roles.reporter import Reporter
+from lars.roles import reporter as reporter_module
+from lars.roles.reporter import MAX_QUEUED_REPLY_BYTES, Reporter
 from lars.store import CallStatus, RouteStore
 from tests.fakes import FlakyStore, FramedClient, memory_store
 
@@ -215,3 +216,78 @@ async def test_a_transient_store_error_is_retried_as_a_whole_batch(
     assert not any("one by one" in r.getMessage() for r in caplog.records)  # ... not split
     assert reporter.metrics.counters.get("reports_dropped", 0) == 0
     await inner.aclose()
+
+
+async def test_a_peer_that_never_reads_its_replies_is_disconnected(
+    store: PickyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store) as (reporter, nursery):
+        client, served = trio.testing.lockstep_stream_pair()  # what is not read stays queued
+        nursery.start_soon(reporter.handle_connection, served)
+        burst = wire.encode_frame(wire.StatsRequest(1)) * 1000
+        most_queued = sent = 0
+        with pytest.raises(trio.BrokenResourceError):
+            while sent < 200 * MAX_QUEUED_REPLY_BYTES:  # far more replies than may be queued
+                await client.send_all(burst)
+                sent += len(burst)
+                queued = [conn.queued_bytes for conn in reporter.connections]
+                most_queued = max(most_queued, *queued, 0)
+        assert 0 < most_queued <= MAX_QUEUED_REPLY_BYTES
+        assert reporter.metrics.counters["reply_overflows"] == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert not reporter.connections
+        # The reporter still serves everyone else.
+        other = connect(reporter, nursery)
+        await other.send(report(1))
+        assert await acks(other, 1) == [1]
+
+
+async def test_acknowledgements_a_peer_never_reads_are_bounded_too(
+    store: PickyStore, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bound = 4096  # about 400 acknowledgements, to keep the test quick
+    monkeypatch.setattr(reporter_module, "MAX_QUEUED_REPLY_BYTES", bound)
+    async with running(store) as (reporter, nursery):
+        client, served = trio.testing.lockstep_stream_pair()
+        nursery.start_soon(reporter.handle_connection, served)
+        burst = b"".join(wire.encode_frame(report(seq)) for seq in range(1, 101))
+        with pytest.raises(trio.BrokenResourceError):
+            for _ in range(100):  # 10,000 reports, never reading an acknowledgement
+                await client.send_all(burst)
+                queued = [conn.queued_bytes for conn in reporter.connections]
+                assert max(queued, default=0) <= bound
+        assert reporter.metrics.counters["reply_overflows"] == 1
+        # What was stored stays stored; the agent sends the unacknowledged reports again.
+        assert reporter.metrics.counters["results_written"] > bound // 16
+
+
+async def test_counts_beyond_64_bits_are_dropped_on_sqlite_not_fatal(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    sqlite = memory_store()  # the real store, which knows its columns
+    await sqlite.init_schema()
+    async with running(sqlite, writers=1) as (reporter, nursery):  # type: ignore[arg-type]
+        client = connect(reporter, nursery)
+        huge = (167772161, 80, 2**63, 0, False)  # a signed 64-bit SQLite integer cannot hold it
+        await client.send(report(1), report(2, 2, huge, (167772162, 80, 1, 0, False)), report(3, 3))
+        assert await acks(client, 3) == [1, 2, 3]
+        stored = {(r.modid, r.ip) for r in await sqlite.read_call_status()}
+        assert stored == {(1, 167772161), (2, 167772162), (3, 167772161)}
+        assert reporter.metrics.counters["results_dropped"] == 1
+        assert reporter.metrics.counters.get("store_errors", 0) == 0
+        assert any(
+            "does not fit ServerCallStatus.succ_total" in r.getMessage() for r in caplog.records
+        )
+    await sqlite.aclose()
+
+
+async def test_an_error_reply_to_a_64_bit_seq_still_decodes(
+    store: PickyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        await client.send(wire.ReportStatusAck(2**32 + 5), wire.ReportStatusAck(7))
+        first, second = await client.receive(), await client.receive()
+        assert isinstance(first, wire.ErrorReply) and first.seq == 0  # no 32-bit seq to echo
+        assert isinstance(second, wire.ErrorReply) and second.seq == 7
+        assert first.code == wire.RetCode.BAD_REQUEST

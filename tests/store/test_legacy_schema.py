@@ -125,8 +125,9 @@ def test_dns_snapshot_reads_an_original_lars_database(legacy_url: str) -> None:
 def test_route_writes_work_on_an_original_database(
     legacy_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["route", "add", "1", "1", "10.0.0.1:80", "--store", legacy_url]) == 0
-    assert main(["route", "rm", "1", "2", "192.168.1.180:7779", "--store", legacy_url]) == 0
+    store = ["--store", legacy_url, "--no-notify"]
+    assert main(["route", "add", "1", "1", "10.0.0.1:80", *store]) == 0
+    assert main(["route", "rm", "1", "2", "192.168.1.180:7779", *store]) == 0
     capsys.readouterr()
     routes = route_ls(legacy_url, capsys)
     assert routes == [
