@@ -49,6 +49,10 @@ the head is served and moved to the tail; a host moves between lists in O(1). Ov
 expiry uses a second ordered dict in the order hosts became overloaded, so the oldest is
 always at its head.
 
+Counts for the metrics: every balancer of one agent adds to one shared :class:`Tally`
+(transitions by reason, probes, hosts by state), and keeps its own cumulative report counts;
+plain integer increments in the calls that already run, read at scrape time.
+
 Call statistics for the reporter ride along: each host counts the successes and failures
 reported since the last acknowledged send (:meth:`LoadBalancer.take_stats`,
 :meth:`~LoadBalancer.stats_sent`, :meth:`~LoadBalancer.stats_failed`). Counts stay in place
@@ -152,6 +156,25 @@ class HostState:
         )
 
 
+class Tally:
+    """Counts shared by the balancers of one agent, for its metrics.
+
+    Transitions count by the rule that caused them: to overload by ``err_rate``,
+    ``contin_err`` or ``window``; to idle by ``succ_rate``, ``contin_succ`` or ``timeout``.
+    """
+
+    __slots__ = ("hosts", "overloaded", "probes", "to_idle", "to_overload")
+
+    def __init__(self) -> None:
+        self.to_overload = {"err_rate": 0, "contin_err": 0, "window": 0}
+        self.to_idle = {"succ_rate": 0, "contin_succ": 0, "timeout": 0}
+        #: Probes: overloaded hosts chosen by get_host.
+        self.probes = 0
+        #: Hosts of every route, and how many of them are overloaded now.
+        self.hosts = 0
+        self.overloaded = 0
+
+
 #: One host's line in a statistics send: (state, successes, failures).
 StatLine = tuple[HostState, int, int]
 
@@ -159,8 +182,9 @@ StatLine = tuple[HostState, int, int]
 class LoadBalancer:
     """Idle/overload load balancer of one module. See the module docstring for the rules."""
 
-    def __init__(self, params: BalancerParams) -> None:
+    def __init__(self, params: BalancerParams, tally: Tally | None = None) -> None:
         self.params = params
+        self.tally = tally if tally is not None else Tally()
         #: Every host of the current route.
         self.hosts: dict[HostKey, HostState] = {}
         self._idle: OrderedDict[HostKey, HostState] = OrderedDict()
@@ -176,6 +200,9 @@ class LoadBalancer:
         self._in_flight: list[HostState] | None = None
         #: True when reports arrived since the last statistics send.
         self.stats_pending = False
+        #: Reports on this module's hosts since it was created: successes, failures.
+        self.reports_ok = 0
+        self.reports_failed = 0
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -193,6 +220,11 @@ class LoadBalancer:
         """Every host of the module's route, in no particular order."""
         return list(self.hosts)
 
+    @property
+    def overloaded_count(self) -> int:
+        """How many hosts are overloaded."""
+        return len(self._overload)
+
     def states(self) -> Iterator[HostState]:
         """The state of every host, idle first, each list in serving order."""
         yield from self._idle.values()
@@ -204,24 +236,30 @@ class LoadBalancer:
 
     # --- transitions -----------------------------------------------------------------------
 
-    def _become_idle(self, st: HostState, now: float) -> None:
+    def _become_idle(self, st: HostState, now: float, reason: str | None = None) -> None:
+        """Make ``st`` idle afresh; ``reason`` names the rule when it was overloaded."""
         if st.overloaded:
             del self._overload[st.key]
             del self._overload_order[st.key]
             self._idle[st.key] = st
             st.overloaded = False
+            self.tally.overloaded -= 1
+            if reason is not None:
+                self.tally.to_idle[reason] += 1
         st.vsucc = self.params.init_succ_cnt
         st.verr = 0
         st.rsucc = st.rerr = 0
         st.contin_succ = st.contin_err = 0
         st.idle_since = now
 
-    def _become_overloaded(self, st: HostState, now: float) -> None:
+    def _become_overloaded(self, st: HostState, now: float, reason: str) -> None:
         if not st.overloaded:
             del self._idle[st.key]
             self._overload[st.key] = st
             self._overload_order[st.key] = st
             st.overloaded = True
+            self.tally.overloaded += 1
+            self.tally.to_overload[reason] += 1
         st.vsucc = 0
         st.verr = self.params.init_err_cnt
         st.rsucc = st.rerr = 0
@@ -236,7 +274,7 @@ class LoadBalancer:
             st = next(iter(order.values()))
             if now - st.overload_since < timeout:
                 return
-            self._become_idle(st, now)
+            self._become_idle(st, now, "timeout")
 
     # --- the two hot calls -----------------------------------------------------------------
 
@@ -252,6 +290,7 @@ class LoadBalancer:
         elif self.access_cnt >= self.params.probe_num:
             self.access_cnt = 0
             ring = self._overload
+            self.tally.probes += 1
         else:
             self.access_cnt += 1
             if not idle:
@@ -269,36 +308,36 @@ class LoadBalancer:
         self.stats_pending = True
         p = self.params
         if success:
+            self.reports_ok += 1
             st.stat_succ += 1
             st.vsucc += 1
             st.rsucc += 1
             st.contin_succ += 1
             st.contin_err = 0
         else:
+            self.reports_failed += 1
             st.stat_err += 1
             st.verr += 1
             st.rerr += 1
             st.contin_err += 1
             st.contin_succ = 0
         if not st.overloaded:
-            if not success and (
-                st.verr / (st.vsucc + st.verr) > p.err_rate or st.contin_err >= p.contin_err_limit
-            ):
-                self._become_overloaded(st, now)
+            if not success and st.verr / (st.vsucc + st.verr) > p.err_rate:
+                self._become_overloaded(st, now, "err_rate")
+            elif not success and st.contin_err >= p.contin_err_limit:
+                self._become_overloaded(st, now, "contin_err")
             elif now - st.idle_since >= p.idle_timeout:
                 window = st.rsucc + st.rerr
                 if window and st.rerr / window >= p.window_err_rate:
-                    self._become_overloaded(st, now)
+                    self._become_overloaded(st, now, "window")
                 else:
                     self._become_idle(st, now)
-        elif (
-            success
-            and (
-                st.vsucc / (st.vsucc + st.verr) > p.succ_rate
-                or st.contin_succ >= p.contin_succ_limit
-            )
-        ) or now - st.overload_since >= p.overload_timeout:
-            self._become_idle(st, now)
+        elif success and st.vsucc / (st.vsucc + st.verr) > p.succ_rate:
+            self._become_idle(st, now, "succ_rate")
+        elif success and st.contin_succ >= p.contin_succ_limit:
+            self._become_idle(st, now, "contin_succ")
+        elif now - st.overload_since >= p.overload_timeout:
+            self._become_idle(st, now, "timeout")
 
     # --- route updates ---------------------------------------------------------------------
 
@@ -306,11 +345,14 @@ class LoadBalancer:
         """Replace the route: add new hosts as idle, keep the rest, remove vanished hosts."""
         new = set(keys)
         hosts = self.hosts
+        tally = self.tally
         for key in [k for k in hosts if k not in new]:
             st = hosts.pop(key)
+            tally.hosts -= 1
             if st.overloaded:
                 del self._overload[key]
                 del self._overload_order[key]
+                tally.overloaded -= 1
             else:
                 del self._idle[key]
             if st.stat_succ or st.stat_err or st.flight_succ or st.flight_err:
@@ -321,6 +363,7 @@ class LoadBalancer:
                 hosts[key] = st
                 self._idle[key] = st
                 self._become_idle(st, now)
+                tally.hosts += 1
         self.last_update = now
 
     # --- reporter statistics ---------------------------------------------------------------

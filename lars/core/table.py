@@ -36,7 +36,7 @@ from typing import Any
 
 import attrs
 
-from lars.core.balancer import NOEXIST, SUCC, BalancerParams, LoadBalancer
+from lars.core.balancer import NOEXIST, SUCC, BalancerParams, LoadBalancer, Tally
 from lars.core.model import HostKey, ModuleKey, format_host
 
 #: Waiter kinds: the wire type ids of the requests that can wait.
@@ -114,6 +114,13 @@ class ModuleTable:
         #: Modules with call counts to send (reported since their counts were last taken).
         self.stats_due: dict[ModuleKey, LoadBalancer] = {}
         self._refreshing: set[ModuleKey] = set()
+        #: Counts for the metrics, shared by every balancer.
+        self.tally = Tally()
+        #: Requests answered, by return code: get_host (SUCC, OVERLOAD, -, NOEXIST) and
+        #: get_route (SUCC, -, -, NOEXIST); reports by outcome (failure, success).
+        self.get_host_answers = [0, 0, 0, 0]
+        self.get_route_answers = [0, 0, 0, 0]
+        self.reports = [0, 0]
 
     # --- requests --------------------------------------------------------------------------
 
@@ -127,8 +134,13 @@ class ModuleTable:
         if lb is not None:
             if lb.needs_update(now):
                 self._refresh(key)
-            return lb.get_host(now)
-        return self._absent(key, now, GET_HOST, seq, address)
+            answer = lb.get_host(now)
+        else:
+            answer = self._absent(key, now, GET_HOST, seq, address)
+            if answer[0] < 0:
+                return answer  # counted when answered
+        self.get_host_answers[answer[0]] += 1
+        return answer
 
     def get_route(
         self, key: ModuleKey, now: float, seq: int = 0, address: Any = None
@@ -139,11 +151,17 @@ class ModuleTable:
         if lb is not None:
             if lb.needs_update(now):
                 self._refresh(key)
-            return SUCC, lb.route()
-        return self._absent(key, now, GET_ROUTE, seq, address)
+            answer: tuple[int, Any] = (SUCC, lb.route())
+        else:
+            answer = self._absent(key, now, GET_ROUTE, seq, address)
+            if answer[0] < 0:
+                return answer  # counted when answered
+        self.get_route_answers[answer[0]] += 1
+        return answer
 
     def report(self, key: ModuleKey, host: HostKey, success: bool, now: float) -> None:
         """Record a call result; unknown modules and hosts are ignored."""
+        self.reports[success] += 1
         lb = self.modules.get(key)
         if lb is not None:
             if not lb.stats_pending:
@@ -202,7 +220,7 @@ class ModuleTable:
                 break
             self._forget_pending(key)
             self.want.discard(key)
-        return answers
+        return self._counted(answers)
 
     def next_deadline(self) -> float | None:
         """When :meth:`expire_waits` next has something to do, if ever."""
@@ -224,7 +242,16 @@ class ModuleTable:
 
     def apply_route(self, key: ModuleKey, hosts: Iterable[HostKey], now: float) -> list[Answer]:
         """Apply a DNS answer or push; returns the answers for the module's waiters."""
-        hosts = tuple(hosts)
+        return self._counted(self._apply_route(key, tuple(hosts), now))
+
+    def _counted(self, answers: list[Answer]) -> list[Answer]:
+        """Count answers to waiters like direct ones."""
+        for _, waiter, retcode, _ in answers:
+            counts = self.get_host_answers if waiter.kind == GET_HOST else self.get_route_answers
+            counts[retcode] += 1
+        return answers
+
+    def _apply_route(self, key: ModuleKey, hosts: tuple[HostKey, ...], now: float) -> list[Answer]:
         self._refreshing.discard(key)
         pending = self._forget_pending(key)
         waiters = pending.waiters if pending is not None else []
@@ -235,7 +262,7 @@ class ModuleTable:
         if lb is None:
             if len(self.modules) >= self.max_modules:
                 return [(key, w, NOEXIST, _nothing(w)) for w in waiters]
-            lb = self.modules[key] = LoadBalancer(self.params)
+            lb = self.modules[key] = LoadBalancer(self.params, self.tally)
             self.negative.pop(key, None)
         lb.update_route(hosts, now)
         answers: list[Answer] = []

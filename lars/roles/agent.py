@@ -40,10 +40,13 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from lars import wire
 from lars.config import AgentConfig
@@ -58,6 +61,7 @@ from lars.roles.common import (
     Reconnector,
     receive_messages,
 )
+from lars.roles.http import Observed
 
 log = logging.getLogger("lars.agent")
 
@@ -95,6 +99,8 @@ class Agent:
         self.table = ModuleTable(config.loadbalance, config.route_wait)
         self.metrics = Metrics("agent")
         self.dns_address: str | None = None
+        #: True while a reporter session is up.
+        self.reporter_connected = False
         #: Set whenever a route arrives from DNS (tests wait on it).
         self.route_received = trio.Event()
         self._dns_bell = trio.Event()
@@ -519,8 +525,10 @@ class Agent:
             try:
                 caller = self._caller(stream)
                 if caller is not None:
+                    self.reporter_connected = True
                     await self._report_session(stream, caller)
             finally:
+                self.reporter_connected = False
                 with self._lock:
                     for key, lb, _ in self._in_flight.values():
                         self.table.stats_done(key, lb, stored=False)  # send them again later
@@ -630,6 +638,136 @@ class Agent:
         while not self.stats_settled:
             self._flush_now.set()
             await self._acked.wait()
+
+    # --- observability ---------------------------------------------------------------------
+
+    def observed(self, max_module_labels: int = 1000) -> Observed:
+        """The agent's registry and readiness check for the HTTP listener."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(AgentCollector(self, max_module_labels))
+
+        async def not_ready() -> str | None:
+            if not self._sockets or any(s.fileno() < 0 for s in self._sockets):
+                return "API ports not bound"
+            if self.dns_address is None:
+                return "no DNS session"
+            return None
+
+        return Observed("agent", registry, not_ready)
+
+
+class AgentCollector(Collector):
+    """The agent's metrics, read from its table and counters at scrape time (the API
+    threads only increment plain integers, as they do anyway). Per-module series cover
+    the first ``max_module_labels`` modules; the totals cover all."""
+
+    def __init__(self, agent: Agent, max_module_labels: int) -> None:
+        self.agent = agent
+        self.max_module_labels = max_module_labels
+
+    def collect(self) -> Iterator[Metric]:
+        a = self.agent
+        table = a.table
+        with a._lock:
+            get_host = list(table.get_host_answers)
+            get_route = list(table.get_route_answers)
+            reports = list(table.reports)
+            tally = table.tally
+            to_overload, to_idle = dict(tally.to_overload), dict(tally.to_idle)
+            probes, hosts, overloaded = tally.probes, tally.hosts, tally.overloaded
+            modules, pending, due = len(table.modules), len(table.pending), len(table.stats_due)
+            counters = dict(a.metrics.counters)
+            per_module = [
+                (key, len(lb.hosts), lb.overloaded_count, lb.reports_ok, lb.reports_failed)
+                for key, lb in itertools.islice(table.modules.items(), self.max_module_labels)
+            ]
+        in_flight = len(a._in_flight)
+
+        def counter(name: str, doc: str, key: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"lars_agent_{name}", doc, value=counters.get(key, 0))
+
+        requests = CounterMetricFamily(
+            "lars_agent_requests",
+            "API requests answered, by kind and result.",
+            labels=["kind", "result"],
+        )
+        for code, result in ((0, "succ"), (1, "overload"), (3, "noexist")):
+            requests.add_metric(["get_host", result], get_host[code])
+        for code, result in ((0, "succ"), (3, "noexist")):
+            requests.add_metric(["get_route", result], get_route[code])
+        requests.add_metric(["report", "success"], reports[1])
+        requests.add_metric(["report", "failure"], reports[0])
+        yield requests
+        yield counter("invalid_requests", "Requests with invalid values.", "invalid_requests")
+        yield counter(
+            "malformed_datagrams", "Datagrams that did not decode.", "malformed_datagrams"
+        )
+        yield counter(
+            "internal_errors", "Datagrams that met an unexpected error.", "internal_errors"
+        )
+        yield counter("replies_dropped", "Replies the kernel refused to send.", "replies_dropped")
+        transitions = CounterMetricFamily(
+            "lars_agent_host_transitions",
+            "Hosts that changed state, by the state entered and the rule.",
+            labels=["to", "reason"],
+        )
+        for reason, n in to_overload.items():
+            transitions.add_metric(["overload", reason], n)
+        for reason, n in to_idle.items():
+            transitions.add_metric(["idle", reason], n)
+        yield transitions
+        yield CounterMetricFamily("lars_agent_probes", "Overloaded hosts probed.", value=probes)
+        by_state = GaugeMetricFamily(
+            "lars_agent_hosts", "Hosts of every route, by state.", labels=["state"]
+        )
+        by_state.add_metric(["idle"], hosts - overloaded)
+        by_state.add_metric(["overload"], overloaded)
+        yield by_state
+        yield GaugeMetricFamily("lars_agent_modules", "Modules with a route.", value=modules)
+        yield GaugeMetricFamily(
+            "lars_agent_pending_modules", "Modules asked of DNS, not answered yet.", value=pending
+        )
+        yield counter("route_updates", "Routes received from DNS.", "routes_received")
+        for peer, up in (("dns", a.dns_address is not None), ("reporter", a.reporter_connected)):
+            yield GaugeMetricFamily(
+                f"lars_agent_{peer}_up", f"1 while a {peer} session is up.", value=int(up)
+            )
+            yield counter(
+                f"{peer}_connects", f"Connections made to the {peer}.", f"{peer}_connects"
+            )
+            yield counter(
+                f"{peer}_connect_failures",
+                f"Failed attempts to connect to the {peer}.",
+                f"{peer}_connect_failures",
+            )
+        yield counter("stats_reports_sent", "Statistics reports sent.", "reports_sent")
+        yield counter(
+            "stats_reports_acknowledged", "Statistics reports stored.", "reports_acknowledged"
+        )
+        yield GaugeMetricFamily(
+            "lars_agent_stats_reports_in_flight", "Reports sent, not yet stored.", value=in_flight
+        )
+        yield GaugeMetricFamily(
+            "lars_agent_stats_modules_due", "Modules with counts to send.", value=due
+        )
+        module_hosts = GaugeMetricFamily(
+            "lars_agent_module_hosts",
+            "Hosts of one module, by state.",
+            labels=["modid", "cmdid", "state"],
+        )
+        module_reports = CounterMetricFamily(
+            "lars_agent_module_reports",
+            "Call results reported on one module's hosts.",
+            labels=["modid", "cmdid", "result"],
+        )
+        for (modid, cmdid), n_hosts, n_over, ok, failed in per_module:
+            ids = [str(modid), str(cmdid)]
+            module_hosts.add_metric([*ids, "idle"], n_hosts - n_over)
+            module_hosts.add_metric([*ids, "overload"], n_over)
+            module_reports.add_metric([*ids, "success"], ok)
+            module_reports.add_metric([*ids, "failure"], failed)
+        yield module_hosts
+        yield module_reports
 
 
 def _ignorable(exc: OSError) -> bool:

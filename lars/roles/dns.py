@@ -32,9 +32,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import trio
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from lars import wire
 from lars.config import DnsConfig
@@ -52,6 +57,7 @@ from lars.roles.common import (
     refuse,
     write_loop,
 )
+from lars.roles.http import Observed
 from lars.store import RouteDelta, RouteMap, RouteSnapshot, RouteStore
 
 log = logging.getLogger("lars.dns")
@@ -65,6 +71,14 @@ MAX_QUEUED_REPLIES = 1000
 #: Seconds a subscription to a module without a route is kept (longer than an agent's
 #: negative cache, so a module added meanwhile is still pushed).
 ABSENT_SUBSCRIPTION_TTL = 60.0
+#: Subscriptions to modules without a route one connection may hold; past it, such
+#: requests are answered (with the empty route) but not subscribed.
+MAX_ABSENT_SUBSCRIPTIONS = 10_000
+#: Bytes of route frames queued for a connection beyond which its requests are not read
+#: until its writer has taken them: an agent that does not read holds bounded memory.
+MAX_BACKLOG = 1 << 20
+#: Bytes of memory one queued route frame costs beyond the frame itself (key and slot).
+ENTRY_COST = 160
 
 _EMPTY: frozenset[HostKey] = frozenset()
 
@@ -77,12 +91,25 @@ class Subscriber(Outbox):
         self.modules: set[ModuleKey] = set()
         #: Encoded route frames by module; a newer frame replaces an unsent one.
         self.pending: dict[ModuleKey, bytes] = {}
+        self.pending_bytes = 0
         self.replies: list[wire.Message] = []
+        #: Subscriptions to modules without a route (counted toward their cap).
+        self.absent = 0
+        self._room = trio.Event()
 
     def queue_route(self, module: ModuleKey, frame: bytes) -> None:
         """Queue a module's route frame."""
+        old = self.pending.get(module)
         self.pending[module] = frame
+        # What the entry costs in memory: the frame, plus its key and slot (~ENTRY_COST).
+        self.pending_bytes += len(frame) - len(old) if old is not None else len(frame) + ENTRY_COST
         self.ring()
+
+    async def wait_for_room(self) -> None:
+        """Wait until the writer has taken the queued frames, if they exceed MAX_BACKLOG."""
+        while self.pending_bytes > MAX_BACKLOG and not self.closed:
+            self._room = trio.Event()
+            await self._room.wait()
 
     def queue_reply(self, msg: wire.Message) -> bool:
         """Queue a reply; False if too many are queued (the connection should close)."""
@@ -96,7 +123,9 @@ class Subscriber(Outbox):
         data = b"".join(self.pending.values())
         data += b"".join(wire.encode_frame(m) for m in self.replies)
         self.pending = {}
+        self.pending_bytes = 0
         self.replies = []
+        self._room.set()
         return data
 
 
@@ -122,6 +151,20 @@ class DnsServer:
         self._bad_input_log = RateLimitedLog(log)
         # Subscriptions to modules without a route, with when they lapse, oldest first.
         self._absent: OrderedDict[tuple[Subscriber, ModuleKey], float] = OrderedDict()
+        #: The DNS's metrics (see :meth:`observed`).
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._fanout_seconds = Histogram(
+            "lars_dns_push_fanout_seconds",
+            "Time to queue one reload's pushes to every subscribed agent.",
+            registry=self.registry,
+        )
+        self._load_seconds = Histogram(
+            "lars_dns_store_load_seconds",
+            "Time to read routes from the store: everything (full) or what changed (partial).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.registry.register(DnsCollector(self))
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -181,6 +224,8 @@ class DnsServer:
     def _absent_for(self, sub: Subscriber, module: ModuleKey) -> None:
         """``sub`` is subscribed to a module without a route: let that lapse in time."""
         entry = (sub, module)
+        if entry not in self._absent:
+            sub.absent += 1
         self._absent[entry] = trio.current_time() + ABSENT_SUBSCRIPTION_TTL
         self._absent.move_to_end(entry)
 
@@ -195,6 +240,7 @@ class DnsServer:
             if now < expires:
                 break
             del absent[sub, module]
+            sub.absent -= 1
             routes = self.routes
             if (
                 not sub.closed
@@ -219,11 +265,22 @@ class DnsServer:
                         return
                 elif not self._dispatch(sub, item):
                     return
+                if sub.pending_bytes > MAX_BACKLOG:
+                    await sub.wait_for_room()
 
     def _dispatch(self, sub: Subscriber, msg: wire.Message) -> bool:
         if isinstance(msg, wire.GetRouteRequest):
             self.metrics.incr("route_requests")
             module = (msg.modid, msg.cmdid)
+            routes = self.routes
+            if (
+                routes is not None
+                and module not in routes
+                and module not in sub.modules
+                and sub.absent >= MAX_ABSENT_SUBSCRIPTIONS
+            ):
+                sub.queue_route(module, self._frame(module))  # answered, not subscribed
+                return True
             if module not in sub.modules:
                 if len(sub.modules) >= MAX_SUBSCRIPTIONS:
                     return sub.queue_reply(
@@ -250,7 +307,8 @@ class DnsServer:
         return sub.queue_reply(wire.ErrorReply(seq, wire.RetCode.BAD_REQUEST, reason))
 
     def _frame(self, module: ModuleKey) -> bytes:
-        """The encoded route of ``module`` in the current map (cached until the next swap)."""
+        """The encoded route of ``module`` in the current map (cached until the next swap,
+        when the module has a route)."""
         frame = self._frames.get(module)
         if frame is None:
             assert self.routes is not None
@@ -264,13 +322,15 @@ class DnsServer:
                 )
                 reason = f"route of {module[0]}/{module[1]} exceeds the frame limit"
                 frame = wire.encode_frame(wire.ErrorReply(0, wire.RetCode.SYSTEM_ERROR, reason))
-            self._frames[module] = frame
+            if module in self.routes:  # not every made-up module anyone asks for
+                self._frames[module] = frame
         return frame
 
     # --- change tracking -------------------------------------------------------------------
 
     def _swap(self, routes: RouteMap, version: int, changed: set[ModuleKey]) -> None:
         """Serve ``routes`` from now on and push ``changed`` modules to their subscribers."""
+        started = time.perf_counter()
         self.routes = routes
         self.version = version
         self._frames = {}
@@ -286,6 +346,8 @@ class DnsServer:
                         self._absent_for(sub, module)
                 pushed += len(subs)
         self.metrics.incr("pushes", pushed)
+        if pushed:
+            self._fanout_seconds.observe(time.perf_counter() - started)
         self.metrics.set("route_version", version)
         self.metrics.set("modules", len(routes))
 
@@ -318,18 +380,23 @@ class DnsServer:
         """Read the store's version; reload what changed. Raises StoreError."""
         now = trio.current_time()
         if self.routes is None or now >= self._next_full_reload:
-            self.apply_snapshot(await self.store.load_routes(changes_since=self.version))
+            self.apply_snapshot(await self._load_all())
             self._next_full_reload = now + self.config.reload_interval
             return
         version = await self.store.route_version()
         if version == self.version:
             return
-        delta = await self.store.load_changes(self.version)
+        with self._load_seconds.labels("partial").time():
+            delta = await self.store.load_changes(self.version)
         if delta.changed and delta.version > self.version:
             self.apply_delta(delta)
         else:  # the version moved without change rows (or went back): reload it all
-            self.apply_snapshot(await self.store.load_routes(changes_since=self.version))
+            self.apply_snapshot(await self._load_all())
             self._next_full_reload = now + self.config.reload_interval
+
+    async def _load_all(self) -> RouteSnapshot:
+        with self._load_seconds.labels("full").time():
+            return await self.store.load_routes(changes_since=self.version)
 
     async def _poll_loop(self) -> None:
         delays = None
@@ -377,7 +444,54 @@ class DnsServer:
                     )
             await trio.sleep(PURGE_INTERVAL)
 
+    def observed(self) -> Observed:
+        """The DNS's registry and readiness check (routes loaded) for the HTTP listener."""
+
+        async def not_ready() -> str | None:
+            return None if self.routes is not None else "routes not loaded yet"
+
+        return Observed("dns", self.registry, not_ready)
+
     def _update_gauges(self) -> None:
         self.metrics.set("connections", len(self.connections))
         self.metrics.set("subscribed_modules", len(self.subscribers))
         self.metrics.set("loaded", int(self.routes is not None))
+
+
+class DnsCollector(Collector):
+    """The DNS's counters and gauges, read at scrape time."""
+
+    def __init__(self, dns: DnsServer) -> None:
+        self.dns = dns
+
+    def collect(self) -> Iterator[Metric]:
+        dns = self.dns
+        counters = dns.metrics.counters
+        routes = dns.routes
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"lars_dns_{name}", doc, value=value)
+
+        def counter(name: str, doc: str, key: str | None = None) -> CounterMetricFamily:
+            return CounterMetricFamily(f"lars_dns_{name}", doc, value=counters[key or name])
+
+        yield gauge("routes_loaded", "1 once routes are loaded from the store.", routes is not None)
+        yield gauge("modules", "Modules with a route.", len(routes or ()))
+        yield gauge("hosts", "Hosts of every route.", sum(map(len, (routes or {}).values())))
+        yield gauge("route_version", "Store version of the routes served.", dns.version)
+        yield gauge("connections", "Agent connections.", len(dns.connections))
+        yield gauge("subscribed_modules", "Modules some agent subscribed to.", len(dns.subscribers))
+        yield counter("route_requests", "GetRouteRequests answered.")
+        yield counter("pushes", "Routes pushed to agents after a change.")
+        loads = CounterMetricFamily(
+            "lars_dns_store_loads", "Route loads from the store, by kind.", labels=["kind"]
+        )
+        loads.add_metric(["full"], counters["full_reloads"])
+        loads.add_metric(["partial"], counters["partial_reloads"])
+        yield loads
+        yield counter("store_errors", "Failed reads of the store.")
+        yield gauge("store_up", "1 while the store answers.", dns.store_ok is True)
+        yield counter("change_notices", "RouteChangeNotices received.")
+        yield counter("malformed_frames", "Frames that did not decode (connection closed).")
+        yield counter("invalid_requests", "Requests with invalid values.")
+        yield counter("subscriptions_lapsed", "Subscriptions to absent modules that lapsed.")

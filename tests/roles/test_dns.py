@@ -14,6 +14,7 @@ import trio.testing
 
 from lars import wire
 from lars.config import DnsConfig
+from lars.roles import dns as dns_role
 from lars.roles.dns import ABSENT_SUBSCRIPTION_TTL, DnsServer
 from lars.store import RouteStore
 from tests.fakes import FlakyStore, FramedClient, memory_store
@@ -341,3 +342,38 @@ async def test_subscriptions_to_absent_modules_lapse(
         assert (await client.route()).hosts == ()
         await trio.sleep(ABSENT_SUBSCRIPTION_TTL + 2)
         assert server.subscribers.keys() == {(100, 1)}
+
+
+async def test_absent_subscriptions_per_connection_are_capped(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dns_role, "MAX_ABSENT_SUBSCRIPTIONS", 10)
+    await store.inner.change_routes(add={M1: [A]})
+    async with running(store) as (server, nursery):
+        client = connect(server, nursery)
+        assert await ask(client, M1) == {A}
+        for modid in range(100, 120):  # every one is answered, ten are subscribed
+            assert await ask(client, (modid, 1)) == frozenset()
+        assert len(server.subscribers) == 1 + 10
+
+
+async def test_an_agent_that_does_not_read_is_not_read_either(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dns_role, "MAX_BACKLOG", 1000)
+    async with running(store) as (server, nursery):
+        await trio.sleep(1)  # routes loaded
+        client_stream, served = trio.testing.lockstep_stream_pair()
+        nursery.start_soon(server.handle_connection, served)
+        client = FramedClient(client_stream)
+        requests = [wire.GetRouteRequest(modid, 1) for modid in range(1, 2001)]
+        with trio.move_on_after(5):  # the DNS stops reading: the send cannot finish
+            await client.send(*requests)
+        (sub,) = server.connections
+        assert sub.pending_bytes <= 1000 + 64  # the backlog, plus the frame that crossed it
+        assert len(sub.modules) < len(requests)
+        # Once the agent reads, everything is answered.
+        async with trio.open_nursery() as sending:
+            sending.start_soon(client.send, *requests)
+            answered = {(m.modid, m.cmdid) for m in [await client.route() for _ in requests]}
+        assert len(answered) == len(requests)

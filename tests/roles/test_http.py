@@ -1,0 +1,92 @@
+"""The HTTP listener: /metrics, /healthz and /readyz of the roles, in process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from lars.roles.http import Observed, serve_http
+from tests.netutil import free_udp_base
+from tests.roles.test_agent import A, B, M
+from tests.roles.test_agent_hardening import agent, serving
+
+
+async def http_get(address: tuple[str, int], path: str) -> tuple[int, str]:
+    """``(status, body)`` of a plain HTTP/1.0 GET."""
+    stream = await trio.open_tcp_stream(*address)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: test\r\n\r\n".encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition by (name, sorted labels)."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@asynccontextmanager
+async def listening(*roles: Observed) -> AsyncIterator[tuple[str, int]]:
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(serve_http, "127.0.0.1:0", roles)
+        yield address
+        nursery.cancel_scope.cancel()
+
+
+async def test_metrics_count_the_agent_api_exactly() -> None:
+    a = agent(base_port=free_udp_base(3))
+    async with serving(a), listening(a.observed()) as address:
+        now = time.monotonic()
+        a.table.apply_route(M, [A, B], now)
+        status, before = await http_get(address, "/metrics")
+        assert status == 200
+        for _ in range(100):
+            a.handle_datagram(_get_host(), ("127.0.0.1", 40000))
+        for _ in range(20):
+            a.table.report(M, A, False, now)
+        _, after = await http_get(address, "/metrics")
+    got, was = samples(after), samples(before)
+    key = ("lars_agent_requests_total", (("kind", "get_host"), ("result", "succ")))
+    assert got[key] - was.get(key, 0) == 100
+    assert got["lars_agent_requests_total", (("kind", "report"), ("result", "failure"))] == 20
+    transition = (
+        "lars_agent_host_transitions_total",
+        (("reason", "contin_err"), ("to", "overload")),
+    )
+    assert got[transition] == 1  # the 15th failure in a row
+    assert got["lars_agent_hosts", (("state", "overload"),)] == 1
+    assert got["lars_agent_hosts", (("state", "idle"),)] == 1
+    labels = (("cmdid", "1"), ("modid", "1"))
+    assert got["lars_agent_module_hosts", (*labels, ("state", "overload"))] == 1
+    assert got["lars_agent_module_reports_total", (*labels, ("result", "failure"))] == 20
+    assert got["lars_build_info", (("version", _version()),)] == 1
+
+
+def _get_host() -> bytes:
+    from lars import wire
+
+    return wire.encode_get_host_request(1, *M)
+
+
+def _version() -> str:
+    from lars._version import __version__
+
+    return __version__
+
+
+async def test_healthz_and_agent_readiness_without_dns() -> None:
+    a = agent(base_port=free_udp_base(3))
+    async with serving(a), listening(a.observed()) as address:
+        assert await http_get(address, "/healthz") == (200, "ok\n")
+        assert await http_get(address, "/readyz") == (503, "agent: no DNS session\n")
