@@ -358,13 +358,17 @@ class ApiGetRouteResponse(Message):
 @_register
 @attrs.frozen
 class ErrorReply(Message):
-    """Any role -> peer: your request ``seq`` could not be served (``code`` is a RetCode)."""
+    """Any role -> peer: your request ``seq`` could not be served (``code`` is a RetCode).
+
+    ``seq`` takes 64 bits: it echoes whatever the refused message carried, and some
+    messages (ReportStatusAck) number themselves with 64 bits.
+    """
 
     TYPE = 9
     seq: int
     code: int
     reason: str
-    _FIELDS = (_seq, _retcode, _str)
+    _FIELDS = (_u64("seq"), _retcode, _str)
 
 
 @_register

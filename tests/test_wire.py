@@ -304,3 +304,9 @@ def test_peek_seq_finds_a_request_seq_or_nothing() -> None:
     assert wire.peek_seq(msgpack.packb([4, -1, 1, 1])) is None
     assert wire.peek_seq(msgpack.packb([[{}], 1])) is None
     assert wire.peek_seq(b"\xc1") is None
+
+
+def test_an_error_reply_echoes_a_64_bit_seq() -> None:
+    # A ReportStatusAck (64-bit seq) sent where it is not served is answered with its seq.
+    reply = ErrorReply(2**64 - 1, 4, "not served")
+    assert wire.decode_datagram(wire.encode_datagram(reply)) == reply

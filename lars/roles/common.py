@@ -172,24 +172,6 @@ class Outbox:
         raise NotImplementedError
 
 
-class MessageOutbox(Outbox):
-    """An outbox of messages, written in order."""
-
-    def __init__(self, peer: str) -> None:
-        super().__init__(peer)
-        self.messages: list[wire.Message] = []
-
-    def send(self, msg: wire.Message) -> None:
-        """Queue a message (dropped if the connection is closed)."""
-        if not self.closed:
-            self.messages.append(msg)
-            self.ring()
-
-    def take(self) -> bytes:
-        messages, self.messages = self.messages, []
-        return b"".join(wire.encode_frame(m) for m in messages)
-
-
 async def write_loop(stream: trio.abc.SendStream, outbox: Outbox, scope: trio.CancelScope) -> None:
     """Send what the outbox holds whenever its bell rings; cancel ``scope`` if the peer is
     gone."""

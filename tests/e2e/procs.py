@@ -25,8 +25,9 @@ STARTUP_TIMEOUT = 20.0
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
-    """``(VmRSS, VmHWM)`` of a process in MB: resident memory now, and its peak."""
-    fields = {}
+    """``(VmRSS, VmHWM)`` of a process in MB: resident memory now, and its peak (0 for a
+    process that is exiting and has released its memory)."""
+    fields = {"VmRSS": 0.0, "VmHWM": 0.0}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):

@@ -58,6 +58,7 @@ def agent_config(base: int, dns: list[str], **loadbalance: float) -> dict[str, A
         "agent": {
             "base_port": base,
             "dns": dns,
+            "reporter": f"127.0.0.1:{free_tcp_port()}",  # nothing there: never a default port
             "retry_max": 0.5,
             "route_wait": 2.0,
             "loadbalance": loadbalance,

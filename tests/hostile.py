@@ -1,0 +1,418 @@
+"""Hostile input for the Lars daemons: seeded generators of malformed and abusive messages.
+
+Pure: no I/O, no trio, no pytest. Every generator takes a :class:`random.Random` and returns
+bytes, so a seed replays a batch exactly. Shared by the fuzz tests
+(``tests/e2e/test_fuzz.py``) and the soak (``benchmarks/fuzz_soak.py``), which send the bytes
+to real daemons; ``benchmarks/fuzz_soak.py`` must run after a plain ``pip install .``, so
+nothing here may need the test dependencies.
+
+Message bodies, by kind (:data:`KINDS`):
+
+``garbage``       random bytes, mostly short, now and then up to a full datagram.
+``truncated``     a well-formed message cut short, or with a few bytes overwritten.
+``bad_msgpack``   msgpack that lies or breaks the unpacker: an array, map, string or binary
+                  promising 2**32-1 elements or bytes and carrying none, deep nesting,
+                  reserved byte 0xc1, integer map keys, trailing bytes after a message,
+                  timestamps of an impossible length.
+``wrong_shape``   valid msgpack that is not a message: scalars, maps, an empty array, a type
+                  id that is a string, float, nil, boolean, negative, huge or unknown.
+``wrong_types``   every type id of the catalogue with the right field count and fields of
+                  the wrong kind (float, string, nil, boolean, bytes, map, nested array,
+                  extension type), or with a wrong field count.
+``out_of_range``  every type id with fields of the right kind and values out of range: ids
+                  above 2**32-1 or negative, ports 0 and 65536, retcodes above 255,
+                  counters and timestamps past 64 bits, malformed hosts and results.
+``valid``         well-formed messages of every type with random values, edge values
+                  (0, 2**32-1, 2**64-1, ...) included, now and then with thousands of hosts.
+
+The catalogue is read from :mod:`lars.wire` (every public message class), so a message type
+added there is fuzzed without touching this file; its fields are filled by name (``modid``,
+``hosts``, ...) and unknown names get arbitrary values.
+
+Streams for the abuse that is not about one message: requests for thousands of distinct
+(unknown) modules, and TCP frame headers that promise more than they deliver.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import msgpack
+
+from lars import wire
+
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+INT64_MIN = -(2**63)
+
+#: Every message class of the wire protocol, by type id.
+CATALOGUE: dict[int, type[wire.Message]] = {
+    cls.TYPE: cls
+    for cls in (getattr(wire, name) for name in wire.__all__)
+    if isinstance(cls, type) and issubclass(cls, wire.Message) and hasattr(cls, "TYPE")
+}
+#: Type ids no message has: below, between and above the catalogue.
+UNKNOWN_TYPES = (0, -1, max(CATALOGUE) + 1, 127, 128, 255, 256, UINT32_MAX, UINT64_MAX, INT64_MIN)
+
+_header = struct.Struct("!I")
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+# Integers msgpack can carry, chosen to sit on every boundary a decoder checks.
+EDGE_U32 = (0, 1, 255, 256, 65535, 65536, 2**31 - 1, 2**31, UINT32_MAX)
+TOO_BIG = (2**32, 2**32 + 1, 2**53 + 1, 2**63 - 1, 2**63, UINT64_MAX)
+NEGATIVE = (-1, -2, -(2**31), -(2**32), INT64_MIN)
+OUT_OF_U32 = TOO_BIG + NEGATIVE
+
+
+def pack(value: Any) -> bytes:
+    """msgpack bytes of any value (the wire's own packer settings)."""
+    data: bytes = _pack(value)
+    return data
+
+
+def fields_of(msg_type: int) -> tuple[str, ...]:
+    """The field names of a message type, in wire order."""
+    return tuple(f.name for f in attrs.fields(CATALOGUE[msg_type]))  # type: ignore[arg-type]
+
+
+# --- values --------------------------------------------------------------------------------
+
+
+def u32(rng: random.Random) -> int:
+    """An unsigned 32-bit integer, an edge value one time in four."""
+    return rng.choice(EDGE_U32) if rng.random() < 0.25 else rng.randrange(UINT32_MAX + 1)
+
+
+def u64(rng: random.Random) -> int:
+    """An unsigned 64-bit integer, an edge value one time in four."""
+    if rng.random() < 0.25:
+        return rng.choice((0, 1, UINT32_MAX, 2**63 - 1, 2**63, UINT64_MAX))
+    return rng.randrange(UINT64_MAX + 1) if rng.random() < 0.5 else rng.randrange(1 << 20)
+
+
+def text(rng: random.Random, longest: int = 64) -> str:
+    """A string: empty, ASCII, or any code point msgpack can carry (no lone surrogates).
+    Long strings repeat a short random piece (building them a character at a time is slow)."""
+    length = rng.randrange(longest + 1)
+    if rng.random() < 0.5:
+        piece = "".join(chr(rng.randrange(32, 127)) for _ in range(min(length, 64)))
+    else:
+        piece = "".join(
+            chr(rng.choice((rng.randrange(0x80, 0xD800), 0x10FFFF))) for _ in range(min(length, 64))
+        )
+    return (piece * (length // max(len(piece), 1) + 1))[:length]
+
+
+def hostile_value(rng: random.Random, depth: int = 0) -> Any:
+    """Any value msgpack can carry, biased to what a decoder mishandles."""
+    pick = rng.randrange(14 if depth < 3 else 11)
+    if pick == 0:
+        return rng.choice(TOO_BIG)
+    if pick == 1:
+        return rng.choice(NEGATIVE)
+    if pick == 2:
+        return rng.choice(EDGE_U32)
+    if pick == 3:
+        return rng.choice((0.0, -0.0, 0.5, 1.0, 4294967296.0, 1e308, float("inf"), float("nan")))
+    if pick == 4:
+        return text(rng, rng.choice((8, 64, 4096)))
+    if pick == 5:
+        return rng.randbytes(rng.randrange(64))
+    if pick == 6:
+        return None
+    if pick == 7:
+        return rng.random() < 0.5
+    if pick == 8:
+        return msgpack.ExtType(rng.randrange(128), rng.randbytes(rng.randrange(16)))
+    if pick == 9:
+        return msgpack.Timestamp(rng.randrange(2**34), rng.randrange(10**9))
+    if pick == 10:
+        return rng.choice(((), [], {}, ""))
+    if pick == 11:
+        return [hostile_value(rng, depth + 1) for _ in range(rng.randrange(5))]
+    if pick == 12:
+        return {text(rng, 8): hostile_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+    return {rng.randrange(10): hostile_value(rng, depth + 1)}  # integer keys
+
+
+def host(rng: random.Random) -> list[int]:
+    return [u32(rng), rng.randrange(1, 65536)]
+
+
+def hosts(rng: random.Random, most: int = 8) -> list[list[int]]:
+    count = rng.choice((0, 1, rng.randrange(most + 1), rng.randrange(most + 1)))
+    if rng.random() < 0.02:
+        count = rng.randrange(1000, 5000)  # a big route
+    return [host(rng) for _ in range(count)]
+
+
+def results(rng: random.Random, most: int = 8) -> list[list[Any]]:
+    count = rng.choice((0, 1, rng.randrange(most + 1)))
+    if rng.random() < 0.02:
+        count = rng.randrange(100, 2000)
+    return [[*host(rng), u64(rng), u64(rng), rng.random() < 0.5] for _ in range(count)]
+
+
+#: A plausible current time, as seconds (fixed: a seed must regenerate the same bytes).
+NOW = 1_800_000_000
+
+
+def ts(rng: random.Random) -> int:
+    return rng.choice((NOW, 0, -1, INT64_MIN, 2**63 - 1, rng.randrange(2**40)))
+
+
+#: A valid value per field name. Names not listed (a field added to the protocol since) get
+#: an unsigned 32-bit integer, the commonest kind.
+VALID: dict[str, Callable[[random.Random], Any]] = {
+    "seq": u32,
+    "modid": u32,
+    "cmdid": u32,
+    "caller": u32,
+    "retcode": lambda rng: rng.choice((0, 1, 2, 3, 4, rng.randrange(256))),
+    "code": lambda rng: rng.randrange(256),
+    "host": host,
+    "hosts": hosts,
+    "results": results,
+    "ts": ts,
+    "version": u64,
+    "reason": text,
+    "role": text,
+    "state": lambda rng: {text(rng, 8): rng.choice((None, 1, "idle", [])) for _ in range(4)},
+    "counters": lambda rng: {text(rng, 8): rng.randrange(2**40) for _ in range(rng.randrange(6))},
+}
+
+
+def _bad_host(rng: random.Random) -> Any:
+    return rng.choice(
+        (
+            [rng.choice(TOO_BIG + NEGATIVE), 80],
+            [u32(rng), rng.choice((0, 65536, -1, UINT32_MAX))],
+            [u32(rng)],
+            [u32(rng), 80, 1],
+            "10.0.0.1:80",
+        )
+    )
+
+
+def _bad_result(rng: random.Random) -> Any:
+    good: list[Any] = [*host(rng), u64(rng), u64(rng), False]
+    slot = rng.randrange(6)
+    if slot == 5:
+        return good[:4]  # four elements
+    good[slot] = rng.choice((-1, 0 if slot == 1 else 65536, 1, "1", None))
+    return good
+
+
+#: A value of the right kind and out of range (or malformed inside), per field name.
+OUT_OF_RANGE: dict[str, Callable[[random.Random], Any]] = {
+    **dict.fromkeys(("seq", "modid", "cmdid", "caller"), lambda rng: rng.choice(OUT_OF_U32)),
+    "retcode": lambda rng: rng.choice((256, 2**32, UINT64_MAX, -1)),
+    "code": lambda rng: rng.choice((256, 2**32, -1)),
+    "host": _bad_host,
+    "hosts": lambda rng: [*hosts(rng), _bad_host(rng), *hosts(rng)],
+    "results": lambda rng: [*results(rng), _bad_result(rng)],
+    "ts": lambda rng: rng.choice((2**63, UINT64_MAX)),
+    "version": lambda rng: rng.choice(NEGATIVE),
+    "reason": lambda rng: text(rng, 60_000),
+    "role": lambda rng: text(rng, 60_000),
+    "state": lambda rng: {rng.randrange(10): 1},
+    "counters": lambda rng: {text(rng, 8): [1, {2: 3}]},
+}
+
+
+def valid_fields(rng: random.Random, msg_type: int) -> list[Any]:
+    """Valid field values for a message type (every one in range)."""
+    return [VALID.get(name, u32)(rng) for name in fields_of(msg_type)]
+
+
+# --- message bodies ------------------------------------------------------------------------
+
+
+def garbage(rng: random.Random) -> bytes:
+    """Random bytes: mostly a few dozen, sometimes thousands."""
+    size = rng.choice((0, 1, 2, 3, 4, 5, rng.randrange(64), rng.randrange(64), rng.randrange(4096)))
+    if rng.random() < 0.01:
+        size = rng.randrange(60_000, 65_000)
+    return rng.randbytes(size)
+
+
+def valid(rng: random.Random) -> bytes:
+    """A well-formed message of any type, with random valid values."""
+    msg_type = rng.choice(list(CATALOGUE))
+    return pack([msg_type, *valid_fields(rng, msg_type)])
+
+
+def truncated(rng: random.Random) -> bytes:
+    """A well-formed message cut short, or with a few bytes overwritten."""
+    body = bytearray(valid(rng))
+    if len(body) > 1 and rng.random() < 0.6:
+        return bytes(body[: rng.randrange(1, len(body))])
+    for _ in range(rng.randrange(1, 4)):
+        body[rng.randrange(len(body))] = rng.randrange(256)
+    return bytes(body)
+
+
+def bad_msgpack(rng: random.Random) -> bytes:
+    """msgpack that lies about its sizes or breaks the unpacker."""
+    tail = valid(rng)[: rng.randrange(16)]
+    choices: list[Callable[[], bytes]] = [
+        lambda: b"\xdd\xff\xff\xff\xff" + tail,  # array32 of 2**32-1 elements
+        lambda: b"\xdf\xff\xff\xff\xff" + tail,  # map32 of 2**32-1 pairs
+        lambda: b"\xdb\xff\xff\xff\xff" + tail,  # str32 of 4 GiB
+        lambda: b"\xc6\xff\xff\xff\xff" + tail,  # bin32 of 4 GiB
+        lambda: b"\xc9\xff\xff\xff\xff\x05" + tail,  # ext32 of 4 GiB
+        lambda: b"\x94\x04" + b"\xdd\x00\x01\x00\x00" + b"\xc0" * 100,  # array of 65536 promised
+        lambda: b"\x91" * rng.choice((100, 1000, 5000, 60_000)),  # deep nesting, never closed
+        lambda: b"\x91" * 2000 + b"\x04",  # deep nesting, closed
+        lambda: b"\x81" * 1000 + b"\xa1a" * 1000 + b"\xc0",  # deep maps
+        lambda: b"\xc1",  # reserved
+        lambda: b"\x94\x04\xc1\x01\x01",  # reserved inside a request
+        lambda: pack({1: 2}),  # integer map key
+        lambda: pack([11, 1, 1, 1, 0, {1: 2}]),  # integer key inside a state reply
+        lambda: valid(rng) + valid(rng),  # trailing data
+        lambda: b"\xd4\xff\x00",  # timestamp of one byte
+        lambda: b"\xc7\x05\xff" + b"\x00" * 5,  # timestamp of five bytes
+        lambda: b"\x94\x04\x01\x01\xd4\xff\x00",  # bad timestamp as a field
+        lambda: b"\x94\x04\x01\x01\xcf",  # uint64 without its bytes
+    ]
+    return rng.choice(choices)()
+
+
+def wrong_shape(rng: random.Random) -> bytes:
+    """Valid msgpack that is not a message."""
+    pick = rng.randrange(5)
+    if pick == 0:
+        value: Any = hostile_value(rng)
+    elif pick == 1:
+        value = []
+    elif pick == 2:  # a type id that is not a known integer
+        bad_id = rng.choice((*UNKNOWN_TYPES, hostile_value(rng)))
+        value = [bad_id, *(hostile_value(rng) for _ in range(rng.randrange(6)))]
+    elif pick == 3:  # a message inside a message
+        value = [[rng.choice(list(CATALOGUE)), *(u32(rng) for _ in range(3))]]
+    else:
+        value = {text(rng, 8): [rng.choice(list(CATALOGUE)), 1, 1, 1]}
+    return pack(value)
+
+
+def wrong_types(rng: random.Random) -> bytes:
+    """A known type id with fields of the wrong kind, or the wrong number of fields."""
+    msg_type = rng.choice(list(CATALOGUE))
+    fields = valid_fields(rng, msg_type)
+    if rng.random() < 0.25:  # wrong field count
+        count = rng.choice((0, len(fields) - 1, len(fields) + 1, 100))
+        fields = (fields + [hostile_value(rng) for _ in range(count)])[: max(count, 0)]
+    else:
+        for _ in range(rng.randrange(1, len(fields) + 1)):
+            fields[rng.randrange(len(fields))] = hostile_value(rng)
+    return pack([msg_type, *fields])
+
+
+def out_of_range(rng: random.Random) -> bytes:
+    """A known type id with fields of the right kind, one or more out of range."""
+    msg_type = rng.choice(list(CATALOGUE))
+    names = fields_of(msg_type)
+    fields = valid_fields(rng, msg_type)
+    for _ in range(rng.randrange(1, len(fields) + 1)):
+        slot = rng.randrange(len(fields))
+        fields[slot] = OUT_OF_RANGE.get(names[slot], hostile_value)(rng)
+    return pack([msg_type, *fields])
+
+
+KINDS: dict[str, Callable[[random.Random], bytes]] = {
+    "garbage": garbage,
+    "truncated": truncated,
+    "bad_msgpack": bad_msgpack,
+    "wrong_shape": wrong_shape,
+    "wrong_types": wrong_types,
+    "out_of_range": out_of_range,
+    "valid": valid,
+}
+#: Bodies that cannot be decoded at all: a TCP daemon closes the connection on them.
+MALFORMED = ("garbage", "truncated", "bad_msgpack")
+#: Bodies that decode as msgpack but are no valid message, and valid messages.
+MISSHAPEN = ("wrong_shape", "wrong_types", "out_of_range", "valid")
+
+
+def bodies(rng: random.Random, kinds: tuple[str, ...], count: int, limit: int) -> list[bytes]:
+    """``count`` bodies of the given kinds, each at most ``limit`` bytes (longer ones are cut:
+    a datagram cannot carry more)."""
+    return [KINDS[rng.choice(kinds)](rng)[:limit] for _ in range(count)]
+
+
+# --- TCP framing ---------------------------------------------------------------------------
+
+
+def frame(body: bytes) -> bytes:
+    """A TCP frame: the 4-byte length header, then the body."""
+    return _header.pack(len(body)) + body
+
+
+def header(length: int) -> bytes:
+    """A frame header promising ``length`` bytes of body."""
+    return _header.pack(length)
+
+
+def lying_stream(rng: random.Random, max_frame: int) -> bytes:
+    """Bytes that break the framing: an empty frame, a header over the limit, a header cut
+    short, or unframed garbage."""
+    return rng.choice(
+        (
+            lambda: header(0),
+            lambda: header(max_frame + 1) + rng.randbytes(64),
+            lambda: header(UINT32_MAX),
+            lambda: header(rng.randrange(1, 64))[: rng.randrange(1, 4)],
+            lambda: rng.randbytes(rng.randrange(1, 256)),
+            lambda: frame(valid(rng))[:-1],  # one byte short, then the peer goes away
+        )
+    )()
+
+
+# --- floods --------------------------------------------------------------------------------
+
+
+def distinct_modules(rng: random.Random, count: int) -> list[tuple[int, int]]:
+    """``count`` distinct random modules (that no route will have)."""
+    modules: set[tuple[int, int]] = set()
+    while len(modules) < count:
+        modules.add((rng.randrange(1 << 31, UINT32_MAX + 1), rng.randrange(UINT32_MAX + 1)))
+    return sorted(modules, key=lambda _: rng.random())
+
+
+def unknown_module_requests(rng: random.Random, count: int) -> list[tuple[tuple[int, int], bytes]]:
+    """``(module, datagram)``: a GetHost or API GetRoute request for each of ``count``
+    distinct unknown modules."""
+    kinds = (wire.GetHostRequest.TYPE, wire.ApiGetRouteRequest.TYPE)
+    return [
+        (m, pack([rng.choice(kinds), seq, *m]))
+        for seq, m in enumerate(distinct_modules(rng, count))
+    ]
+
+
+def route_requests(rng: random.Random, count: int) -> bytes:
+    """TCP frames: GetRouteRequests for ``count`` distinct unknown modules, back to back."""
+    return b"".join(
+        wire.encode_frame(wire.GetRouteRequest(*m)) for m in distinct_modules(rng, count)
+    )
+
+
+def stats_requests(rng: random.Random, count: int) -> bytes:
+    """TCP frames: ``count`` StatsRequests."""
+    return b"".join(wire.encode_frame(wire.StatsRequest(u32(rng))) for _ in range(count))
+
+
+def status_reports(rng: random.Random, count: int, size: int) -> bytes:
+    """TCP frames: ``count`` valid ReportStatusRequests of ``size`` host results each."""
+    frames = []
+    for _ in range(count):
+        rows = tuple(
+            wire.HostResult(u32(rng), rng.randrange(1, 65536), rng.randrange(100), 0, False)
+            for _ in range(size)
+        )
+        report = wire.ReportStatusRequest(u32(rng), u32(rng), u32(rng), rows, ts(rng), u32(rng))
+        frames.append(wire.encode_frame(report))
+    return b"".join(frames)
