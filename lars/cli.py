@@ -445,19 +445,39 @@ def run_command(
       lars run --role agent --config /etc/lars.toml   # on every host
     """
     config = get_config(config_path)
-    setup_logging(config.log.level)
+    setup_logging(config.log.level, config.log.format)
     from lars.roles.run import run_roles
 
     run_async(functools.partial(run_roles, config, roles or ROLES, store_override=store_override))
 
 
-def setup_logging(level: str) -> None:
-    """Log lines to stderr with a timestamp, the logger's name and the level."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr with a timestamp, the level and the logger's name: one line per
+    record (``text``), or one JSON object per line with the same fields (``json``)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``time`` (ISO 8601, UTC), ``level``, ``logger``,
+    ``message``, and ``exception`` when the record carries one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
 
 
 # --- query ---------------------------------------------------------------------------------

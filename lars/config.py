@@ -46,6 +46,11 @@ def _listen_address(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> 
     parse_address(value, listen=True)
 
 
+def _http_listen(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    if value:
+        parse_address(value, listen=True)
+
+
 def _positive(_inst: object, attr: "attrs.Attribute[Any]", value: float) -> None:
     if value <= 0:
         raise InvalidValue(f"must be greater than 0, got {value!r}")
@@ -78,6 +83,14 @@ class LogConfig:
     """``[log]``"""
 
     level: str = attrs.field(default="info", validator=attrs.validators.in_(_LOG_LEVELS))
+    format: str = attrs.field(default="text", validator=attrs.validators.in_(("text", "json")))
+
+
+@attrs.frozen
+class MetricsConfig:
+    """``[metrics]``"""
+
+    max_module_labels: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
 
 
 @attrs.frozen
@@ -85,6 +98,7 @@ class DnsConfig:
     """``[dns]``: the route service."""
 
     listen: str = attrs.field(default="127.0.0.1:7778", validator=_listen_address)
+    http_listen: str = attrs.field(default="127.0.0.1:7781", validator=_http_listen)
     check_interval: float = attrs.field(default=1.0, validator=_positive)
     reload_interval: float = attrs.field(default=10.0, validator=_positive)
     change_retention: float = attrs.field(default=86400.0, validator=_positive)
@@ -97,6 +111,7 @@ class ReporterConfig:
     """``[reporter]``: the statistics sink."""
 
     listen: str = attrs.field(default="127.0.0.1:7779", validator=_listen_address)
+    http_listen: str = attrs.field(default="127.0.0.1:7782", validator=_http_listen)
     queue_size: int = attrs.field(default=1024, validator=_positive)
     batch_size: int = attrs.field(default=1000, validator=_positive)
     writers: int = attrs.field(default=2, validator=_positive)
@@ -121,6 +136,7 @@ class AgentConfig:
     retry_max: float = attrs.field(default=5.0, validator=_positive)
     max_frame: int = attrs.field(default=1 << 20, validator=_positive)
     ip: str = attrs.field(default="", validator=_ipv4_or_empty)
+    http_listen: str = attrs.field(default="127.0.0.1:7783", validator=_http_listen)
     loadbalance: BalancerParams = attrs.field(factory=BalancerParams)
 
     def __attrs_post_init__(self) -> None:
@@ -147,6 +163,7 @@ class Config:
 
     store: str = "sqlite:///lars.db"
     log: LogConfig = attrs.field(factory=LogConfig)
+    metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
     dns: DnsConfig = attrs.field(factory=DnsConfig)
     reporter: ReporterConfig = attrs.field(factory=ReporterConfig)
     agent: AgentConfig = attrs.field(factory=AgentConfig)

@@ -31,8 +31,13 @@ not send them forever.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
 
 import trio
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from lars import wire
 from lars.config import ReporterConfig
@@ -50,6 +55,7 @@ from lars.roles.common import (
     refuse,
     write_loop,
 )
+from lars.roles.http import Observed
 from lars.store import CallStatus, ColumnLimits, RouteStore
 
 log = logging.getLogger("lars.reporter")
@@ -145,6 +151,20 @@ class Reporter:
         self.store_ok: bool | None = None
         #: The open agent connections.
         self.connections: set[ReplyOutbox] = set()
+        #: The reporter's metrics (see :meth:`observed`).
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._batch_results = Histogram(
+            "lars_reporter_batch_results",
+            "Host results per batch written to the store.",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+            registry=self.registry,
+        )
+        self._write_seconds = Histogram(
+            "lars_reporter_write_seconds",
+            "Time to write one batch to the store (one transaction, retries not included).",
+            registry=self.registry,
+        )
+        self.registry.register(ReporterCollector(self))
 
     async def serve(
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
@@ -257,7 +277,10 @@ class Reporter:
                     fitting = self._fitting_rows(batch, await self._column_limits())
                     rows = [row for report_rows in fitting for row in report_rows]
                 if rows:
+                    started = time.perf_counter()
                     await self.store.upsert_call_status(rows)
+                    self._write_seconds.observe(time.perf_counter() - started)
+                    self._batch_results.observe(len(rows))
                 break
             except (StoreUnavailable, SchemaMissing) as exc:
                 self._store_down(exc)
@@ -358,8 +381,56 @@ class Reporter:
         self.store_ok = False
         self.metrics.set("store_ok", 0)
 
+    def observed(self) -> Observed:
+        """The reporter's registry and readiness check (store reachable) for the HTTP
+        listener."""
+
+        async def not_ready() -> str | None:
+            try:
+                await self.store.route_version()
+            except StoreError as exc:
+                return f"store unreachable: {exc}"
+            return None
+
+        return Observed("reporter", self.registry, not_ready)
+
     def _store_up(self) -> None:
         if self.store_ok is False:
             log.warning("statistics store is back")
         self.store_ok = True
         self.metrics.set("store_ok", 1)
+
+
+class ReporterCollector(Collector):
+    """The reporter's counters and gauges, read at scrape time."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.reporter
+        counters = r.metrics.counters
+
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"lars_reporter_{name}", doc, value=counters[name])
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"lars_reporter_{name}", doc, value=value)
+
+        yield counter("reports_received", "Statistics reports received from agents.")
+        yield counter("results_received", "Host results in the reports received.")
+        yield counter("results_written", "Host results written to the store.")
+        yield counter("batches_written", "Batches written to the store.")
+        queue = r._receive.statistics()
+        yield gauge(
+            "queue_depth", "Reports queued for the store writers.", queue.current_buffer_used
+        )
+        yield gauge("queue_capacity", "Reports the queue holds at most.", queue.max_buffer_size)
+        yield counter("reports_dropped", "Reports dropped: refused by the store.")
+        yield counter("results_dropped", "Host results dropped: refused, or too large to store.")
+        yield counter("store_errors", "Failed writes to the store.")
+        yield gauge("store_up", "1 while the store takes writes.", r.store_ok is not False)
+        yield gauge("connections", "Agent connections.", len(r.connections))
+        yield counter("malformed_frames", "Frames that did not decode (connection closed).")
+        yield counter("invalid_requests", "Requests with invalid values.")
+        yield counter("reply_overflows", "Connections closed for not reading their replies.")

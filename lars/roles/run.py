@@ -26,6 +26,7 @@ from lars._version import __version__
 from lars.config import Config, store_url
 from lars.errors import ConfigError, SchemaMissing, StoreUnavailable
 from lars.roles.common import RateLimitedLog, backoff
+from lars.roles.http import Observed, serve_http
 from lars.store import RouteStore, open_store
 from lars.store.sql import STATUS_COLUMNS, STATUS_TABLE
 
@@ -126,6 +127,7 @@ async def run_roles(
     raise_fd_limit()
     addresses: dict[str, object] = {}
     drains: list[Callable[[], Awaitable[None]]] = []
+    observed: list[Observed] = []
     async with AsyncExitStack() as stack:
         store = None
         if {"dns", "reporter"} & set(roles):
@@ -139,12 +141,14 @@ async def run_roles(
                 assert store is not None
                 dns = DnsServer(config.dns, store)
                 addresses["dns"] = await nursery.start(dns.serve)
+                observed.append(dns.observed())
             if "reporter" in roles:
                 from lars.roles.reporter import Reporter
 
                 assert store is not None
                 reporter = Reporter(config.reporter, store)
                 addresses["reporter"] = await nursery.start(reporter.serve)
+                observed.append(reporter.observed())
                 drains.append(reporter.drain)
             if "agent" in roles:
                 from lars.roles.agent import Agent
@@ -153,10 +157,27 @@ async def run_roles(
                 ports = await nursery.start(agent.serve)
                 addresses["agent"] = f"udp {config.agent.host}:{','.join(map(str, ports))}"
                 drains.insert(0, agent.drain)  # its last reports go to the reporter first
+                observed.append(agent.observed(config.metrics.max_module_labels))
+            http_listen = http_address(config, roles)
+            if http_listen:
+                addresses["http"] = await nursery.start(serve_http, http_listen, observed)
             nursery.start_soon(_watch_signals, nursery.cancel_scope, drains)
             listening = ", ".join(f"{role} on {_fmt(a)}" for role, a in addresses.items())
             log.info("lars %s running: %s", __version__, listening)
             task_status.started(addresses)
+
+
+def http_address(config: Config, roles: Sequence[str]) -> str:
+    """Where this process serves /metrics, /healthz and /readyz: the ``http_listen`` of the
+    first of its roles in the order dns, reporter, agent ("" for none)."""
+    for role, section in (
+        ("dns", config.dns),
+        ("reporter", config.reporter),
+        ("agent", config.agent),
+    ):
+        if role in roles:
+            return section.http_listen
+    return ""
 
 
 def _fmt(address: object) -> str:

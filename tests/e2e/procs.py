@@ -73,6 +73,11 @@ class LarsProcess:
         self.workdir = workdir
         self.name = name
         self.roles = list(roles)
+        # Metrics on any free port unless the test says where: never a default port.
+        config = {**config}
+        for role in ("dns", "reporter", "agent"):
+            section = config[role] = {**config.get(role, {})}
+            section.setdefault("http_listen", "127.0.0.1:0")
         self.config_path = write_config(workdir / f"{name}.toml", config)
         self.log_path = workdir / f"{name}.log"
         self.process: trio.Process | None = None

@@ -74,7 +74,7 @@ async def quickstart(tmp_path: Path) -> AsyncIterator[Quickstart]:
 
 
 async def test_lars_run_starts_all_roles_on_a_new_sqlite_store(quickstart: Quickstart) -> None:
-    assert set(quickstart.process.addresses) == {"dns", "reporter", "agent"}
+    assert set(quickstart.process.addresses) == {"dns", "reporter", "agent", "http"}
     assert (quickstart.workdir / "lars.db").exists()  # created with its tables
     log = quickstart.process.log
     assert "dns listening on" in log and "reporter listening on" in log
@@ -189,7 +189,10 @@ async def run_to_exit(tmp_path: Path, role: str, store: str) -> subprocess.Compl
     """``lars run --role ROLE --store STORE`` on free ports; its result once it exits."""
     config = write_config(
         tmp_path / "fails.toml",
-        {"dns": {"listen": "127.0.0.1:0"}, "reporter": {"listen": "127.0.0.1:0"}},
+        {
+            "dns": {"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0"},
+            "reporter": {"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0"},
+        },
     )
     argv = [*LARS, "run", "--role", role, "--store", store, "--config", str(config)]
     with trio.fail_after(STARTUP_TIMEOUT):  # today's behaviour: retrying forever
