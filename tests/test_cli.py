@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -272,3 +273,21 @@ def test_route_writes_notify_the_configured_dns(
             while not (messages := list(decoder)):
                 decoder.feed(conn.recv(65536))
     assert messages == [wire.RouteChangeNotice(version)]
+
+
+def test_json_log_lines_carry_the_text_format_fields() -> None:
+    import logging
+
+    from lars.cli import JsonFormatter
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.getLogger("lars.dns").makeRecord(
+            "lars.dns", logging.ERROR, __file__, 1, "store %s down", ("x",), sys.exc_info()
+        )
+    line = json.loads(JsonFormatter().format(record))
+    assert line["level"] == "ERROR" and line["logger"] == "lars.dns"
+    assert line["message"] == "store x down"
+    assert line["time"].endswith("+00:00")
+    assert "ValueError: boom" in line["exception"]

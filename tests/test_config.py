@@ -100,6 +100,9 @@ def test_unknown_key_is_an_error_naming_key_and_file(
         ("[agent]\nip = 'host.example'\n", "agent.ip"),
         ("[agent]\nreporter = '[::1]:7779'\n", "set [agent] ip"),
         ("[agent]\nmax_frame = 0\n", "agent.max_frame"),
+        ("[dns]\nhttp_listen = 'nowhere'\n", "dns.http_listen"),
+        ("[log]\nformat = 'xml'\n", "log.format"),
+        ("[metrics]\nmax_module_labels = -1\n", "metrics.max_module_labels"),
         ("agent = 3\n", "agent"),
     ],
 )

@@ -85,6 +85,7 @@ SPEC_METRICS: dict[str, str] = {
     "lars_reporter_reports_dropped_total": "counter",
     "lars_reporter_results_dropped_total": "counter",
     "lars_reporter_store_errors_total": "counter",
+    "lars_reporter_reply_overflows_total": "counter",
     "lars_reporter_store_up": "gauge",
     "lars_reporter_connections": "gauge",
     "lars_reporter_malformed_frames_total": "counter",

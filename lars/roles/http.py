@@ -27,7 +27,13 @@ import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from prometheus_client import CollectorRegistry, Info, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -39,6 +45,9 @@ from lars.config import parse_address
 from lars.errors import LarsError
 
 log = logging.getLogger("lars.http")
+
+# Counters and histograms would each add a ``_created`` series: a timestamp nobody charts.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Seconds a readiness check may take before it counts as "not ready".
 READY_TIMEOUT = 2.0
