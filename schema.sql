@@ -42,7 +42,9 @@ CREATE TABLE IF NOT EXISTS `RouteChange` (
     `created` timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP,
     PRIMARY KEY (`id`),
     -- Lars addition.
-    KEY `idx_version` (`version`)
+    KEY `idx_version` (`version`),
+    -- Lars addition: a module's latest version, for the console.
+    KEY `idx_module` (`modid`, `cmdid`, `version`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8;
 
 -- Latest call statistics per node per calling host. succ_cnt/err_cnt: the counts of the
@@ -62,19 +64,48 @@ CREATE TABLE IF NOT EXISTS `ServerCallStatus` (
     `succ_total` bigint(20) unsigned NOT NULL DEFAULT 0,
     `err_total` bigint(20) unsigned NOT NULL DEFAULT 0,
     PRIMARY KEY (`modid`, `cmdid`, `ip`, `port`, `caller`),
-    KEY `mlb_index` (`modid`, `cmdid`, `ip`, `port`, `caller`)
+    KEY `mlb_index` (`modid`, `cmdid`, `ip`, `port`, `caller`),
+    -- Lars additions: the console's call status filtered by caller, or by overload. Neither
+    -- column changes when a report updates a row's counts (overload only when it flips), so
+    -- the reporter's upserts rarely touch these keys.
+    KEY `idx_caller` (`caller`),
+    KEY `idx_overload` (`overload`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8;
 
+-- The names of modids and cmdids ("live streaming lists"), shown by the console.
 CREATE TABLE IF NOT EXISTS `ModIDConfig` (
     `id` int(10) unsigned NOT NULL AUTO_INCREMENT,
     `modid` int(10) unsigned NOT NULL,
     `content` char(255) NOT NULL,
-    PRIMARY KEY (`id`)
+    PRIMARY KEY (`id`),
+    -- Lars addition: the names of one page of modules.
+    KEY `idx_modid` (`modid`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8;
 
 CREATE TABLE IF NOT EXISTS `CmdIDConfig` (
     `id` int(10) unsigned NOT NULL AUTO_INCREMENT,
     `cmdid` int(10) unsigned NOT NULL,
     `content` char(255) NOT NULL,
-    PRIMARY KEY (`id`)
+    PRIMARY KEY (`id`),
+    -- Lars addition.
+    KEY `idx_cmdid` (`cmdid`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8;
+
+-- Lars addition: who changed a module's route, when, from where, the hosts added and removed
+-- (JSON lists of "ip:port") and the version the write produced. One row per module changed,
+-- written in the route write's transaction; `actor` is a console user, an API token's name or
+-- "cli:USER@HOST", `source` the client's address or "cli".
+CREATE TABLE IF NOT EXISTS `RouteAudit` (
+    `id` bigint(20) unsigned NOT NULL AUTO_INCREMENT,
+    `ts` double NOT NULL,
+    `actor` varchar(128) NOT NULL,
+    `source` varchar(64) NOT NULL,
+    `modid` int(10) unsigned NOT NULL,
+    `cmdid` int(10) unsigned NOT NULL,
+    `added` mediumtext NOT NULL,
+    `removed` mediumtext NOT NULL,
+    `version` bigint(20) unsigned NOT NULL,
+    PRIMARY KEY (`id`),
+    KEY `idx_module` (`modid`, `cmdid`, `id`),
+    KEY `idx_ts` (`ts`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;

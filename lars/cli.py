@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import datetime
 import functools
+import getpass
 import json
 import logging
 import re
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 import trio
 
-from lars import tools, wire
+from lars import routes_io, tools, wire
 from lars._version import __version__
 from lars.client import AsyncLarsClient
 from lars.config import Config, load_config, parse_address, store_url
@@ -28,7 +31,7 @@ from lars.core.model import UINT32_MAX, Host, HostKey, ModuleKey, format_host, i
 from lars.errors import AgentUnavailable, LarsError
 from lars.roles.common import RECEIVE_SIZE, ask, notify_dns
 from lars.roles.run import ROLES
-from lars.store import CallStatus, RouteStore, RouteWrite, open_store
+from lars.store import ACTOR_NAME_MAX, Actor, CallStatus, RouteStore, RouteWrite, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -267,11 +270,29 @@ def _display(url: str) -> str:
 
 @cli.group(context_settings=CONTEXT)
 def route() -> None:
-    """Add, remove and list the hosts of modules in the route store."""
+    """Add, remove, list, export and import the hosts of modules in the route store.
+
+    Every write is recorded in the audit log (RouteAudit) as made by cli:USER@HOST.
+    """
 
 
 def _keys(hosts: Sequence[Host]) -> list[HostKey]:
     return [h.key for h in hosts]
+
+
+def cli_actor() -> Actor:
+    """Who a route write made with this command line is recorded as: ``cli:USER@HOST``."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name in the environment and no passwd entry
+        user = "unknown"
+    return Actor(f"cli:{user}@{socket.gethostname()}"[:ACTOR_NAME_MAX], "cli")
+
+
+def notify_after_write(config: Config, version: int) -> None:
+    """Tell the DNS instances of a committed write (best effort: DNS polls as a fallback)."""
+    for failure in trio.run(notify_dns, config.agent.dns, version):
+        click.echo(f"warning: could not notify DNS {failure}; it will notice by polling", err=True)
 
 
 def write_routes(
@@ -292,11 +313,7 @@ def write_routes(
     count = result.added if verb == "added" else result.removed
     click.echo(f"module {modid}/{cmdid}: {verb} {count} host(s), route version {result.version}")
     if notify:
-        # The write is committed; telling DNS is best effort (it polls as a fallback).
-        for failure in trio.run(notify_dns, config.agent.dns, result.version):
-            click.echo(
-                f"warning: could not notify DNS {failure}; it will notice by polling", err=True
-            )
+        notify_after_write(config, result.version)
 
 
 def notify_option(fn: F) -> F:
@@ -337,7 +354,7 @@ def route_add(
         notify,
         "added",
         module,
-        lambda store: store.add_hosts(module, _keys(hosts)),
+        lambda store: store.add_hosts(module, _keys(hosts), actor=cli_actor()),
     )
 
 
@@ -375,7 +392,7 @@ def route_rm(
         notify,
         "removed",
         module,
-        lambda store: store.remove_hosts(module, targets),
+        lambda store: store.remove_hosts(module, targets, actor=cli_actor()),
     )
 
 
@@ -415,6 +432,134 @@ def route_ls(
     click.echo(f"{'MODID':>10} {'CMDID':>10}  HOSTS")
     for (m, c), hosts in routes.items():
         click.echo(f"{m:>10} {c:>10}  {' '.join(format_host(h) for h in hosts)}")
+
+
+@route.command("export", context_settings=CONTEXT)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(routes_io.FORMATS),
+    default="json",
+    show_default=True,
+    help='json: {"routes": [{"modid", "cmdid", "hosts": ["IP:PORT", ...]}]};'
+    " csv: modid,cmdid,ip,port, one row per host.",
+)
+@config_option
+@store_option
+def route_export(fmt: str, config_path: str | None, store_override: str | None) -> None:
+    """Print every route, sorted, in a file format `lars route import` reads back.
+
+    \b
+    Examples:
+      lars route export > routes.json
+      lars route export --format csv > routes.csv
+    """
+    url = store_url(get_config(config_path), store_override)
+    routes = run_async(functools.partial(with_store, url, lambda s: s.list_routes()))
+    click.echo(routes_io.export_routes(routes, fmt), nl=False)
+
+
+def _read_routes(path: str, fmt: str | None) -> dict[ModuleKey, frozenset[HostKey]]:
+    """Parse a routes file (``-`` for stdin), or fail with one line naming the problem."""
+    if fmt is None:
+        fmt = Path(path).suffix.lower().lstrip(".")
+        if fmt not in routes_io.FORMATS:
+            raise click.UsageError(
+                f"cannot tell the format of {path!r} from its name: give --format json or csv"
+            )
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as file:
+                data = file.read()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}")
+    try:
+        return routes_io.parse_routes(data.decode("utf-8"), fmt)
+    except UnicodeDecodeError as exc:
+        fail(f"{path}: not UTF-8 text (byte {exc.start}); nothing was written")
+    except LarsError as exc:
+        fail(f"{path}: {exc}; nothing was written")
+
+
+@route.command("import", context_settings=CONTEXT)
+@click.argument("path", metavar="FILE")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(routes_io.FORMATS),
+    help="The file's format (default: from its extension, .json or .csv).",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Make the store's routes exactly the file's: hosts and modules not in the file are "
+    "removed. Without it, the file's hosts are added and nothing is removed.",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
+@config_option
+@store_option
+@notify_option
+def route_import(
+    path: str,
+    fmt: str | None,
+    replace: bool,
+    dry_run: bool,
+    config_path: str | None,
+    store_override: str | None,
+    notify: bool,
+) -> None:
+    """Add the routes of FILE (- for stdin), as `lars route export` writes them, in one
+    transaction; with --replace, make the routes exactly FILE's.
+
+    The whole file is checked first: a malformed file (bad IP:PORT, an id out of range, a
+    missing field, a module or host given twice) is one error naming the line or entry,
+    and nothing is written.
+
+    \b
+    Examples:
+      lars route import routes.json --dry-run     # +IP:PORT added, -IP:PORT removed
+      lars route import routes.json
+      lars route export > backup.json && lars route import new.csv --replace
+    """
+    routes = _read_routes(path, fmt)
+    config = get_config(config_path)
+    url = store_url(config, store_override)
+
+    if dry_run:
+
+        async def plan(store: RouteStore) -> list[routes_io.RouteDiff]:
+            current = await store.list_routes()
+            wanted = routes if replace else routes_io.merge_routes(current, routes)
+            return routes_io.diff_routes(current, wanted)
+
+        changes = run_async(functools.partial(with_store, url, plan))
+        for line in routes_io.format_diff(changes):
+            click.echo(line)
+        added = sum(len(a) for _, a, _ in changes)
+        removed = sum(len(r) for _, _, r in changes)
+        click.echo(
+            f"dry run: {len(changes)} module(s) would change, {added} host(s) added,"
+            f" {removed} removed; nothing was written"
+        )
+        return
+
+    async def write(store: RouteStore) -> RouteWrite:
+        if replace:
+            return await store.replace_routes(routes, actor=cli_actor())
+        return await store.change_routes(add=routes, actor=cli_actor())
+
+    result = run_async(functools.partial(with_store, url, write))
+    if result.version is None:
+        click.echo(f"imported {path}: nothing to change")
+        return
+    click.echo(
+        f"imported {path}: {len(result.modules)} module(s) changed, {result.added} host(s)"
+        f" added, {result.removed} removed, route version {result.version}"
+    )
+    if notify:
+        notify_after_write(config, result.version)
 
 
 # --- run -----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import trio
 from lars import wire
 from lars.core.model import HostKey, ModuleKey
 from lars.errors import StoreUnavailable
-from lars.store import CallStatus, RouteDelta, RouteSnapshot, RouteStore, RouteWrite
+from lars.store import Actor, CallStatus, RouteDelta, RouteSnapshot, RouteStore, RouteWrite
 from lars.store.sqlite import SqliteStore
 
 
@@ -56,9 +56,11 @@ class FlakyStore(RouteStore):
         self,
         add: Mapping[ModuleKey, Collection[HostKey]] | None = None,
         remove: Mapping[ModuleKey, Collection[HostKey] | None] | None = None,
+        *,
+        actor: Actor | None = None,
     ) -> RouteWrite:
         self._check()
-        return await self.inner.change_routes(add, remove)
+        return await self.inner.change_routes(add, remove, actor=actor)
 
     async def list_routes(
         self, modid: int | None = None, cmdid: int | None = None

@@ -13,7 +13,17 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from lars.errors import ConfigError
 from lars.store.base import (
+    ACTOR_NAME_MAX,
+    ACTOR_SOURCE_MAX,
+    CALL_STATUS_SORTS,
+    NAME_KINDS,
+    NAME_MAX,
+    PAGE_MAX,
+    Actor,
+    AuditEntry,
     CallStatus,
+    HostStatus,
+    ModuleSummary,
     RouteDelta,
     RouteMap,
     RouteSnapshot,
@@ -23,8 +33,18 @@ from lars.store.base import (
 from lars.store.schema import ColumnLimits, UpgradePlan, UpgradeStep
 
 __all__ = [
+    "ACTOR_NAME_MAX",
+    "ACTOR_SOURCE_MAX",
+    "CALL_STATUS_SORTS",
+    "NAME_KINDS",
+    "NAME_MAX",
+    "PAGE_MAX",
+    "Actor",
+    "AuditEntry",
     "CallStatus",
     "ColumnLimits",
+    "HostStatus",
+    "ModuleSummary",
     "RouteDelta",
     "RouteMap",
     "RouteSnapshot",

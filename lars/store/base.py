@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from lars.core.model import HostKey, ModuleKey
-from lars.errors import StoreError
+from lars.errors import InvalidValue, StoreError
 
 if TYPE_CHECKING:
     from lars.store.schema import ColumnLimits, UpgradePlan, UpgradeStep
@@ -65,6 +65,93 @@ class CallStatus:
     def key(self) -> tuple[int, int, int, int, int]:
         """The row's primary key."""
         return (self.modid, self.cmdid, self.ip, self.port, self.caller)
+
+
+#: Longest :attr:`Actor.name` and :attr:`Actor.source` (RouteAudit.actor and .source).
+ACTOR_NAME_MAX = 128
+ACTOR_SOURCE_MAX = 64
+
+
+@attrs.frozen
+class Actor:
+    """Who makes a route write, for the audit log (``RouteAudit``).
+
+    ``name`` is a console user's name, an API token's name or ``"cli:USER@HOST"``;
+    ``source`` the client's address (``"127.0.0.1"``) or ``"cli"``. Both are checked here,
+    so that an actor the audit table cannot hold fails before anything is written.
+    """
+
+    name: str
+    source: str
+
+    def __attrs_post_init__(self) -> None:
+        for field, value, most in (
+            ("name", self.name, ACTOR_NAME_MAX),
+            ("source", self.source, ACTOR_SOURCE_MAX),
+        ):
+            if type(value) is not str or not value.strip() or len(value) > most:
+                raise InvalidValue(
+                    f"actor {field} must be text of 1 to {most} characters, got {value!r}"
+                )
+
+
+@attrs.frozen
+class AuditEntry:
+    """One ``RouteAudit`` row: who changed one module's hosts, when, and the version made."""
+
+    id: int
+    #: Epoch seconds.
+    ts: float
+    actor: str
+    source: str
+    modid: int
+    cmdid: int
+    added: tuple[HostKey, ...]
+    removed: tuple[HostKey, ...]
+    version: int
+
+
+@attrs.frozen
+class ModuleSummary:
+    """One module as the console's overview shows it.
+
+    The status figures count only the module's current hosts (``RouteData``): rows that
+    ``ServerCallStatus`` keeps for a host removed since do not count.
+    """
+
+    modid: int
+    cmdid: int
+    #: ``ModIDConfig.content``, ``""`` if none.
+    mod_name: str
+    #: ``CmdIDConfig.content``, ``""`` if none.
+    cmd_name: str
+    hosts: int
+    #: Hosts that at least one caller flags overloaded.
+    overloaded_hosts: int
+    #: ``succ_cnt`` (the latest report interval) summed over hosts and callers.
+    succ: int
+    #: ``err_cnt`` summed likewise.
+    err: int
+    #: The newest ``RouteChange`` version of the module (None once purged, or never written).
+    last_version: int | None
+
+
+@attrs.frozen
+class HostStatus:
+    """One host of a module's route with its ``ServerCallStatus`` rows, one per caller."""
+
+    host: HostKey
+    callers: tuple[CallStatus, ...]
+
+
+#: Sort keys of :meth:`RouteStore.call_status`.
+CALL_STATUS_SORTS = ("module", "host", "caller", "succ", "err", "ts")
+#: Kinds of :meth:`RouteStore.list_names`: ``"mod"`` (ModIDConfig), ``"cmd"`` (CmdIDConfig).
+NAME_KINDS = ("mod", "cmd")
+#: Longest name (ModIDConfig.content, CmdIDConfig.content are CHAR(255)).
+NAME_MAX = 255
+#: Most rows one page of a listing may ask for.
+PAGE_MAX = 1000
 
 
 @attrs.frozen
@@ -133,23 +220,106 @@ class RouteStore(abc.ABC):
         self,
         add: Mapping[ModuleKey, Collection[HostKey]] | None = None,
         remove: Mapping[ModuleKey, Collection[HostKey] | None] | None = None,
+        *,
+        actor: Actor | None = None,
     ) -> RouteWrite:
         """Add and remove hosts in one transaction.
 
-        ``remove[module] = None`` removes every host of the module. If anything changes, the
-        version is raised once and one ``RouteChange`` row is written per module changed;
-        a write that changes nothing raises nothing.
+        ``remove[module] = None`` removes every host of the module; a host both removed and
+        added stays. If anything changes, the version is raised once and one ``RouteChange``
+        row is written per module changed, and with an ``actor`` one ``RouteAudit`` row per
+        module changed, in the same transaction; a write that changes nothing writes
+        nothing. A module id or host out of range is :class:`InvalidValue`.
         """
 
-    async def add_hosts(self, module: ModuleKey, hosts: Collection[HostKey]) -> RouteWrite:
+    async def add_hosts(
+        self, module: ModuleKey, hosts: Collection[HostKey], *, actor: Actor | None = None
+    ) -> RouteWrite:
         """Add hosts to a module's route (hosts already there are left alone)."""
-        return await self.change_routes(add={module: hosts})
+        return await self.change_routes(add={module: hosts}, actor=actor)
 
     async def remove_hosts(
-        self, module: ModuleKey, hosts: Collection[HostKey] | None
+        self,
+        module: ModuleKey,
+        hosts: Collection[HostKey] | None,
+        *,
+        actor: Actor | None = None,
     ) -> RouteWrite:
         """Remove hosts from a module's route; ``None`` removes them all."""
-        return await self.change_routes(remove={module: hosts})
+        return await self.change_routes(remove={module: hosts}, actor=actor)
+
+    async def replace_routes(
+        self, routes: Mapping[ModuleKey, Collection[HostKey]], *, actor: Actor | None = None
+    ) -> RouteWrite:
+        """Make the routes exactly ``routes`` in one transaction: modules absent from it (or
+        given no hosts) lose every host. Version, ``RouteChange`` and (with an ``actor``)
+        ``RouteAudit`` rows as :meth:`change_routes`."""
+        raise self._unsupported("replace routes")
+
+    # --- the console's reads and the names (issue 9) -----------------------------------------
+
+    async def list_audit(
+        self,
+        *,
+        module: ModuleKey | None = None,
+        actor: str | None = None,
+        limit: int = 100,
+        before_id: int | None = None,
+    ) -> list[AuditEntry]:
+        """``RouteAudit`` rows, newest first, optionally of one module or one actor name;
+        ``before_id`` pages (the rows older than that id)."""
+        raise self._unsupported("keep an audit log")
+
+    async def recent_changes(self, limit: int = 50) -> list[tuple[int, int, int]]:
+        """``RouteChange`` rows newest first, as ``(modid, cmdid, version)``."""
+        raise self._unsupported("list route changes")
+
+    async def module_overview(
+        self, *, search: str | None = None, offset: int = 0, limit: int = 50
+    ) -> tuple[int, list[ModuleSummary]]:
+        """``(modules matching, one page of them ordered by modid, cmdid)``.
+
+        ``search``: ``"12"`` matches modid 12 or cmdid 12, ``"12/3"`` the module 12/3,
+        any other text a case-insensitive substring of the module's mod or cmd name.
+        """
+        raise self._unsupported("summarise modules")
+
+    async def module_detail(self, modid: int, cmdid: int) -> list[HostStatus] | None:
+        """Every host of the module's route (sorted) with its status rows, or None when the
+        module has no hosts."""
+        raise self._unsupported("describe modules")
+
+    async def call_status(
+        self,
+        *,
+        module: ModuleKey | None = None,
+        caller: int | None = None,
+        overloaded: bool | None = None,
+        sort: str = "module",
+        descending: bool = False,
+        offset: int = 0,
+        limit: int = 100,
+    ) -> tuple[int, list[CallStatus]]:
+        """``(rows matching, one page of ServerCallStatus rows)``, filtered and sorted by
+        one of :data:`CALL_STATUS_SORTS` (ties broken by the row's key); another sort key
+        is :class:`InvalidValue`."""
+        raise self._unsupported("page call status")
+
+    async def list_names(self, kind: str) -> dict[int, str]:
+        """The names of modids (``kind="mod"``, ModIDConfig) or cmdids (``"cmd"``,
+        CmdIDConfig)."""
+        raise self._unsupported("keep names")
+
+    async def set_name(self, kind: str, ident: int, content: str) -> None:
+        """Name a modid or cmdid (insert or update: one row per id)."""
+        raise self._unsupported("keep names")
+
+    async def delete_name(self, kind: str, ident: int) -> bool:
+        """Remove the name of a modid or cmdid; False if it had none."""
+        raise self._unsupported("keep names")
+
+    def _unsupported(self, what: str) -> StoreError:
+        return StoreError(f"the store {self.display_url} cannot {what}")
 
     @abc.abstractmethod
     async def list_routes(

@@ -9,11 +9,10 @@ reporter retries its batch).
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable
 from importlib import resources
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import trio
 import trio_mysql
@@ -21,13 +20,11 @@ import trio_mysql.connections
 import trio_mysql.cursors
 from trio_mysql.constants import CR, ER
 
-from lars.core.model import HostKey, ModuleKey
 from lars.errors import SchemaMissing, StoreError, StoreUnavailable
-from lars.store import schema, sql
-from lars.store.base import CallStatus, RouteDelta, RouteSnapshot, RouteStore, RouteWrite
+from lars.store import sql
+from lars.store.sqlstore import SqlStore, Txn
 
 T = TypeVar("T")
-Txn = Literal["read", "write"] | None
 
 DEFAULT_POOL_SIZE = 4
 #: Seconds one operation may take before the store counts as unavailable.
@@ -125,10 +122,11 @@ def _sql(query: str) -> str:
     return query.replace("%", "%%").replace("?", "%s")
 
 
-class MysqlStore(RouteStore):
+class MysqlStore(SqlStore):
     """Routes in a MySQL-protocol database (``mysql://user:password@host:port/db``)."""
 
     kind = "mysql"
+    dialect = DIALECT
 
     def __init__(
         self,
@@ -264,59 +262,6 @@ class MysqlStore(RouteStore):
                 self._idle.append(conn)
                 return result
         raise AssertionError("unreachable")
-
-    # --- operations --------------------------------------------------------------------------
-
-    async def init_schema(self) -> list[str]:
-        return await self._run(functools.partial(sql.init_schema, DIALECT))
-
-    async def missing_schema(self, required: Mapping[str, Collection[str]]) -> list[str]:
-        return await self._run(functools.partial(schema.missing_schema, DIALECT, required))
-
-    async def plan_upgrade(self) -> schema.UpgradePlan:
-        return await self._run(functools.partial(schema.plan_upgrade, DIALECT))
-
-    async def apply_upgrade(self, step: schema.UpgradeStep) -> None:
-        await self._run(functools.partial(schema.apply_upgrade, DIALECT, step))
-
-    async def call_status_limits(self) -> schema.ColumnLimits | None:
-        return await self._run(functools.partial(schema.status_limits, DIALECT))
-
-    async def route_version(self) -> int:
-        return await self._run(sql.route_version)
-
-    async def load_routes(self, changes_since: int | None = None) -> RouteSnapshot:
-        return await self._run(functools.partial(sql.load_routes, changes_since), "read")
-
-    async def load_changes(self, since: int) -> RouteDelta:
-        return await self._run(functools.partial(sql.load_changes, since), "read")
-
-    async def change_routes(
-        self,
-        add: Mapping[ModuleKey, Collection[HostKey]] | None = None,
-        remove: Mapping[ModuleKey, Collection[HostKey] | None] | None = None,
-    ) -> RouteWrite:
-        op = functools.partial(
-            sql.change_routes, DIALECT, add or {}, remove or {}, sql.now_seconds()
-        )
-        return await self._run(op, "write")
-
-    async def list_routes(
-        self, modid: int | None = None, cmdid: int | None = None
-    ) -> dict[ModuleKey, list[HostKey]]:
-        return await self._run(functools.partial(sql.list_routes, modid, cmdid))
-
-    async def purge_changes(self, older_than: float) -> int:
-        return await self._run(functools.partial(sql.purge_changes, DIALECT, older_than))
-
-    async def upsert_call_status(self, rows: Sequence[CallStatus]) -> None:
-        if rows:
-            await self._run(functools.partial(sql.upsert_call_status, DIALECT, rows), "write")
-
-    async def read_call_status(
-        self, modid: int | None = None, cmdid: int | None = None
-    ) -> list[CallStatus]:
-        return await self._run(functools.partial(sql.read_call_status, modid, cmdid))
 
     async def aclose(self) -> None:
         self._closed = True

@@ -9,16 +9,40 @@ few statements that differ between the two databases.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-import time
 from collections.abc import Collection, Generator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
 
-from lars.core.model import PORT_MAX, UINT32_MAX, HostKey, ModuleKey
-from lars.store.base import CallStatus, RouteDelta, RouteMap, RouteSnapshot, RouteWrite
+from lars.core.model import (
+    PORT_MAX,
+    UINT32_MAX,
+    HostKey,
+    ModuleKey,
+    format_host,
+    host_key,
+    ip_to_int,
+    parse_module,
+)
+from lars.errors import InvalidValue
+from lars.store.base import (
+    CALL_STATUS_SORTS,
+    NAME_KINDS,
+    NAME_MAX,
+    PAGE_MAX,
+    Actor,
+    AuditEntry,
+    CallStatus,
+    HostStatus,
+    ModuleSummary,
+    RouteDelta,
+    RouteMap,
+    RouteSnapshot,
+    RouteWrite,
+)
 
 log = logging.getLogger("lars.store")
 
@@ -282,88 +306,203 @@ def load_changes(since: int) -> Op[RouteDelta]:
     return RouteDelta(version, frozenset(changed), _route_rows(rows))
 
 
+#: Modules above which a write reads every route in one scan rather than module by module.
+_SCAN_ABOVE = 50
+#: RouteAudit's columns, in the order of the rows :func:`change_routes` writes.
+AUDIT_COLUMNS = ("ts", "actor", "source", "modid", "cmdid", "added", "removed", "version")
+#: Audit rows per INSERT: each holds two host lists, which may be long.
+_AUDIT_CHUNK = 100
+
+
+def _as_module(value: object) -> ModuleKey:
+    if not (isinstance(value, tuple) and len(value) == 2):
+        raise InvalidValue(f"a module must be a (modid, cmdid) pair, got {value!r}")
+    return parse_module(*value)
+
+
+def _as_host(module: ModuleKey, value: object) -> HostKey:
+    if not (isinstance(value, tuple) and len(value) == 2):
+        raise InvalidValue(
+            f"module {module[0]}/{module[1]}: a host must be an (ip, port) pair, got {value!r}"
+        )
+    try:
+        return host_key(*value)
+    except InvalidValue as exc:
+        raise InvalidValue(f"module {module[0]}/{module[1]}: {exc}") from None
+
+
+def check_routes(
+    add: Mapping[ModuleKey, Collection[HostKey]],
+    remove: Mapping[ModuleKey, Collection[HostKey] | None] | None = None,
+) -> None:
+    """Raise :class:`InvalidValue` naming the first module id or host out of range (before
+    a write, so that a bad value writes nothing)."""
+    for mapping in (add, remove or {}):
+        for module, hosts in mapping.items():
+            key = _as_module(module)
+            for host in hosts or ():
+                _as_host(key, host)
+
+
+def _lock_version(dialect: Dialect) -> Op[int]:
+    """Lock the RouteVersion row (creating it if missing) and return its version."""
+    rows = (yield (dialect.lock_version, ())).rows
+    if rows:
+        return int(rows[0][0])
+    yield ("INSERT INTO RouteVersion (id, version) VALUES (1, 0)", ())
+    return 0
+
+
+def _all_hosts() -> Op[dict[ModuleKey, set[HostKey]]]:
+    current: dict[ModuleKey, set[HostKey]] = {}
+    rows = (yield ("SELECT modid, cmdid, serverip, serverport FROM RouteData", ())).rows
+    for modid, cmdid, ip, port in rows:
+        current.setdefault((int(modid), int(cmdid)), set()).add((int(ip), int(port)))
+    return current
+
+
+def _hosts_of(modules: Sequence[ModuleKey]) -> Op[dict[ModuleKey, set[HostKey]]]:
+    if len(modules) > _SCAN_ABOVE:  # one scan beats thousands of lookups
+        everything = yield from _all_hosts()
+        return {module: everything.get(module, set()) for module in modules}
+    current = {}
+    for module in modules:
+        rows = (
+            yield (
+                "SELECT serverip, serverport FROM RouteData WHERE modid = ? AND cmdid = ?",
+                module,
+            )
+        ).rows
+        current[module] = {(int(ip), int(port)) for ip, port in rows}
+    return current
+
+
+@attrs.frozen
+class _ModuleChange:
+    """What a write does to one module: the hosts it had, those it adds and removes."""
+
+    had: frozenset[HostKey]
+    added: frozenset[HostKey]
+    removed: frozenset[HostKey]
+
+
 def change_routes(
     dialect: Dialect,
     add: Mapping[ModuleKey, Collection[HostKey]],
     remove: Mapping[ModuleKey, Collection[HostKey] | None],
-    now: int,
+    now: float,
+    actor: Actor | None = None,
 ) -> Op[RouteWrite]:
-    """Apply adds and removes; on any change raise the version once and log RouteChange rows.
+    """Apply adds and removes (a host both removed and added stays); on any change raise the
+    version once and log RouteChange rows, and RouteAudit rows when an ``actor`` is given.
 
     The first statement locks the RouteVersion row, which serialises every route writer:
     versions rise in commit order and two writers never both insert the same host.
     """
-    rows = (yield (dialect.lock_version, ())).rows
-    if rows:
-        old_version = int(rows[0][0])
-    else:
-        yield ("INSERT INTO RouteVersion (id, version) VALUES (1, 0)", ())
-        old_version = 0
+    old_version = yield from _lock_version(dialect)
     modules = sorted(set(add) | set(remove))
-    current: dict[ModuleKey, set[HostKey]] = {m: set() for m in modules}
-    if len(modules) > 50:  # one scan beats thousands of lookups
-        for modid, cmdid, ip, port in (
-            yield ("SELECT modid, cmdid, serverip, serverport FROM RouteData", ())
-        ).rows:
-            if (modid, cmdid) in current:
-                current[(modid, cmdid)].add((ip, port))
-    else:
-        for module in modules:
-            current[module] = {
-                (ip, port)
-                for ip, port in (
-                    yield (
-                        "SELECT serverip, serverport FROM RouteData WHERE modid = ? AND cmdid = ?",
-                        module,
-                    )
-                ).rows
-            }
-    changed: set[ModuleKey] = set()
-    removed = 0
-    inserts: list[tuple[int, int, int, int]] = []
+    current = yield from _hosts_of(modules)
+    changes = {}
     for module in modules:
-        hosts = current[module]
+        had = current[module]
+        adding = set(add.get(module, ()))
+        gone: set[HostKey] = set()
         if module in remove:
             wanted = remove[module]
-            gone = set(hosts) if wanted is None else hosts & set(wanted)
-            if gone and gone == hosts:
-                yield ("DELETE FROM RouteData WHERE modid = ? AND cmdid = ?", module)
-            else:
-                for ip, port in gone:
-                    yield (
-                        "DELETE FROM RouteData WHERE modid = ? AND cmdid = ? "
-                        "AND serverip = ? AND serverport = ?",
-                        (*module, ip, port),
-                    )
-            if gone:
-                changed.add(module)
-                removed += len(gone)
-                hosts -= gone
-        for host in dict.fromkeys(add.get(module, ())):
-            if host not in hosts:
-                inserts.append((*module, *host))
-                hosts.add(host)
-                changed.add(module)
-    for chunk in _chunks(inserts):
-        flat = tuple(v for row in chunk for v in row)
-        yield (
-            "INSERT INTO RouteData (modid, cmdid, serverip, serverport) VALUES "
-            + _values_sql(4, len(chunk)),
-            flat,
+            gone = set(had) if wanted is None else had & set(wanted)
+        changes[module] = _ModuleChange(
+            frozenset(had), frozenset(adding - had), frozenset(gone - adding)
         )
+    return (yield from _write_changes(changes, old_version, now, actor))
+
+
+def replace_routes(
+    dialect: Dialect,
+    routes: Mapping[ModuleKey, Collection[HostKey]],
+    now: float,
+    actor: Actor | None = None,
+) -> Op[RouteWrite]:
+    """Make RouteData exactly ``routes`` (other modules lose every host), logged as
+    :func:`change_routes` logs its writes."""
+    old_version = yield from _lock_version(dialect)
+    current = yield from _all_hosts()
+    changes = {}
+    for module in sorted(set(routes) | set(current)):
+        had = current.get(module, set())
+        wanted = set(routes.get(module, ()))
+        changes[module] = _ModuleChange(
+            frozenset(had), frozenset(wanted - had), frozenset(had - wanted)
+        )
+    return (yield from _write_changes(changes, old_version, now, actor))
+
+
+def _host_list(hosts: Collection[HostKey]) -> str:
+    """A JSON list of ``"ip:port"`` texts, sorted (RouteAudit.added and .removed)."""
+    return json.dumps([format_host(host) for host in sorted(hosts)], separators=(",", ":"))
+
+
+def _write_changes(
+    changes: Mapping[ModuleKey, _ModuleChange],
+    old_version: int,
+    now: float,
+    actor: Actor | None,
+) -> Op[RouteWrite]:
+    """Delete and insert RouteData rows, then raise the version and write the RouteAudit
+    and RouteChange rows of the modules that change."""
+    changed = sorted(module for module, c in changes.items() if c.added or c.removed)
     if not changed:
         return RouteWrite(None)
-    new_version = max(old_version + 1, now)
+    inserts: list[tuple[int, ...]] = []
+    for module in changed:
+        change = changes[module]
+        if change.removed and change.removed == change.had:
+            yield ("DELETE FROM RouteData WHERE modid = ? AND cmdid = ?", module)
+        else:
+            for chunk in _chunks(sorted(change.removed)):
+                hosts = " OR ".join(["(serverip = ? AND serverport = ?)"] * len(chunk))
+                yield (
+                    f"DELETE FROM RouteData WHERE modid = ? AND cmdid = ? AND ({hosts})",
+                    (*module, *(v for host in chunk for v in host)),
+                )
+        inserts += [(*module, *host) for host in sorted(change.added)]
+    yield from _insert("RouteData", ("modid", "cmdid", "serverip", "serverport"), inserts)
+    new_version = max(old_version + 1, int(now))
     yield ("UPDATE RouteVersion SET version = ? WHERE id = 1", (new_version,))
-    changes = sorted(changed)
-    for modules_chunk in _chunks(changes):
-        flat = tuple(v for module in modules_chunk for v in (*module, new_version))
+    if actor is not None:
+        audit = [
+            (
+                now,
+                actor.name,
+                actor.source,
+                *module,
+                _host_list(changes[module].added),
+                _host_list(changes[module].removed),
+                new_version,
+            )
+            for module in changed
+        ]
+        yield from _insert("RouteAudit", AUDIT_COLUMNS, audit, _AUDIT_CHUNK)
+    yield from _insert(
+        "RouteChange", ("modid", "cmdid", "version"), [(*m, new_version) for m in changed]
+    )
+    return RouteWrite(
+        new_version,
+        frozenset(changed),
+        added=sum(len(changes[m].added) for m in changed),
+        removed=sum(len(changes[m].removed) for m in changed),
+    )
+
+
+def _insert(
+    table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]], chunk: int = INSERT_CHUNK
+) -> Op[None]:
+    """Multi-row INSERTs of ``rows``, ``chunk`` rows each."""
+    for part in _chunks(rows, chunk):
         yield (
-            "INSERT INTO RouteChange (modid, cmdid, version) VALUES "
-            + _values_sql(3, len(modules_chunk)),
-            flat,
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+            + _values_sql(len(columns), len(part)),
+            tuple(v for row in part for v in row),
         )
-    return RouteWrite(new_version, frozenset(changed), added=len(inserts), removed=removed)
 
 
 def list_routes(modid: int | None, cmdid: int | None) -> Op[dict[ModuleKey, list[HostKey]]]:
@@ -428,28 +567,392 @@ def read_call_status(modid: int | None, cmdid: int | None) -> Op[list[CallStatus
             sql += " AND cmdid = ?"
             args = (modid, cmdid)
     sql += " ORDER BY modid, cmdid, ip, port, caller"
-    rows = (yield (sql, args)).rows
-    return [
-        CallStatus(
-            int(m),
-            int(c),
-            int(ip),
-            int(port),
-            int(caller),
-            int(s),
-            int(e),
-            int(ts),
-            str(ovl).upper() in ("1", "Y", "T"),
-            int(st),
-            int(et),
+    return [_status_row(row) for row in (yield (sql, args)).rows]
+
+
+def _status_row(row: Sequence[Any]) -> CallStatus:
+    """A CallStatus from a row of STATUS_COLUMNS."""
+    m, c, ip, port, caller, s, e, ts, overload, st, et = row
+    return CallStatus(
+        int(m),
+        int(c),
+        int(ip),
+        int(port),
+        int(caller),
+        int(s),
+        int(e),
+        int(ts),
+        is_overloaded(overload),
+        int(st),
+        int(et),
+    )
+
+
+# --- the console's reads and the names (issue 9) -----------------------------------------------
+
+#: ServerCallStatus.overload values that mean "overloaded" (Lars writes "1" and "0").
+OVERLOAD_TRUE = ("1", "Y", "T")
+#: The same rule in SQL (both cases: SQLite compares text case-sensitively).
+_OVERLOAD_VALUES = "({})".format(
+    ", ".join(f"'{v}'" for c in OVERLOAD_TRUE for v in dict.fromkeys((c, c.lower())))
+)
+_OVERLOADED = f"overload IN {_OVERLOAD_VALUES}"
+#: The key of ServerCallStatus, which breaks ties in every sort.
+_STATUS_KEY = ("modid", "cmdid", "ip", "port", "caller")
+#: Sort key of :func:`call_status` -> the columns it orders by.
+STATUS_SORTS: dict[str, tuple[str, ...]] = {
+    "module": _STATUS_KEY,
+    "host": ("ip", "port", "modid", "cmdid", "caller"),
+    "caller": ("caller", "modid", "cmdid", "ip", "port"),
+    "succ": ("succ_cnt", *_STATUS_KEY),
+    "err": ("err_cnt", *_STATUS_KEY),
+    "ts": ("ts", *_STATUS_KEY),
+}
+assert tuple(STATUS_SORTS) == CALL_STATUS_SORTS
+#: Name kind -> (table, id column).
+NAME_TABLES = {"mod": ("ModIDConfig", "modid"), "cmd": ("CmdIDConfig", "cmdid")}
+assert tuple(NAME_TABLES) == NAME_KINDS
+
+_ID_SEARCH = re.compile(r"[0-9]{1,10}")
+_MODULE_SEARCH = re.compile(r"([0-9]{1,10})\s*/\s*([0-9]{1,10})")
+_AUDIT_SELECT = "SELECT id, " + ", ".join(AUDIT_COLUMNS) + " FROM RouteAudit"
+
+
+def is_overloaded(value: object) -> bool:
+    """True if a ServerCallStatus.overload value means "overloaded"."""
+    return str(value).upper() in OVERLOAD_TRUE
+
+
+def check_page(offset: object, limit: object) -> None:
+    """Raise :class:`InvalidValue` unless ``offset`` is 0 or more and ``limit`` from 1 to
+    :data:`PAGE_MAX`."""
+    if type(offset) is not int or offset < 0:
+        raise InvalidValue(f"offset must be an integer of 0 or more, got {offset!r}")
+    check_limit(limit)
+
+
+def check_limit(limit: object) -> None:
+    """Raise :class:`InvalidValue` unless ``limit`` is from 1 to :data:`PAGE_MAX`."""
+    if type(limit) is not int or not 1 <= limit <= PAGE_MAX:
+        raise InvalidValue(f"limit must be an integer from 1 to {PAGE_MAX}, got {limit!r}")
+
+
+def check_module(module: object) -> ModuleKey:
+    """A module key, validated."""
+    return _as_module(module)
+
+
+def check_sort(sort: object) -> None:
+    """Raise :class:`InvalidValue` unless ``sort`` is one of :data:`CALL_STATUS_SORTS`."""
+    if not isinstance(sort, str) or sort not in STATUS_SORTS:
+        raise InvalidValue(f"sort must be one of {', '.join(CALL_STATUS_SORTS)}, got {sort!r}")
+
+
+def check_name_kind(kind: object) -> tuple[str, str]:
+    """The (table, id column) of a name kind; :class:`InvalidValue` for another kind."""
+    if not isinstance(kind, str) or kind not in NAME_TABLES:
+        raise InvalidValue(f"name kind must be one of {', '.join(NAME_KINDS)}, got {kind!r}")
+    return NAME_TABLES[kind]
+
+
+def check_name(content: object) -> str:
+    """A name, stripped: 1 to :data:`NAME_MAX` characters of the Basic Multilingual Plane
+    (the original schema's utf8 columns hold no others)."""
+    if type(content) is not str:
+        raise InvalidValue(f"a name must be text, got {content!r}")
+    text = content.strip()
+    if not text or len(text) > NAME_MAX:
+        raise InvalidValue(f"a name must be 1 to {NAME_MAX} characters, got {len(text)}")
+    if any(ord(ch) > 0xFFFF or ord(ch) < 0x20 for ch in text):
+        raise InvalidValue(
+            f"a name must not hold control characters or characters beyond U+FFFF: {text!r}"
         )
-        for m, c, ip, port, caller, s, e, ts, ovl, st, et in rows
+    return text
+
+
+def _parse_host_list(text: object) -> tuple[HostKey, ...]:
+    """The hosts of a RouteAudit host list (the lenient inverse of :func:`_host_list`)."""
+    try:
+        hosts = []
+        for item in json.loads(str(text)):
+            ip, _, port = str(item).rpartition(":")
+            hosts.append((ip_to_int(ip), int(port)))
+        return tuple(hosts)
+    except (ValueError, TypeError):
+        log.warning("unreadable host list in RouteAudit: %.80r", text)
+        return ()
+
+
+def list_audit(
+    module: ModuleKey | None, actor: str | None, limit: int, before_id: int | None
+) -> Op[list[AuditEntry]]:
+    """RouteAudit rows, newest first, filtered by module, actor name and ``id < before_id``."""
+    where: list[str] = []
+    args: list[Any] = []
+    if module is not None:
+        where.append("modid = ? AND cmdid = ?")
+        args += module
+    if actor is not None:
+        where.append("actor = ?")
+        args.append(actor)
+    if before_id is not None:
+        where.append("id < ?")
+        args.append(before_id)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    rows = (yield (f"{_AUDIT_SELECT}{clause} ORDER BY id DESC LIMIT ?", (*args, limit))).rows
+    return [
+        AuditEntry(
+            int(id_),
+            float(ts),
+            str(name),
+            str(source),
+            int(modid),
+            int(cmdid),
+            _parse_host_list(added),
+            _parse_host_list(removed),
+            int(version),
+        )
+        for id_, ts, name, source, modid, cmdid, added, removed, version in rows
     ]
 
 
-def now_seconds() -> int:
-    """Wall-clock seconds, as stored in versions and timestamps."""
-    return int(time.time())
+def recent_changes(limit: int) -> Op[list[tuple[int, int, int]]]:
+    """RouteChange rows newest first, as ``(modid, cmdid, version)``."""
+    rows = (
+        yield ("SELECT modid, cmdid, version FROM RouteChange ORDER BY id DESC LIMIT ?", (limit,))
+    ).rows
+    return [(int(m), int(c), int(v)) for m, c, v in rows]
+
+
+def module_filter(search: str | None) -> tuple[str, tuple[Any, ...]]:
+    """The ``WHERE`` clause on RouteData, and its arguments, of an overview search:
+    ``"12"`` is modid or cmdid 12, ``"12/3"`` the module 12/3, other text a
+    case-insensitive substring of the module's mod or cmd name (``""`` for no search)."""
+    if search is not None and type(search) is not str:
+        raise InvalidValue(f"search must be text, got {search!r}")
+    text = (search or "").strip()
+    if not text:
+        return "", ()
+    if _ID_SEARCH.fullmatch(text) and int(text) <= UINT32_MAX:
+        return " WHERE modid = ? OR cmdid = ?", (int(text), int(text))
+    match = _MODULE_SEARCH.fullmatch(text)
+    if match and max(int(match[1]), int(match[2])) <= UINT32_MAX:
+        return " WHERE modid = ? AND cmdid = ?", (int(match[1]), int(match[2]))
+    pattern = "%" + re.sub(r"[!%_]", r"!\g<0>", text.lower()) + "%"
+    return (
+        " WHERE modid IN (SELECT modid FROM ModIDConfig WHERE LOWER(content) LIKE ? ESCAPE '!')"
+        " OR cmdid IN (SELECT cmdid FROM CmdIDConfig WHERE LOWER(content) LIKE ? ESCAPE '!')",
+        (pattern, pattern),
+    )
+
+
+def _modules_where(modules: Sequence[ModuleKey]) -> tuple[str, tuple[int, ...]]:
+    """``(modid = ? AND cmdid = ?) OR ...``: ranges of the (modid, cmdid) key prefixes."""
+    return (
+        " OR ".join(["(modid = ? AND cmdid = ?)"] * len(modules)),
+        tuple(v for module in modules for v in module),
+    )
+
+
+@attrs.frozen
+class ModuleCount:
+    """How many modules RouteData held at a route version."""
+
+    version: int
+    total: int
+
+
+def module_overview(
+    search: str | None, offset: int, limit: int, counted: ModuleCount | None = None
+) -> Op[tuple[int, list[ModuleSummary], ModuleCount | None]]:
+    """The modules matching ``search``, counted, and one page of their summaries.
+
+    The page is chosen on RouteData alone (its (modid, cmdid, ...) key gives the order);
+    only then are the page's status rows, versions and names read, each by the modules'
+    key prefixes, so the cost follows the page, not the size of ServerCallStatus.
+
+    Counting every module reads the whole RouteData key, the largest part of a first
+    page's cost. Without a search the count is returned with the route version it was
+    read at, and a ``counted`` of the current version is used instead of counting again:
+    RouteData changes only with the version (DESIGN §3).
+    """
+    where, args = module_filter(search)
+    remember = not where
+    version = (yield from route_version()) if remember else 0
+    if remember and counted is not None and counted.version == version:
+        total = counted.total
+    else:
+        total = int(
+            (
+                yield (
+                    "SELECT COUNT(*) FROM"
+                    f" (SELECT DISTINCT modid, cmdid FROM RouteData{where}) AS m",
+                    args,
+                )
+            ).rows[0][0]
+        )
+    count = ModuleCount(version, total) if remember else None
+    if offset >= total:
+        return total, [], count
+    rows = (
+        yield (
+            f"SELECT DISTINCT modid, cmdid FROM RouteData{where}"
+            " ORDER BY modid, cmdid LIMIT ? OFFSET ?",
+            (*args, limit, offset),
+        )
+    ).rows
+    page = [(int(m), int(c)) for m, c in rows]
+    return total, (yield from _summaries(page)), count
+
+
+def _summaries(page: Sequence[ModuleKey]) -> Op[list[ModuleSummary]]:
+    which, flat = _modules_where(page)
+    hosts: dict[ModuleKey, set[HostKey]] = {module: set() for module in page}
+    rows = (
+        yield (f"SELECT modid, cmdid, serverip, serverport FROM RouteData WHERE {which}", flat)
+    ).rows
+    for modid, cmdid, ip, port in rows:
+        hosts[(int(modid), int(cmdid))].add((int(ip), int(port)))
+    # succ, err, overloaded hosts
+    sums = {module: [0, 0, 0] for module in page}
+    rows = (
+        yield (
+            "SELECT modid, cmdid, ip, port, SUM(succ_cnt), SUM(err_cnt),"
+            f" SUM(CASE WHEN {_OVERLOADED} THEN 1 ELSE 0 END)"
+            f" FROM ServerCallStatus WHERE {which} GROUP BY modid, cmdid, ip, port",
+            flat,
+        )
+    ).rows
+    for modid, cmdid, ip, port, succ, err, overloaded in rows:
+        module = (int(modid), int(cmdid))
+        if (int(ip), int(port)) in hosts[module]:
+            total = sums[module]
+            total[0] += int(succ)
+            total[1] += int(err)
+            total[2] += int(overloaded) > 0
+    rows = (
+        yield (
+            f"SELECT modid, cmdid, MAX(version) FROM RouteChange WHERE {which}"
+            " GROUP BY modid, cmdid",
+            flat,
+        )
+    ).rows
+    versions = {(int(m), int(c)): int(v) for m, c, v in rows}
+    mod_names = yield from _id_names("mod", sorted({modid for modid, _ in page}))
+    cmd_names = yield from _id_names("cmd", sorted({cmdid for _, cmdid in page}))
+    return [
+        ModuleSummary(
+            modid,
+            cmdid,
+            mod_names.get(modid, ""),
+            cmd_names.get(cmdid, ""),
+            hosts=len(hosts[(modid, cmdid)]),
+            overloaded_hosts=sums[(modid, cmdid)][2],
+            succ=sums[(modid, cmdid)][0],
+            err=sums[(modid, cmdid)][1],
+            last_version=versions.get((modid, cmdid)),
+        )
+        for modid, cmdid in page
+    ]
+
+
+def module_detail(modid: int, cmdid: int) -> Op[list[HostStatus] | None]:
+    """Every host of a module's route, sorted, with its status rows; None without hosts."""
+    rows = (
+        yield (
+            "SELECT serverip, serverport FROM RouteData WHERE modid = ? AND cmdid = ?",
+            (modid, cmdid),
+        )
+    ).rows
+    if not rows:
+        return None
+    callers: dict[HostKey, list[CallStatus]] = {(int(ip), int(port)): [] for ip, port in rows}
+    for status in (yield from read_call_status(modid, cmdid)):
+        if (status.ip, status.port) in callers:
+            callers[(status.ip, status.port)].append(status)
+    return [HostStatus(host, tuple(callers[host])) for host in sorted(callers)]
+
+
+def call_status(
+    module: ModuleKey | None,
+    caller: int | None,
+    overloaded: bool | None,
+    sort: str,
+    descending: bool,
+    offset: int,
+    limit: int,
+) -> Op[tuple[int, list[CallStatus]]]:
+    """ServerCallStatus rows matching the filters, counted, and one page of them sorted."""
+    where: list[str] = []
+    args: list[Any] = []
+    if module is not None:
+        where.append("modid = ? AND cmdid = ?")
+        args += module
+    if caller is not None:
+        where.append("caller = ?")
+        args.append(caller)
+    if overloaded is not None:
+        where.append(_OVERLOADED if overloaded else f"overload NOT IN {_OVERLOAD_VALUES}")
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    total = int((yield (f"SELECT COUNT(*) FROM ServerCallStatus{clause}", tuple(args))).rows[0][0])
+    if offset >= total:
+        return total, []
+    order = ", ".join(f"{c} DESC" if descending else c for c in STATUS_SORTS[sort])
+    rows = (
+        yield (
+            f"SELECT {_STATUS_COLUMNS} FROM ServerCallStatus{clause} ORDER BY {order}"
+            " LIMIT ? OFFSET ?",
+            (*args, limit, offset),
+        )
+    ).rows
+    return total, [_status_row(row) for row in rows]
+
+
+def _id_names(kind: str, ids: Sequence[int] | None = None) -> Op[dict[int, str]]:
+    """The names of a kind, all or of some ids; of several rows for one id (an original
+    database may hold them) the newest wins."""
+    table, column = NAME_TABLES[kind]
+    sql = f"SELECT {column}, content FROM {table}"
+    args: tuple[int, ...] = ()
+    if ids is not None:
+        if not ids:
+            return {}
+        sql += f" WHERE {column} IN ({', '.join('?' * len(ids))})"
+        args = tuple(ids)
+    rows = (yield (sql + " ORDER BY id", args)).rows
+    return {int(ident): _text(content).rstrip() for ident, content in rows}
+
+
+def list_names(kind: str) -> Op[dict[int, str]]:
+    """Every name of a kind, by id."""
+    names = yield from _id_names(kind)
+    return dict(sorted(names.items()))
+
+
+def set_name(dialect: Dialect, kind: str, ident: int, content: str) -> Op[None]:
+    """Name an id: update its rows, or insert one.
+
+    Takes the RouteVersion row's lock first, as route writes do: without it two writers
+    naming one new id would both insert (locking the missing row itself takes only a gap
+    lock in InnoDB, which both would hold, and the inserts would deadlock).
+    """
+    table, column = NAME_TABLES[kind]
+    yield (dialect.lock_version, ())
+    rows = (yield (f"SELECT id FROM {table} WHERE {column} = ?", (ident,))).rows
+    if rows:
+        yield (f"UPDATE {table} SET content = ? WHERE {column} = ?", (content, ident))
+    else:
+        yield (f"INSERT INTO {table} ({column}, content) VALUES (?, ?)", (ident, content))
+
+
+def delete_name(kind: str, ident: int) -> Op[bool]:
+    """Delete every row naming an id; False if there was none."""
+    table, column = NAME_TABLES[kind]
+    return (yield (f"DELETE FROM {table} WHERE {column} = ?", (ident,))).rowcount > 0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
 
 
 def drive_sync(op: Op[T], execute: Any) -> T:

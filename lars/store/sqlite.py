@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import trio
 
-from lars.core.model import HostKey, ModuleKey
 from lars.errors import SchemaMissing, StoreError, StoreUnavailable
-from lars.store import schema, sql
-from lars.store.base import CallStatus, RouteDelta, RouteSnapshot, RouteStore, RouteWrite
+from lars.store import sql
+from lars.store.sqlstore import SqlStore, Txn
 
 T = TypeVar("T")
 
@@ -62,6 +60,24 @@ CREATE TABLE IF NOT EXISTS CmdIDConfig (
     cmdid INTEGER NOT NULL,
     content TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS RouteAudit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    actor TEXT NOT NULL,
+    source TEXT NOT NULL,
+    modid INTEGER NOT NULL,
+    cmdid INTEGER NOT NULL,
+    added TEXT NOT NULL,
+    removed TEXT NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS RouteAudit_module ON RouteAudit (modid, cmdid, id);
+CREATE INDEX IF NOT EXISTS RouteAudit_ts ON RouteAudit (ts);
+CREATE INDEX IF NOT EXISTS RouteChange_module ON RouteChange (modid, cmdid, version);
+CREATE INDEX IF NOT EXISTS ServerCallStatus_caller ON ServerCallStatus (caller);
+CREATE INDEX IF NOT EXISTS ServerCallStatus_overload ON ServerCallStatus (overload);
+CREATE INDEX IF NOT EXISTS ModIDConfig_modid ON ModIDConfig (modid);
+CREATE INDEX IF NOT EXISTS CmdIDConfig_cmdid ON CmdIDConfig (cmdid);
 """
 
 DIALECT = sql.Dialect(
@@ -88,8 +104,6 @@ DIALECT = sql.Dialect(
     sized_integers=False,
 )
 
-Txn = Literal["read", "write"] | None
-
 
 def _translate(exc: sqlite3.Error, path: str) -> StoreError:
     text = str(exc)
@@ -104,7 +118,7 @@ def _translate(exc: sqlite3.Error, path: str) -> StoreError:
     return StoreError(f"SQLite store {path}: {text}")
 
 
-class SqliteStore(RouteStore):
+class SqliteStore(SqlStore):
     """Routes in one SQLite file, accessed from one worker thread at a time.
 
     With ``create=False`` a missing file is an error rather than a new empty database, so a
@@ -114,6 +128,7 @@ class SqliteStore(RouteStore):
     """
 
     kind = "sqlite"
+    dialect = DIALECT
 
     def __init__(self, path: str, *, create: bool = False, inline: bool = False) -> None:
         self.path = path
@@ -169,57 +184,6 @@ class SqliteStore(RouteStore):
             await trio.lowlevel.checkpoint()
             return self._run_sync(make_op, txn)
         return await trio.to_thread.run_sync(self._run_sync, make_op, txn, limiter=self._limiter)
-
-    async def init_schema(self) -> list[str]:
-        return await self._run(functools.partial(sql.init_schema, DIALECT))
-
-    async def missing_schema(self, required: Mapping[str, Collection[str]]) -> list[str]:
-        return await self._run(functools.partial(schema.missing_schema, DIALECT, required))
-
-    async def plan_upgrade(self) -> schema.UpgradePlan:
-        return await self._run(functools.partial(schema.plan_upgrade, DIALECT))
-
-    async def apply_upgrade(self, step: schema.UpgradeStep) -> None:
-        await self._run(functools.partial(schema.apply_upgrade, DIALECT, step))
-
-    async def call_status_limits(self) -> schema.ColumnLimits | None:
-        return await self._run(functools.partial(schema.status_limits, DIALECT))
-
-    async def route_version(self) -> int:
-        return await self._run(sql.route_version)
-
-    async def load_routes(self, changes_since: int | None = None) -> RouteSnapshot:
-        return await self._run(functools.partial(sql.load_routes, changes_since), "read")
-
-    async def load_changes(self, since: int) -> RouteDelta:
-        return await self._run(functools.partial(sql.load_changes, since), "read")
-
-    async def change_routes(
-        self,
-        add: Mapping[ModuleKey, Collection[HostKey]] | None = None,
-        remove: Mapping[ModuleKey, Collection[HostKey] | None] | None = None,
-    ) -> RouteWrite:
-        op = functools.partial(
-            sql.change_routes, DIALECT, add or {}, remove or {}, sql.now_seconds()
-        )
-        return await self._run(op, "write")
-
-    async def list_routes(
-        self, modid: int | None = None, cmdid: int | None = None
-    ) -> dict[ModuleKey, list[HostKey]]:
-        return await self._run(functools.partial(sql.list_routes, modid, cmdid))
-
-    async def purge_changes(self, older_than: float) -> int:
-        return await self._run(functools.partial(sql.purge_changes, DIALECT, older_than), "write")
-
-    async def upsert_call_status(self, rows: Sequence[CallStatus]) -> None:
-        if rows:
-            await self._run(functools.partial(sql.upsert_call_status, DIALECT, rows), "write")
-
-    async def read_call_status(
-        self, modid: int | None = None, cmdid: int | None = None
-    ) -> list[CallStatus]:
-        return await self._run(functools.partial(sql.read_call_status, modid, cmdid))
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None

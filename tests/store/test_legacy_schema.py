@@ -125,8 +125,19 @@ def test_dns_snapshot_reads_an_original_lars_database(legacy_url: str) -> None:
 def test_route_writes_work_on_an_original_database(
     legacy_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    async def write() -> None:
+        async with open_store(legacy_url) as store:
+            await store.add_hosts((1, 1), [(167772161, 80)])  # 10.0.0.1:80
+
+    trio.run(write)  # a write without an actor needs no audit table
+    # The command line records who wrote in RouteAudit, a table of Lars's own: until
+    # `lars db init` creates it, a write is refused, whole, with one line saying so.
     store = ["--store", legacy_url, "--no-notify"]
-    assert main(["route", "add", "1", "1", "10.0.0.1:80", *store]) == 0
+    assert main(["route", "rm", "1", "2", "192.168.1.180:7779", *store]) == 1
+    err = capsys.readouterr().err
+    assert "RouteAudit" in err and "run `lars db init`" in err and len(err.splitlines()) == 1
+    assert len(route_ls(legacy_url, capsys)[1]["hosts"]) == 3  # type: ignore[index]
+    assert main(["db", "init", "--store", legacy_url]) == 0
     assert main(["route", "rm", "1", "2", "192.168.1.180:7779", *store]) == 0
     capsys.readouterr()
     routes = route_ls(legacy_url, capsys)
@@ -149,7 +160,10 @@ def test_db_init_upgrades_an_original_database_without_touching_data(
     out = capsys.readouterr().out
     assert "added column RouteChange.created" in out
     assert "added column ServerCallStatus.succ_total" in out
-    assert "created table" not in out
+    # The original tables are kept; only Lars's own new table is created.
+    assert [line for line in out.splitlines() if line.startswith("created table")] == [
+        "created table RouteAudit"
+    ]
     assert route_ls(legacy_url, capsys) == EXPECTED
     assert main(["db", "init", "--store", legacy_url]) == 0
     assert "nothing to do" in capsys.readouterr().out

@@ -235,3 +235,58 @@ def test_db_init_points_to_db_upgrade_when_more_is_needed(
     assert run(capsys, "db", "upgrade", "--store", original_url)[0] == 0
     code, out, _ = run(capsys, "db", "init", "--store", original_url)
     assert code == 0 and "nothing to do" in out and "lars db upgrade" not in out
+
+
+#: What a store made by Lars before the console (issue 9) lacks: the audit table and the
+#: keys the console's reads use.
+CONSOLE_KEYS = {
+    "RouteChange": ("idx_module", ["modid", "cmdid", "version"]),
+    "ModIDConfig": ("idx_modid", ["modid"]),
+    "CmdIDConfig": ("idx_cmdid", ["cmdid"]),
+}
+
+
+@pytest.mark.mysql
+def test_upgrade_of_a_store_from_before_the_console_adds_the_audit_table_and_keys(
+    db_url_sync: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trio.run(
+        mysql_admin.execute,
+        db_url_sync,
+        "DROP TABLE RouteAudit",
+        *(f"ALTER TABLE {table} DROP KEY {key}" for table, (key, _) in CONSOLE_KEYS.items()),
+    )
+    capsys.readouterr()
+    code, out, err = run(capsys, "db", "upgrade", "--store", db_url_sync, "--dry-run")
+    assert code == 0, err
+    assert "-- create table RouteAudit" in out
+    for table, (key, columns) in CONSOLE_KEYS.items():
+        assert f"ALTER TABLE {table} ADD KEY {key} ({', '.join(columns)});" in out
+    assert "MODIFY" not in out and "ADD COLUMN" not in out
+    code, out, err = run(capsys, "db", "upgrade", "--store", db_url_sync)
+    assert code == 0 and "upgraded (4 change(s))" in out, err
+    for table, (key, columns) in CONSOLE_KEYS.items():
+        assert indexes(db_url_sync, table)[key] == (False, columns)
+    assert indexes(db_url_sync, "RouteAudit")["idx_module"] == (False, ["modid", "cmdid", "id"])
+    assert "up to date" in run(capsys, "db", "upgrade", "--store", db_url_sync)[1]
+
+
+def test_db_init_adds_the_audit_table_and_keys_to_an_older_sqlite_store(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import sqlite3
+
+    url = "sqlite:///lars.db"
+    assert run(capsys, "db", "init", "--store", url)[0] == 0
+    with sqlite3.connect("lars.db") as conn:
+        conn.execute("DROP TABLE RouteAudit")
+        for index in ("RouteChange_module", "ModIDConfig_modid", "CmdIDConfig_cmdid"):
+            conn.execute(f"DROP INDEX {index}")
+    conn.close()
+    code, out, _ = run(capsys, "db", "init", "--store", url)
+    assert code == 0 and "created table RouteAudit" in out
+    assert "up to date" in run(capsys, "db", "upgrade", "--store", url)[1]
+    with sqlite3.connect("lars.db") as conn:
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    conn.close()
+    assert {"RouteAudit_module", "RouteChange_module", "ModIDConfig_modid"} <= names

@@ -1,0 +1,201 @@
+"""The store operations both SQL drivers share: each checks its arguments, then has the
+driver run the matching :mod:`lars.store.sql` operation in a transaction of the right kind.
+
+A driver (SQLite, MySQL) supplies only :meth:`SqlStore._run` and its
+:class:`~lars.store.sql.Dialect`. Arguments are checked before anything reaches the
+database, so a bad one costs no connection and writes nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Literal, TypeVar
+
+from lars.core.model import HostKey, ModuleKey, check_id
+from lars.errors import InvalidValue
+from lars.store import schema, sql
+from lars.store.base import (
+    Actor,
+    AuditEntry,
+    CallStatus,
+    HostStatus,
+    ModuleSummary,
+    RouteDelta,
+    RouteSnapshot,
+    RouteStore,
+    RouteWrite,
+)
+
+T = TypeVar("T")
+#: The transaction an operation runs in: none (autocommit), a consistent read, or a write.
+Txn = Literal["read", "write"] | None
+
+
+class SqlStore(RouteStore):
+    """A route store driven by the sans-IO operations of :mod:`lars.store.sql`."""
+
+    dialect: sql.Dialect
+    #: The number of modules at a route version, from the last overview without a search.
+    _module_count: sql.ModuleCount | None = None
+
+    @abc.abstractmethod
+    async def _run(self, make_op: Callable[[], sql.Op[T]], txn: Txn = None) -> T:
+        """Run the operation ``make_op()`` makes (it may make it twice, to retry on a
+        fresh connection) and return its result."""
+
+    # --- schema ------------------------------------------------------------------------------
+
+    async def init_schema(self) -> list[str]:
+        return await self._run(functools.partial(sql.init_schema, self.dialect))
+
+    async def missing_schema(self, required: Mapping[str, Collection[str]]) -> list[str]:
+        return await self._run(functools.partial(schema.missing_schema, self.dialect, required))
+
+    async def plan_upgrade(self) -> schema.UpgradePlan:
+        return await self._run(functools.partial(schema.plan_upgrade, self.dialect))
+
+    async def apply_upgrade(self, step: schema.UpgradeStep) -> None:
+        await self._run(functools.partial(schema.apply_upgrade, self.dialect, step))
+
+    async def call_status_limits(self) -> schema.ColumnLimits | None:
+        return await self._run(functools.partial(schema.status_limits, self.dialect))
+
+    # --- routes ------------------------------------------------------------------------------
+
+    async def route_version(self) -> int:
+        return await self._run(sql.route_version)
+
+    async def load_routes(self, changes_since: int | None = None) -> RouteSnapshot:
+        return await self._run(functools.partial(sql.load_routes, changes_since), "read")
+
+    async def load_changes(self, since: int) -> RouteDelta:
+        return await self._run(functools.partial(sql.load_changes, since), "read")
+
+    async def change_routes(
+        self,
+        add: Mapping[ModuleKey, Collection[HostKey]] | None = None,
+        remove: Mapping[ModuleKey, Collection[HostKey] | None] | None = None,
+        *,
+        actor: Actor | None = None,
+    ) -> RouteWrite:
+        add, remove = add or {}, remove or {}
+        sql.check_routes(add, remove)
+        _check_actor(actor)
+        op = functools.partial(sql.change_routes, self.dialect, add, remove, time.time(), actor)
+        return await self._run(op, "write")
+
+    async def replace_routes(
+        self, routes: Mapping[ModuleKey, Collection[HostKey]], *, actor: Actor | None = None
+    ) -> RouteWrite:
+        sql.check_routes(routes)
+        _check_actor(actor)
+        op = functools.partial(sql.replace_routes, self.dialect, routes, time.time(), actor)
+        return await self._run(op, "write")
+
+    async def list_routes(
+        self, modid: int | None = None, cmdid: int | None = None
+    ) -> dict[ModuleKey, list[HostKey]]:
+        return await self._run(functools.partial(sql.list_routes, modid, cmdid))
+
+    async def purge_changes(self, older_than: float) -> int:
+        return await self._run(
+            functools.partial(sql.purge_changes, self.dialect, older_than), "write"
+        )
+
+    # --- call statistics ---------------------------------------------------------------------
+
+    async def upsert_call_status(self, rows: Sequence[CallStatus]) -> None:
+        if rows:
+            await self._run(functools.partial(sql.upsert_call_status, self.dialect, rows), "write")
+
+    async def read_call_status(
+        self, modid: int | None = None, cmdid: int | None = None
+    ) -> list[CallStatus]:
+        return await self._run(functools.partial(sql.read_call_status, modid, cmdid))
+
+    # --- the console -------------------------------------------------------------------------
+
+    async def list_audit(
+        self,
+        *,
+        module: ModuleKey | None = None,
+        actor: str | None = None,
+        limit: int = 100,
+        before_id: int | None = None,
+    ) -> list[AuditEntry]:
+        if module is not None:
+            module = sql.check_module(module)
+        if actor is not None and type(actor) is not str:
+            raise InvalidValue(f"actor must be text, got {actor!r}")
+        sql.check_limit(limit)
+        if before_id is not None and (type(before_id) is not int or before_id < 0):
+            raise InvalidValue(f"before_id must be an integer of 0 or more, got {before_id!r}")
+        op = functools.partial(sql.list_audit, module, actor, limit, before_id)
+        return await self._run(op)
+
+    async def recent_changes(self, limit: int = 50) -> list[tuple[int, int, int]]:
+        sql.check_limit(limit)
+        return await self._run(functools.partial(sql.recent_changes, limit))
+
+    async def module_overview(
+        self, *, search: str | None = None, offset: int = 0, limit: int = 50
+    ) -> tuple[int, list[ModuleSummary]]:
+        sql.module_filter(search)  # checks it
+        sql.check_page(offset, limit)
+        op = functools.partial(sql.module_overview, search, offset, limit, self._module_count)
+        total, page, counted = await self._run(op, "read")
+        if counted is not None:
+            self._module_count = counted
+        return total, page
+
+    async def module_detail(self, modid: int, cmdid: int) -> list[HostStatus] | None:
+        module = sql.check_module((modid, cmdid))
+        return await self._run(functools.partial(sql.module_detail, *module), "read")
+
+    async def call_status(
+        self,
+        *,
+        module: ModuleKey | None = None,
+        caller: int | None = None,
+        overloaded: bool | None = None,
+        sort: str = "module",
+        descending: bool = False,
+        offset: int = 0,
+        limit: int = 100,
+    ) -> tuple[int, list[CallStatus]]:
+        if module is not None:
+            module = sql.check_module(module)
+        if caller is not None:
+            check_id(caller, "caller")
+        for name, flag in (("overloaded", overloaded), ("descending", descending)):
+            if flag is not None and type(flag) is not bool:
+                raise InvalidValue(f"{name} must be true or false, got {flag!r}")
+        sql.check_sort(sort)
+        sql.check_page(offset, limit)
+        op = functools.partial(
+            sql.call_status, module, caller, overloaded, sort, descending, offset, limit
+        )
+        return await self._run(op, "read")
+
+    async def list_names(self, kind: str) -> dict[int, str]:
+        sql.check_name_kind(kind)
+        return await self._run(functools.partial(sql.list_names, kind))
+
+    async def set_name(self, kind: str, ident: int, content: str) -> None:
+        sql.check_name_kind(kind)
+        check_id(ident, f"{kind}id")
+        text = sql.check_name(content)
+        await self._run(functools.partial(sql.set_name, self.dialect, kind, ident, text), "write")
+
+    async def delete_name(self, kind: str, ident: int) -> bool:
+        sql.check_name_kind(kind)
+        check_id(ident, f"{kind}id")
+        return await self._run(functools.partial(sql.delete_name, kind, ident), "write")
+
+
+def _check_actor(actor: object) -> None:
+    if actor is not None and not isinstance(actor, Actor):
+        raise InvalidValue(f"actor must be an Actor, got {actor!r}")
