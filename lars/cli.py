@@ -32,6 +32,7 @@ from lars.errors import AgentUnavailable, LarsError
 from lars.roles.common import RECEIVE_SIZE, ask, notify_dns
 from lars.roles.run import ROLES
 from lars.store import ACTOR_NAME_MAX, Actor, CallStatus, RouteStore, RouteWrite, open_store
+from lars.web.cli import web as web_group
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -571,16 +572,16 @@ def route_import(
     "roles",
     multiple=True,
     type=click.Choice(ROLES),
-    help="Role to run; repeat for several. Default: all three, in this process.",
+    help="Role to run; repeat for several. Default: every role, in this process.",
 )
 @config_option
 @store_option
 def run_command(
     roles: tuple[str, ...], config_path: str | None, store_override: str | None
 ) -> None:
-    """Run Lars daemons: dns, reporter and/or agent.
+    """Run Lars daemons: dns, reporter, agent and/or web (the console).
 
-    With no --role, all three run in one process on the configured store (the embedded
+    With no --role, every role runs in one process on the configured store (the embedded
     SQLite ./lars.db by default, created with its tables if missing). Ctrl-C stops cleanly.
 
     \b
@@ -1016,6 +1017,9 @@ def simulate_command(
         f"failing hosts got {result.failing_share:.1%} of the calls; "
         f"an even spread would give them {result.even_share:.1%}"
     )
+
+
+cli.add_command(web_group)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -157,6 +157,71 @@ class ClientConfig:
     retries: int = attrs.field(default=2, validator=attrs.validators.ge(0))
 
 
+_WEB_ROLES = ("viewer", "admin")
+
+
+def _password_hash(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    # A bad hash is an error at start-up, not a login that can never succeed.
+    from lars.web.auth import check_password_hash
+
+    check_password_hash(value)
+
+
+def _token_hash(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    from lars.web.auth import check_token_hash
+
+    check_token_hash(value)
+
+
+def _signing_secret(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    if value and len(value.encode()) < 32:
+        raise InvalidValue("must be empty (a random key per start) or at least 32 characters")
+
+
+def _unique_names(_inst: object, attr: "attrs.Attribute[Any]", value: list[Any]) -> None:
+    seen: set[str] = set()
+    for item in value:
+        if item.name in seen:
+            raise InvalidValue(f"name {item.name!r} appears twice")
+        seen.add(item.name)
+
+
+def _account_name(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    if not value or len(value) > 64 or not value.isprintable() or value != value.strip():
+        raise InvalidValue(
+            f"must be 1 to 64 printable characters without surrounding spaces, got {value!r}"
+        )
+
+
+@attrs.frozen
+class WebUser:
+    """One ``[[web.users]]`` entry: a person who logs in to the console."""
+
+    name: str = attrs.field(validator=_account_name)
+    role: str = attrs.field(validator=attrs.validators.in_(_WEB_ROLES))
+    password_hash: str = attrs.field(validator=_password_hash)
+
+
+@attrs.frozen
+class WebToken:
+    """One ``[[web.tokens]]`` entry: an API client with a bearer token."""
+
+    name: str = attrs.field(validator=_account_name)
+    role: str = attrs.field(validator=attrs.validators.in_(_WEB_ROLES))
+    token_hash: str = attrs.field(validator=_token_hash)
+
+
+@attrs.frozen
+class WebConfig:
+    """``[web]``: the console and its HTTP API."""
+
+    listen: str = attrs.field(default="127.0.0.1:7780", validator=_listen_address)
+    http_listen: str = attrs.field(default="127.0.0.1:7784", validator=_http_listen)
+    users: list[WebUser] = attrs.field(factory=list, validator=_unique_names)
+    tokens: list[WebToken] = attrs.field(factory=list, validator=_unique_names)
+    secret: str = attrs.field(default="", validator=_signing_secret)
+
+
 @attrs.frozen
 class Config:
     """The whole ``lars.toml``."""
@@ -168,6 +233,7 @@ class Config:
     reporter: ReporterConfig = attrs.field(factory=ReporterConfig)
     agent: AgentConfig = attrs.field(factory=AgentConfig)
     client: ClientConfig = attrs.field(factory=ClientConfig)
+    web: WebConfig = attrs.field(factory=WebConfig)
     #: Where this config came from (not a key of the file).
     source: str = attrs.field(default="<defaults>", kw_only=True)
 
@@ -202,6 +268,14 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, source: str) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in attrs.fields(cls) if f.kw_only is False}  # type: ignore[arg-type]
     kwargs = {}
+    missing = [
+        name
+        for name, field in fields.items()
+        if field.default is attrs.NOTHING and name not in data
+    ]
+    if missing:
+        where = prefix or "config"
+        raise ConfigError(f"{source}: {where}: missing key(s) {', '.join(map(repr, missing))}")
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in fields:
@@ -219,6 +293,12 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, source: str) -> T:
 
 def _which_key(cls: type[Any], kwargs: dict[str, Any]) -> str | None:
     """Find the first key whose value alone makes ``cls`` reject the arguments."""
+    for field in attrs.fields(cls):
+        if field.name in kwargs and field.validator is not None:
+            try:
+                field.validator(None, field, kwargs[field.name])
+            except (InvalidValue, ValueError, TypeError):
+                return str(field.name)
     for key, value in kwargs.items():
         try:
             cls(**{key: value})

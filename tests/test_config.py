@@ -104,6 +104,13 @@ def test_unknown_key_is_an_error_naming_key_and_file(
         ("[log]\nformat = 'xml'\n", "log.format"),
         ("[metrics]\nmax_module_labels = -1\n", "metrics.max_module_labels"),
         ("agent = 3\n", "agent"),
+        ("[web]\nlisten = 'nowhere'\n", "web.listen"),
+        ("[web]\nhttp_listen = 'nowhere'\n", "web.http_listen"),
+        ("[web]\nsecret = 'too short'\n", "web.secret"),
+        ("[web]\nusers = 'alice'\n", "web.users"),
+        ("[[web.users]]\nname = 'a'\nrole = 'root'\npassword_hash = 'x'\n", "web.users.role"),
+        ("[[web.users]]\nname = 'a'\nrole = 'admin'\n", "web.users: missing key"),
+        ("[[web.tokens]]\nname = 'a'\nrole = 'admin'\ntoken_hash = 'x'\n", "lars web token"),
     ],
 )
 def test_wrong_type_or_value_is_an_error_naming_the_key(

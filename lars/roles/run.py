@@ -4,7 +4,7 @@ Layout: one nursery per role under a supervisor nursery. SIGINT/SIGTERM start a 
 shutdown: each role gets ``GRACE_SECONDS`` to finish (the reporter flushes what it holds),
 then everything is cancelled. A second signal cancels at once.
 
-Before the DNS and reporter start, their store is checked once (:func:`check_role_store`).
+Before the DNS, reporter and web start, their store is checked once (:func:`check_role_store`).
 A store that can never work -- an unknown database, refused credentials, missing tables or
 columns -- stops the process with one line naming the problem. A store that cannot be
 reached (connection refused, timed out) may be starting up alongside Lars: it is waited
@@ -28,11 +28,11 @@ from lars.errors import ConfigError, SchemaMissing, StoreUnavailable
 from lars.roles.common import RateLimitedLog, backoff
 from lars.roles.http import Observed, serve_http
 from lars.store import RouteStore, open_store
-from lars.store.sql import STATUS_COLUMNS, STATUS_TABLE
+from lars.store.sql import AUDIT_COLUMNS, NAME_TABLES, STATUS_COLUMNS, STATUS_TABLE
 
 log = logging.getLogger("lars")
 
-ROLES = ("dns", "reporter", "agent")
+ROLES = ("dns", "reporter", "agent", "web")
 #: Seconds the roles get to stop cleanly after SIGINT/SIGTERM.
 GRACE_SECONDS = 5.0
 
@@ -45,6 +45,15 @@ ROLE_SCHEMA: dict[str, dict[str, tuple[str, ...]]] = {
         "RouteChange": ("modid", "cmdid", "version"),
     },
     "reporter": {STATUS_TABLE: STATUS_COLUMNS},
+    # The console reads and writes all of the above, the audit log and the names.
+    "web": {
+        "RouteData": ("modid", "cmdid", "serverip", "serverport"),
+        "RouteVersion": ("id", "version"),
+        "RouteChange": ("modid", "cmdid", "version"),
+        STATUS_TABLE: STATUS_COLUMNS,
+        "RouteAudit": ("id", *AUDIT_COLUMNS),
+        **{table: (column, "content") for table, column in NAME_TABLES.values()},
+    },
 }
 #: Longest wait between tries while the store is unreachable at start-up, seconds.
 STARTUP_RETRY_MAX = 5.0
@@ -124,13 +133,17 @@ async def run_roles(
     unknown = set(roles) - set(ROLES)
     if unknown:
         raise ConfigError(f"unknown role(s): {', '.join(sorted(unknown))}")
+    if "web" in roles:
+        from lars.web.role import check_web_config
+
+        check_web_config(config)  # a config that cannot work fails before anything starts
     raise_fd_limit()
     addresses: dict[str, object] = {}
     drains: list[Callable[[], Awaitable[None]]] = []
     observed: list[Observed] = []
     async with AsyncExitStack() as stack:
         store = None
-        if {"dns", "reporter"} & set(roles):
+        if {"dns", "reporter", "web"} & set(roles):
             store = await open_role_store(store_url(config, store_override))
             stack.push_async_callback(store.aclose)
             await check_role_store(store, roles)
@@ -158,6 +171,13 @@ async def run_roles(
                 addresses["agent"] = f"udp {config.agent.host}:{','.join(map(str, ports))}"
                 drains.insert(0, agent.drain)  # its last reports go to the reporter first
                 observed.append(agent.observed(config.metrics.max_module_labels))
+            if "web" in roles:
+                from lars.web.role import WebServer
+
+                assert store is not None
+                web = WebServer(config, store)
+                addresses["web"] = await nursery.start(web.serve)
+                observed.append(web.observed())
             http_listen = http_address(config, roles)
             if http_listen:
                 addresses["http"] = await nursery.start(serve_http, http_listen, observed)
@@ -169,11 +189,12 @@ async def run_roles(
 
 def http_address(config: Config, roles: Sequence[str]) -> str:
     """Where this process serves /metrics, /healthz and /readyz: the ``http_listen`` of the
-    first of its roles in the order dns, reporter, agent ("" for none)."""
+    first of its roles in the order dns, reporter, agent, web ("" for none)."""
     for role, section in (
         ("dns", config.dns),
         ("reporter", config.reporter),
         ("agent", config.agent),
+        ("web", config.web),
     ):
         if role in roles:
             return section.http_listen

@@ -36,7 +36,11 @@ def memory_mb(pid: int) -> tuple[float, float]:
 
 
 def toml_value(value: Any) -> str:
-    return json.dumps(value)  # JSON strings, numbers, lists and booleans are valid TOML
+    if isinstance(value, dict):  # an inline table, such as one of [web] users
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # JSON strings, numbers and booleans are valid TOML
 
 
 def write_config(path: Path, sections: dict[str, Any]) -> Path:
@@ -73,11 +77,13 @@ class LarsProcess:
         self.workdir = workdir
         self.name = name
         self.roles = list(roles)
-        # Metrics on any free port unless the test says where: never a default port.
+        # Metrics and the console on any free port unless the test says where: never a
+        # default port.
         config = {**config}
-        for role in ("dns", "reporter", "agent"):
+        for role in ("dns", "reporter", "agent", "web"):
             section = config[role] = {**config.get(role, {})}
             section.setdefault("http_listen", "127.0.0.1:0")
+        config["web"].setdefault("listen", "127.0.0.1:0")
         self.config_path = write_config(workdir / f"{name}.toml", config)
         self.log_path = workdir / f"{name}.log"
         self.process: trio.Process | None = None

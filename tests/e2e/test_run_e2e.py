@@ -74,7 +74,7 @@ async def quickstart(tmp_path: Path) -> AsyncIterator[Quickstart]:
 
 
 async def test_lars_run_starts_all_roles_on_a_new_sqlite_store(quickstart: Quickstart) -> None:
-    assert set(quickstart.process.addresses) == {"dns", "reporter", "agent", "http"}
+    assert set(quickstart.process.addresses) == {"dns", "reporter", "agent", "web", "http"}
     assert (quickstart.workdir / "lars.db").exists()  # created with its tables
     log = quickstart.process.log
     assert "dns listening on" in log and "reporter listening on" in log
