@@ -24,7 +24,10 @@ RULES = DEPLOY / "prometheus" / "lars.rules.yml"
 RULES_TEST = DEPLOY / "prometheus" / "lars.rules.test.yml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "lars.json"
-UNITS = {role: DEPLOY / "systemd" / f"lars-{role}.service" for role in ("dns", "reporter", "agent")}
+UNITS = {
+    role: DEPLOY / "systemd" / f"lars-{role}.service"
+    for role in ("dns", "reporter", "agent", "web")
+}
 
 #: Every metric the roles serve (the metrics spec of issue 11), with its type. Counters are
 #: named as exposed, with ``_total``; a histogram ``h`` is exposed as ``h_bucket``, ``h_sum``
