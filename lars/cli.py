@@ -27,7 +27,7 @@ from lars import routes_io, tools, wire
 from lars._version import __version__
 from lars.client import AsyncLarsClient
 from lars.config import Config, load_config, parse_address, store_url
-from lars.core.model import UINT32_MAX, Host, HostKey, ModuleKey, format_host, int_to_ip
+from lars.core.model import UINT32_MAX, Host, HostKey, ModuleKey, format_host
 from lars.errors import AgentUnavailable, LarsError
 from lars.roles.common import RECEIVE_SIZE, ask, notify_dns
 from lars.roles.run import ROLES
@@ -765,21 +765,7 @@ async def query_agent(config: Config, module: ModuleKey, as_json: bool) -> None:
 
 
 def _format_stats(rows: list[CallStatus], as_json: bool) -> str:
-    out = [
-        {
-            "modid": r.modid,
-            "cmdid": r.cmdid,
-            "host": format_host((r.ip, r.port)),
-            "caller": int_to_ip(r.caller),
-            "succ_cnt": r.succ,
-            "err_cnt": r.err,
-            "succ_total": r.succ_total,
-            "err_total": r.err_total,
-            "overload": r.overload,
-            "ts": r.ts,
-        }
-        for r in rows
-    ]
+    out = [r.as_json() for r in rows]
     if as_json:
         return json.dumps(out)
     if not out:

@@ -42,7 +42,8 @@ from starlette.routing import Route
 
 from lars._version import __version__
 from lars.config import parse_address
-from lars.errors import LarsError
+from lars.errors import LarsError, StoreError
+from lars.store import RouteStore
 
 log = logging.getLogger("lars.http")
 
@@ -114,9 +115,18 @@ async def serve_http(
 ) -> None:
     """Serve the endpoints of ``roles`` on ``address`` (``host:port``, port 0 for any)
     until cancelled. ``task_status.started`` gets the bound ``(host, port)``."""
+    sock = bind_listener(address, "metrics")
+    bound = sock.getsockname()[:2]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_asgi, make_app(roles), sock, "metrics")
+        log.info("metrics and health on http://%s:%d", *bound)
+        task_status.started(bound)
+
+
+def bind_listener(address: str, what: str) -> socket.socket:
+    """A TCP socket bound and listening on ``address`` (port 0: any free port). A taken
+    port or a bad address is one clear LarsError naming ``what`` listens."""
     host, port = parse_address(address, listen=True)
-    # Bind here, so that a taken port is one clear error and port 0 works; Hypercorn is
-    # handed a duplicate of the bound socket.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -125,20 +135,46 @@ async def serve_http(
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise LarsError(f"metrics cannot listen on tcp {address}: {exc.strerror or exc}") from None
-    bound = sock.getsockname()[:2]
+        raise LarsError(f"{what} cannot listen on tcp {address}: {exc.strerror or exc}") from None
+    return sock
+
+
+async def serve_asgi(
+    app: Starlette,
+    sock: socket.socket,
+    what: str,
+    *,
+    graceful_timeout: float = 0.5,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` with Hypercorn's trio worker on the listening ``sock`` (from
+    :func:`bind_listener`; this takes it over) until cancelled. ``what`` names the
+    server's logger. Hypercorn is handed the socket as ``fd://``."""
     config = HypercornConfig()
     config.bind = [f"fd://{os.dup(sock.fileno())}"]
     sock.close()
     config.accesslog = None
-    config.errorlog = logging.getLogger("lars.http.server")  # Hypercorn sets its level
+    config.errorlog = logging.getLogger(f"lars.{what}.server")  # Hypercorn sets its level
     config.loglevel = "WARNING"
-    config.graceful_timeout = 0.5
+    config.graceful_timeout = graceful_timeout
     # Starlette is an ASGI app; Hypercorn's type for one differs from Starlette's in detail.
-    app: Any = make_app(roles)
+    asgi: Any = app
     async with trio.open_nursery() as nursery:
         await nursery.start(
-            functools.partial(serve, app, config, shutdown_trigger=trio.sleep_forever)
+            functools.partial(serve, asgi, config, shutdown_trigger=trio.sleep_forever)
         )
-        log.info("metrics and health on http://%s:%d", *bound)
-        task_status.started(bound)
+        task_status.started()
+
+
+def store_readiness(store: RouteStore) -> Callable[[], Awaitable[str | None]]:
+    """A readiness check for roles that need the store: not ready while it does not
+    answer."""
+
+    async def not_ready() -> str | None:
+        try:
+            await store.route_version()
+        except StoreError as exc:
+            return f"store unreachable: {exc}"
+        return None
+
+    return not_ready

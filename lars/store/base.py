@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from lars.core.model import HostKey, ModuleKey
+from lars.core.model import HostKey, ModuleKey, format_host, int_to_ip
 from lars.errors import InvalidValue, StoreError
 
 if TYPE_CHECKING:
@@ -65,6 +65,21 @@ class CallStatus:
     def key(self) -> tuple[int, int, int, int, int]:
         """The row's primary key."""
         return (self.modid, self.cmdid, self.ip, self.port, self.caller)
+
+    def as_json(self) -> dict[str, Any]:
+        """The row as ``lars query --stats --json`` and the console's API show it."""
+        return {
+            "modid": self.modid,
+            "cmdid": self.cmdid,
+            "host": format_host((self.ip, self.port)),
+            "caller": int_to_ip(self.caller),
+            "succ_cnt": self.succ,
+            "err_cnt": self.err,
+            "succ_total": self.succ_total,
+            "err_total": self.err_total,
+            "overload": self.overload,
+            "ts": self.ts,
+        }
 
 
 #: Longest :attr:`Actor.name` and :attr:`Actor.source` (RouteAudit.actor and .source).

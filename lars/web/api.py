@@ -15,8 +15,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from lars.core.model import format_host, int_to_ip
-from lars.store import AuditEntry, CallStatus, HostStatus, ModuleSummary
+from lars.core.model import format_host
+from lars.store import AuditEntry, HostStatus, ModuleSummary
 from lars.store.base import CALL_STATUS_SORTS, PAGE_MAX
 from lars.web.context import actor, console, principal
 from lars.web.service import (
@@ -56,29 +56,13 @@ def summary_json(s: ModuleSummary) -> dict[str, Any]:
     }
 
 
-def status_json(r: CallStatus) -> dict[str, Any]:
-    """One ServerCallStatus row, with the keys of ``lars query --stats --json``."""
-    return {
-        "modid": r.modid,
-        "cmdid": r.cmdid,
-        "host": format_host((r.ip, r.port)),
-        "caller": int_to_ip(r.caller),
-        "succ_cnt": r.succ,
-        "err_cnt": r.err,
-        "succ_total": r.succ_total,
-        "err_total": r.err_total,
-        "overload": r.overload,
-        "ts": r.ts,
-    }
-
-
 def host_json(h: HostStatus) -> dict[str, Any]:
     """A host of a module, with one status row per caller."""
     return {
         "host": format_host(h.host),
         "overloaded": any(r.overload for r in h.callers),
         "callers": [
-            {k: v for k, v in status_json(r).items() if k not in ("modid", "cmdid", "host")}
+            {k: v for k, v in r.as_json().items() if k not in ("modid", "cmdid", "host")}
             for r in h.callers
         ],
     }
@@ -257,7 +241,7 @@ async def call_status(request: Request) -> Response:
         offset=offset,
         limit=limit,
     )
-    return ok(page_json(page, "rows", [status_json(r) for r in page.items]))
+    return ok(page_json(page, "rows", [r.as_json() for r in page.items]))
 
 
 async def changes(request: Request) -> Response:

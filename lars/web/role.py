@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import secrets
-import socket
 from typing import Any
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 from prometheus_client import CollectorRegistry
 
 from lars.config import Config, parse_address
-from lars.errors import LarsError, StoreError
 from lars.roles.common import notify_dns
-from lars.roles.http import Observed
+from lars.roles.http import Observed, bind_listener, serve_asgi, store_readiness
 from lars.store import RouteStore
 from lars.web.app import make_app, requests_counter
 from lars.web.auth import Accounts, check_listen
@@ -72,43 +67,19 @@ class WebServer:
 
     def observed(self) -> Observed:
         """The role's registry and readiness (the store answers) for /metrics and /readyz."""
-
-        async def not_ready() -> str | None:
-            try:
-                await self.store.route_version()
-            except StoreError as exc:
-                return f"store unreachable: {exc}"
-            return None
-
-        return Observed("web", self.registry, not_ready)
+        return Observed("web", self.registry, store_readiness(self.store))
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``task_status.started`` gets the console's URL."""
-        host, port = parse_address(self.config.web.listen, listen=True)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            raise LarsError(
-                f"web cannot listen on tcp {self.config.web.listen}: {exc.strerror or exc}"
-            ) from None
+        sock = bind_listener(self.config.web.listen, "web")
         bound = sock.getsockname()[:2]
-        hypercorn = HypercornConfig()
-        hypercorn.bind = [f"fd://{os.dup(sock.fileno())}"]
-        sock.close()
-        hypercorn.accesslog = None
-        hypercorn.errorlog = logging.getLogger("lars.web.server")
-        hypercorn.loglevel = "WARNING"
-        hypercorn.graceful_timeout = GRACEFUL_TIMEOUT
-        url = console_url(bound)
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                functools.partial(serve, self.app, hypercorn, shutdown_trigger=trio.sleep_forever)
+                functools.partial(
+                    serve_asgi, self.app, sock, "web", graceful_timeout=GRACEFUL_TIMEOUT
+                )
             )
+            url = console_url(bound)
             if self.accounts.open:
                 mode = "no users configured: no login, for this machine only"
             else:
