@@ -416,3 +416,166 @@ def status_reports(rng: random.Random, count: int, size: int) -> bytes:
         report = wire.ReportStatusRequest(u32(rng), u32(rng), u32(rng), rows, ts(rng), u32(rng))
         frames.append(wire.encode_frame(report))
     return b"".join(frames)
+
+
+# --- the original Lars's format (issue 17) -----------------------------------------------------
+# Whole messages (the 8-byte header and a protobuf body), for a datagram or a TCP stream. The
+# agent takes a datagram whose first byte is below 8 in this format; the DNS and the reporter
+# take a connection whose first four bytes are an original msgid (1 to 8) in it.
+
+_original_header = struct.Struct("<ii")
+
+
+def original_message(msgid: int, body: bytes) -> bytes:
+    """A message in the original format: msgid, msglen (both little-endian int32), body."""
+    return _original_header.pack(msgid, len(body)) + body
+
+
+def _varint(value: int) -> bytes:
+    value &= UINT64_MAX
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _int32(value: int) -> bytes:
+    """An int32 field's varint (negative values in ten bytes, as protobuf writes them)."""
+    return _varint(value if value >= 0 else value + (1 << 64))
+
+
+def _field(number: int, value: int) -> bytes:
+    return _varint(number << 3) + _int32(value)
+
+
+def _submessage(number: int, body: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(body)) + body
+
+
+def _original_host(rng: random.Random, port: int | None = None) -> bytes:
+    ip = u32(rng)
+    return _field(1, ip - (1 << 32) if ip >= 1 << 31 else ip) + _field(
+        2, rng.randrange(1, 65536) if port is None else port
+    )
+
+
+#: Original message ids: every one of the protocol (1-8), and ids no message has.
+ORIGINAL_IDS = tuple(range(1, 9))
+ORIGINAL_UNKNOWN_IDS = (0, 9, 10, 127, 255, 256, -1, -(2**31), 2**31 - 1)
+
+
+def original_valid(rng: random.Random, msgid: int | None = None) -> bytes:
+    """A well-formed original message of any id, with random values (ids and IPs of 2**31
+    and more travel as negative int32), now and then with thousands of hosts."""
+    msgid = rng.choice(ORIGINAL_IDS) if msgid is None else msgid
+    ids = b"".join(_field(n, rng.choice((u32(rng), -rng.randrange(1, 2**31)))) for n in (1, 2))
+    if msgid in (1, 7):
+        body = ids
+    elif msgid in (2, 8):
+        count = rng.choice((0, 1, 3, rng.randrange(20)))
+        if rng.random() < 0.02:
+            count = rng.randrange(1000, 3000)
+        body = ids + b"".join(_submessage(3, _original_host(rng)) for _ in range(count))
+    elif msgid == 3:
+        results = []
+        for _ in range(rng.choice((0, 1, 3, rng.randrange(50)))):
+            result = _original_host(rng) + _field(3, u32(rng)) + _field(4, u32(rng))
+            results.append(_submessage(4, result + (_field(5, 1) if rng.random() < 0.5 else b"")))
+        body = ids + _field(3, u32(rng)) + b"".join(results) + _field(5, rng.randrange(2**32))
+    elif msgid in (4, 5):
+        seq = _field(1, u32(rng))
+        body = seq + _field(2, u32(rng)) + _field(3, u32(rng))
+        if msgid == 5:
+            body += _field(4, rng.choice((0, 1, 2, 3))) + _submessage(5, _original_host(rng))
+    else:  # 6, ReportRequest
+        body = ids + _submessage(3, _original_host(rng)) + _field(4, rng.choice((0, 1, -1)))
+    return original_message(msgid, body)
+
+
+def original_bad_protobuf(rng: random.Random) -> bytes:
+    """A correct header around protobuf that breaks a rule of the format."""
+    good = original_valid(rng)[8:]
+    tail = good[: rng.randrange(len(good) + 1)]
+    body = rng.choice(
+        (
+            lambda: b"\x08" + b"\xff" * rng.choice((10, 11, 64)),  # a varint too long
+            lambda: b"\x08",  # truncated
+            lambda: good[: max(len(good) - rng.randrange(1, 4), 0)] + b"\x80",
+            lambda: b"\x00" + tail,  # field number 0
+            lambda: bytes([rng.randrange(1, 16) << 3 | rng.choice((6, 7))]) + tail,
+            lambda: b"\x0c" + tail,  # an end of group without its start
+            lambda: b"\x1b" * rng.choice((50, 101, 5000)) + b"\x1c" * 50,  # deep groups
+            lambda: b"\x1b" + tail,  # a group never ended
+            lambda: b"\x1a" + _varint(rng.choice((5, 2**31 - 1, 2**32 + 7))) + b"ab",
+            lambda: b"\x2a\x05\x08\x01",  # a submessage past the end
+            lambda: b"\x88\x80\x80\x80\x80\x80\x00",  # a tag in seven bytes
+            lambda: b"\x80\x80\x80\x80\x10\x00",  # a tag of 2**32
+            lambda: b"\x09" + bytes(rng.randrange(8)),  # fixed64 cut short
+        )
+    )()
+    return original_message(rng.choice(ORIGINAL_IDS), body)
+
+
+def original_lying_header(rng: random.Random) -> bytes:
+    """A header whose msglen is not the body's length: negative, short, long, huge."""
+    body = original_valid(rng)[8:]
+    msglen = rng.choice(
+        (-1, -(2**31), len(body) + 1, max(len(body) - 1, 0), 65535, 2**31 - 1, 1 << 20)
+    )
+    return _original_header.pack(rng.choice(ORIGINAL_IDS), msglen) + body
+
+
+def original_unknown(rng: random.Random) -> bytes:
+    """A well-framed message of an id the protocol does not have."""
+    return original_message(rng.choice(ORIGINAL_UNKNOWN_IDS), rng.randbytes(rng.randrange(64)))
+
+
+def original_out_of_range(rng: random.Random) -> bytes:
+    """Well-formed protobuf whose values Lars cannot take: ports 0, 65536 and -1 (also a
+    missing host, which is port 0), retcodes over 255 in replies."""
+    bad_port = rng.choice((0, 65536, -1, 2**31 - 1))
+    msgid = rng.choice((2, 3, 5, 6, 8))
+    ids = _field(1, u32(rng)) + _field(2, u32(rng))
+    if msgid in (2, 8):
+        body = (
+            ids
+            + _submessage(3, _original_host(rng))
+            + _submessage(3, _original_host(rng, bad_port))
+        )
+    elif msgid == 3:
+        body = ids + _submessage(4, _original_host(rng, bad_port) + _field(3, 1))
+    elif msgid == 5:
+        body = _field(1, 1) + ids + _field(4, rng.choice((256, -1, 2**31 - 1)))
+    else:
+        body = ids + (_submessage(3, _original_host(rng, bad_port)) if rng.random() < 0.7 else b"")
+    return original_message(msgid, body)
+
+
+def original_garbage(rng: random.Random) -> bytes:
+    """Random bytes, behind a correct header now and then, or a mutated valid message."""
+    pick = rng.randrange(3)
+    if pick == 0:
+        return original_message(rng.choice(ORIGINAL_IDS), rng.randbytes(rng.randrange(200)))
+    if pick == 1:
+        data = bytearray(original_valid(rng))
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(8, max(len(data), 9)) if len(data) > 8 else 0] = rng.randrange(256)
+        return bytes(data)
+    return bytes([rng.randrange(8)]) + rng.randbytes(rng.randrange(64))  # sniffed, no more
+
+
+ORIGINAL_KINDS: dict[str, Callable[[random.Random], bytes]] = {
+    "original_garbage": original_garbage,
+    "original_bad_protobuf": original_bad_protobuf,
+    "original_lying_header": original_lying_header,
+    "original_unknown": original_unknown,
+    "original_out_of_range": original_out_of_range,
+    "original_valid": original_valid,
+}
+
+
+def original_messages(rng: random.Random, kinds: tuple[str, ...], count: int) -> list[bytes]:
+    """``count`` whole messages in the original format, of the given kinds."""
+    return [ORIGINAL_KINDS[rng.choice(kinds)](rng) for _ in range(count)]

@@ -22,8 +22,15 @@ from DNS, or a request waiting for its route. They check for stop after every da
 so a steady client cannot hold up a shutdown; a shutdown first stops them (no new counts)
 and then sends the last statistics.
 
+The same ports speak the original Lars's protocol too (:mod:`lars.wire_original`), so that
+services compiled against the original's ``lars_api`` work unchanged: a datagram whose first
+byte is 8 or less is in its format, Lars's own start with a msgpack array. Its requests go
+through the same table, balancers and statistics, and each is answered in the format it came
+in, also when it waited for its module's route (a waiter's address says which).
+
 Bad datagrams (not msgpack, wrong types, ids out of range) are counted and dropped, or
 answered with an ErrorReply when they carry a sequence number; they never stop the agent.
+The original protocol has no error reply: its bad datagrams are counted and dropped.
 Nor does a bug: an unexpected error while handling one datagram is logged (at a rate
 limit), counted as ``internal_errors`` and answered with SYSTEM_ERROR, and an API thread
 whose socket fails keeps trying. A reply always leaves from the socket its request came in
@@ -48,7 +55,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from lars import wire
+from lars import wire, wire_original
 from lars.config import AgentConfig
 from lars.core.balancer import LoadBalancer
 from lars.core.model import ModuleKey, ip_to_int
@@ -288,9 +295,14 @@ class Agent:
     ) -> bytes | None:
         """Answer one API datagram that came in on ``sock`` (None: no reply). Never raises.
 
-        Called from the API threads (and directly by tests); takes the table lock.
+        Called from the API threads (and directly by tests); takes the table lock. A
+        datagram whose first byte is 8 or less is in the original's format (its msgid as a
+        little-endian int32; Lars's own start with a msgpack array): one comparison, the
+        only cost the original protocol adds to Lars's.
         """
         try:
+            if data < b"\x09":  # wire_original.is_original_datagram, inlined
+                return self._original_datagram(data, address, sock)
             try:
                 msg = wire.decode_agent_request(data)
             except ProtocolError as exc:
@@ -302,7 +314,9 @@ class Agent:
                     _, seq, modid, cmdid = msg
                     with self._lock:
                         wanted = bool(table.want)
-                        retcode, host = table.get_host((modid, cmdid), now, seq, (sock, address))
+                        retcode, host = table.get_host(
+                            (modid, cmdid), now, seq, (sock, address, False)
+                        )
                         wake_dns = not wanted and bool(table.want)
                     if wake_dns:
                         self._wake_trio(self._wake_dns)
@@ -315,9 +329,63 @@ class Agent:
                     table.report((modid, cmdid), host, retcode == 0, now)
                 return None
             assert isinstance(msg, wire.Message)
-            return self._other(msg, (sock, address), now)
+            return self._other(msg, (sock, address, False), now)
         except Exception as exc:  # a bug: it costs this datagram, never the agent
             return self._internal_error(data, address, exc)
+
+    def _original_datagram(
+        self, data: bytes, address: Any, sock: socket.socket | None
+    ) -> bytes | None:
+        """Answer a datagram in the original's format, through the same table, balancers and
+        statistics as Lars's own: GetHostRequest (4) -> GetHostResponse (5), ReportRequest
+        (6), API GetRouteRequest (7) -> API GetRouteResponse (8). The original has no error
+        reply: anything else is counted and dropped."""
+        try:
+            request = wire_original.decode_agent_request(data)
+        except ProtocolError as exc:
+            with self._lock:
+                self.metrics.incr(
+                    "malformed_datagrams" if exc.msg_type is None else "invalid_requests"
+                )
+            self._bad_input_log.warning(
+                "dropped a datagram in the original format from %s: %s", address, exc
+            )
+            return None
+        now = time.monotonic()
+        table = self.table
+        kind = request[0]
+        if kind == wire_original.REPORT_REQUEST:
+            _, modid, cmdid, host, retcode = request
+            with self._lock:
+                self.metrics.incr("original_requests")
+                table.report((modid, cmdid), host, retcode == 0, now)
+            return None
+        _, seq, modid, cmdid = request
+        key = (modid, cmdid)
+        with self._lock:
+            self.metrics.incr("original_requests")
+            wanted = bool(table.want)
+            if kind == wire_original.GET_HOST_REQUEST:
+                retcode, payload = table.get_host(key, now, seq, (sock, address, True))
+            else:
+                retcode, payload = table.get_route(key, now, seq, (sock, address, True))
+            wake_dns = not wanted and bool(table.want)
+        if wake_dns:
+            self._wake_trio(self._wake_dns)
+        if retcode < 0:
+            self._wake_trio(self._wake_waits)
+            return None
+        if kind == wire_original.GET_HOST_REQUEST:
+            return wire_original.encode_get_host_response(seq, modid, cmdid, retcode, payload)
+        return self._original_route_reply(key, payload or ())
+
+    def _original_route_reply(self, key: ModuleKey, hosts: Any) -> bytes:
+        """An API GetRouteResponse in the original format (an unknown module: no hosts)."""
+        try:
+            return wire_original.encode_api_route_response(key[0], key[1], hosts)
+        except ProtocolError as exc:  # the original API would wait for ever: say "no hosts"
+            self._internal_error_log.error("answering an original API GetRoute: %s", exc)
+            return wire_original.encode_api_route_response(key[0], key[1], ())
 
     def _internal_error(self, data: bytes, address: Any, exc: Exception) -> bytes | None:
         """Count and log an unexpected error; SYSTEM_ERROR to the request if it has a seq."""
@@ -326,6 +394,8 @@ class Agent:
         self._internal_error_log.error(
             "internal error on a datagram from %s: %r", address, exc, exc_info=exc
         )
+        if data < b"\x09":  # in the original format: its client waits without a timeout
+            return wire_original.system_error_reply(data)
         seq = wire.peek_seq(data)
         if seq is None:
             return None
@@ -392,15 +462,22 @@ class Agent:
         return None
 
     def _answer(self, waiter: Waiter, key: ModuleKey, retcode: int, payload: Any) -> None:
-        """Send the answer to a request that waited for its module's route."""
-        if waiter.kind == GET_HOST:
+        """Send the answer to a request that waited for its module's route, in the format
+        the request came in (``waiter.address`` is ``(socket, client, original?)``)."""
+        sock, address, original = waiter.address
+        if original and waiter.kind == GET_HOST:
+            reply = wire_original.encode_get_host_response(
+                waiter.seq, key[0], key[1], retcode, payload
+            )
+        elif original:
+            reply = self._original_route_reply(key, payload or ())
+        elif waiter.kind == GET_HOST:
             reply = wire.encode_datagram(
                 wire.GetHostResponse(waiter.seq, key[0], key[1], retcode, payload)
             )
         else:
             reply = self._route_reply(waiter.seq, key, retcode, payload)
         # Answer from the socket the request came in on, as a direct reply would.
-        sock, address = waiter.address
         if sock is None:  # handle_datagram called without a socket (tests)
             port = port_for(key, self.config.base_port, self.config.ports)
             sock = self._socket_by_port.get(port, self._sockets[0])
@@ -706,6 +783,11 @@ class AgentCollector(Collector):
             "internal_errors", "Datagrams that met an unexpected error.", "internal_errors"
         )
         yield counter("replies_dropped", "Replies the kernel refused to send.", "replies_dropped")
+        yield counter(
+            "original_requests",
+            "API requests in the original Lars format (counted in requests_total too).",
+            "original_requests",
+        )
         transitions = CounterMetricFamily(
             "lars_agent_host_transitions",
             "Hosts that changed state, by the state entered and the rule.",

@@ -10,11 +10,11 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
-from lars import wire
+from lars import wire, wire_original
 from lars.config import parse_address
 from lars.errors import LarsError, ProtocolError
 
@@ -183,19 +183,19 @@ async def write_loop(stream: trio.abc.SendStream, outbox: Outbox, scope: trio.Ca
         scope.cancel()
 
 
-async def receive_messages(
-    stream: trio.abc.ReceiveStream, decoder: wire.FrameDecoder
-) -> list[wire.Message | ProtocolError] | None:
-    """Receive once and decode every complete frame: messages, and a ProtocolError in place
-    of each frame that did not decode. ``None`` when the peer closed the stream. A
-    ProtocolError without ``msg_type`` is always last: the stream is unusable after it."""
-    try:
-        data = await stream.receive_some(RECEIVE_SIZE)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return None
-    if not data:
-        return None
-    decoder.feed(data)
+class Decoder(Protocol):
+    """A TCP stream decoder: :class:`lars.wire.FrameDecoder` or
+    :class:`lars.wire_original.FrameDecoder`."""
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def __iter__(self) -> Iterator[wire.Message]: ...
+
+
+def take_messages(decoder: Decoder) -> list[wire.Message | ProtocolError]:
+    """Every complete frame buffered in ``decoder``: messages, and a ProtocolError in place
+    of each frame that did not decode. A ProtocolError without ``msg_type`` is always last:
+    the stream is unusable after it."""
     items: list[wire.Message | ProtocolError] = []
     while True:
         try:
@@ -205,6 +205,45 @@ async def receive_messages(
             items.append(exc)
             if exc.msg_type is None:
                 return items
+
+
+async def receive_messages(
+    stream: trio.abc.ReceiveStream, decoder: Decoder
+) -> list[wire.Message | ProtocolError] | None:
+    """Receive once and decode every complete frame (see :func:`take_messages`). ``None``
+    when the peer closed the stream."""
+    try:
+        data = await stream.receive_some(RECEIVE_SIZE)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return None
+    if not data:
+        return None
+    decoder.feed(data)
+    return take_messages(decoder)
+
+
+async def sniff_protocol(stream: trio.abc.ReceiveStream) -> tuple[bool, bytes] | None:
+    """Receive until the first bytes of a connection tell its protocol (see
+    :func:`lars.wire_original.sniff_stream`): ``(original?, the bytes received)``, or None
+    when the peer closed the stream first. The DNS and the reporter serve both on one port."""
+    received = b""
+    while (original := wire_original.sniff_stream(received)) is None:
+        try:
+            data = await stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        if not data:
+            return None
+        received += data
+    return original, received
+
+
+def stream_decoder(original: bool, max_frame: int, serves: int) -> Decoder:
+    """The decoder of a connection in the protocol sniffed: the original's serving message
+    id ``serves`` alone, or Lars's."""
+    if original:
+        return wire_original.FrameDecoder(max_frame, serves=(serves,))
+    return wire.FrameDecoder(max_frame)
 
 
 def refuse(

@@ -26,6 +26,15 @@ A subscription to a module that does not exist (asked for, or deleted) lapses af
 agent that asked for a made-up module gets NOEXIST, caches that for its ``update_timeout``
 and asks again on the next use, so the DNS need not remember every module any client ever
 named.
+
+Original Lars agents (``lars_lb_agent``) are served on the same port: the first bytes of a
+connection tell its protocol (:func:`lars.wire_original.sniff_stream`). Such a connection
+sends GetRouteRequests in the original format and gets its answers and pushes as original
+GetRouteResponses (msgid 2), from a second frame cache; it is subscribed like any other, so
+a Lars agent and an original one on the same module see the same changes at the same time.
+The original protocol has no error reply: a frame in it that does not decode, or is not a
+GetRouteRequest, is counted and skipped (its framing is intact), and only a broken framing
+closes the connection.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from lars import wire
+from lars import wire, wire_original
 from lars.config import DnsConfig
 from lars.core.model import HostKey, ModuleKey
 from lars.errors import ProtocolError, StoreError
@@ -55,10 +64,14 @@ from lars.roles.common import (
     peer_name,
     receive_messages,
     refuse,
+    sniff_protocol,
+    stream_decoder,
+    take_messages,
     write_loop,
 )
 from lars.roles.http import Observed
 from lars.store import RouteDelta, RouteMap, RouteSnapshot, RouteStore
+from lars.wire_original import GET_ROUTE_REQUEST
 
 log = logging.getLogger("lars.dns")
 
@@ -86,8 +99,11 @@ _EMPTY: frozenset[HostKey] = frozenset()
 class Subscriber(Outbox):
     """One agent connection: what it subscribed to and what waits to be written to it."""
 
-    def __init__(self, peer: str) -> None:
+    def __init__(self, peer: str, original: bool = False) -> None:
         super().__init__(peer)
+        #: True for an original Lars agent: its routes are encoded in its format, and it
+        #: gets no other replies (the original protocol has none).
+        self.original = original
         self.modules: set[ModuleKey] = set()
         #: Encoded route frames by module; a newer frame replaces an unsent one.
         self.pending: dict[ModuleKey, bytes] = {}
@@ -146,7 +162,8 @@ class DnsServer:
         #: Set after each successful check of the store (tests wait on it).
         self.checked = trio.Event()
         self._poke = trio.Event()
-        self._frames: dict[ModuleKey, bytes] = {}
+        self._frames: dict[ModuleKey, bytes | None] = {}
+        self._original_frames: dict[ModuleKey, bytes | None] = {}
         self._next_full_reload = -math.inf
         self._bad_input_log = RateLimitedLog(log)
         # Subscriptions to modules without a route, with when they lapse, oldest first.
@@ -256,10 +273,25 @@ class DnsServer:
         return lapsed
 
     async def _read_loop(self, stream: trio.abc.Stream, sub: Subscriber) -> None:
-        decoder = wire.FrameDecoder(self.config.max_frame)
-        while (items := await receive_messages(stream, decoder)) is not None:
+        sniffed = await sniff_protocol(stream)
+        if sniffed is None:
+            return
+        sub.original, received = sniffed
+        if sub.original:
+            self.metrics.incr("original_connections_accepted")
+        decoder = stream_decoder(sub.original, self.config.max_frame, GET_ROUTE_REQUEST)
+        decoder.feed(received)
+        items: list[wire.Message | ProtocolError] | None = take_messages(decoder)
+        while items is not None:
             for item in items:
                 if isinstance(item, ProtocolError):
+                    if sub.original and item.msg_type is not None:
+                        # The framing is intact: this frame costs itself alone. (Closing an
+                        # original agent's connection could stop it: it exits when its
+                        # reconnect fails.)
+                        self.metrics.incr("malformed_frames")
+                        self._bad_input_log.warning("skipped a frame from %s: %s", sub.peer, item)
+                        continue
                     reply = refuse(item, sub.peer, self.metrics, self._bad_input_log)
                     if reply is None or not sub.queue_reply(reply):
                         return
@@ -267,6 +299,7 @@ class DnsServer:
                     return
                 if sub.pending_bytes > MAX_BACKLOG:
                     await sub.wait_for_room()
+            items = await receive_messages(stream, decoder)
 
     def _dispatch(self, sub: Subscriber, msg: wire.Message) -> bool:
         if isinstance(msg, wire.GetRouteRequest):
@@ -279,10 +312,19 @@ class DnsServer:
                 and module not in sub.modules
                 and sub.absent >= MAX_ABSENT_SUBSCRIPTIONS
             ):
-                sub.queue_route(module, self._frame(module))  # answered, not subscribed
+                self._queue_route(sub, module)  # answered, not subscribed
                 return True
             if module not in sub.modules:
                 if len(sub.modules) >= MAX_SUBSCRIPTIONS:
+                    if sub.original:  # no error reply in its protocol: answered, not subscribed
+                        self._bad_input_log.warning(
+                            "%s asks for more than %d modules; not subscribing it to more",
+                            sub.peer,
+                            MAX_SUBSCRIPTIONS,
+                        )
+                        if routes is not None:
+                            self._queue_route(sub, module)
+                        return True
                     return sub.queue_reply(
                         wire.ErrorReply(0, wire.RetCode.BAD_REQUEST, "too many subscriptions")
                     )
@@ -290,7 +332,7 @@ class DnsServer:
                 self.subscribers.setdefault(module, set()).add(sub)
                 self.metrics.set("subscribed_modules", len(self.subscribers))
             if self.routes is not None:
-                sub.queue_route(module, self._frame(module))
+                self._queue_route(sub, module)
                 if module not in self.routes:
                     self._absent_for(sub, module)
             return True
@@ -306,24 +348,36 @@ class DnsServer:
         reason = f"the dns role does not serve {type(msg).__name__}"
         return sub.queue_reply(wire.ErrorReply(seq, wire.RetCode.BAD_REQUEST, reason))
 
-    def _frame(self, module: ModuleKey) -> bytes:
-        """The encoded route of ``module`` in the current map (cached until the next swap,
-        when the module has a route)."""
-        frame = self._frames.get(module)
-        if frame is None:
-            assert self.routes is not None
-            hosts = tuple(sorted(self.routes.get(module, _EMPTY)))
-            msg = wire.GetRouteResponse(module[0], module[1], hosts)
-            try:
+    def _queue_route(self, sub: Subscriber, module: ModuleKey) -> None:
+        frame = self._frame(module, sub.original)
+        if frame is not None:
+            sub.queue_route(module, frame)
+
+    def _frame(self, module: ModuleKey, original: bool = False) -> bytes | None:
+        """The encoded route of ``module`` in the current map, in Lars's format or the
+        original's (each cached until the next swap, when the module has a route). None for
+        a route too large for an original frame: the agent keeps the route it has."""
+        cache = self._original_frames if original else self._frames
+        if module in cache:
+            return cache[module]
+        assert self.routes is not None
+        hosts = tuple(sorted(self.routes.get(module, _EMPTY)))
+        msg = wire.GetRouteResponse(module[0], module[1], hosts)
+        frame: bytes | None
+        try:
+            if original:
+                frame = wire_original.encode(msg, self.config.max_frame)
+            else:
                 frame = wire.encode_frame(msg, self.config.max_frame)
-            except ProtocolError:
-                log.error(
-                    "route of %s/%s has %d hosts: too large for one frame", *module, len(hosts)
-                )
+        except ProtocolError:
+            log.error("route of %s/%s has %d hosts: too large for one frame", *module, len(hosts))
+            if original:
+                frame = None
+            else:
                 reason = f"route of {module[0]}/{module[1]} exceeds the frame limit"
                 frame = wire.encode_frame(wire.ErrorReply(0, wire.RetCode.SYSTEM_ERROR, reason))
-            if module in self.routes:  # not every made-up module anyone asks for
-                self._frames[module] = frame
+        if module in self.routes:  # not every made-up module anyone asks for
+            cache[module] = frame
         return frame
 
     # --- change tracking -------------------------------------------------------------------
@@ -334,14 +388,19 @@ class DnsServer:
         self.routes = routes
         self.version = version
         self._frames = {}
+        self._original_frames = {}
         pushed = 0
         for module in changed:
             subs = self.subscribers.get(module)
             if subs:
-                frame = self._frame(module)
+                frames: dict[bool, bytes | None] = {}  # by protocol (original?), as needed
                 gone = module not in routes
                 for sub in subs:
-                    sub.queue_route(module, frame)
+                    if sub.original not in frames:
+                        frames[sub.original] = self._frame(module, sub.original)
+                    frame = frames[sub.original]
+                    if frame is not None:
+                        sub.queue_route(module, frame)
                     if gone:
                         self._absent_for(sub, module)
                 pushed += len(subs)
@@ -480,6 +539,11 @@ class DnsCollector(Collector):
         yield gauge("hosts", "Hosts of every route.", sum(map(len, (routes or {}).values())))
         yield gauge("route_version", "Store version of the routes served.", dns.version)
         yield gauge("connections", "Agent connections.", len(dns.connections))
+        yield gauge(
+            "original_connections",
+            "Connections of original Lars agents (counted in connections too).",
+            sum(1 for c in dns.connections if c.original),
+        )
         yield gauge("subscribed_modules", "Modules some agent subscribed to.", len(dns.subscribers))
         yield counter("route_requests", "GetRouteRequests answered.")
         yield counter("pushes", "Routes pushed to agents after a change.")

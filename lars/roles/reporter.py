@@ -26,14 +26,24 @@ as long as it takes; the queue and the agents hold the data meanwhile. Any other
 retried a few times, then the batch is written report by report so that only the reports
 the store refuses are dropped, each logged and counted, and acknowledged so the agent does
 not send them forever.
+
+Original Lars agents (``lars_lb_agent``) are served on the same port: the first bytes of a
+connection tell its protocol (:func:`lars.wire_original.sniff_stream`). Their
+ReportStatusRequests carry no seq and get no acknowledgement, and they mean something else:
+see :class:`OriginalStatsLedger`, which turns them into the rows a Lars agent would have sent
+for the same calls (the counts of the latest interval, added to the totals) before they join
+the same queue and writers. A frame in the original format that does not decode is counted
+and skipped; only a broken framing closes the connection.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 
+import attrs
 import trio
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -53,10 +63,14 @@ from lars.roles.common import (
     peer_name,
     receive_messages,
     refuse,
+    sniff_protocol,
+    stream_decoder,
+    take_messages,
     write_loop,
 )
-from lars.roles.http import Observed
+from lars.roles.http import Observed, store_readiness
 from lars.store import CallStatus, ColumnLimits, RouteStore
+from lars.wire_original import REPORT_STATUS_REQUEST
 
 log = logging.getLogger("lars.reporter")
 
@@ -67,6 +81,14 @@ BAD_BATCH_ATTEMPTS = 3
 MAX_QUEUED_REPLY_BYTES = 1 << 20
 #: Seconds after which the column types of ServerCallStatus are read again.
 COLUMN_TYPES_MAX_AGE = 60.0
+#: Seconds between writes of the original agents' statistics (as a Lars agent's default
+#: ``report_interval``).
+ORIGINAL_FLUSH_INTERVAL = 1.0
+#: (module, host, caller) the ledger of original statistics keeps running counts for (about
+#: 400 bytes each).
+MAX_ORIGINAL_HOSTS = 100_000
+#: Flushes after which a (module, host, caller) no original report named is let go.
+ORIGINAL_KEEP = 600
 
 
 class ReplyOutbox(Outbox):
@@ -75,6 +97,8 @@ class ReplyOutbox(Outbox):
 
     def __init__(self, peer: str) -> None:
         super().__init__(peer)
+        #: True for an original Lars agent (no acknowledgements: its protocol has none).
+        self.original = False
         self.queued_bytes = 0
         self._frames: list[bytes] = []
         self._scope: trio.CancelScope | None = None
@@ -111,13 +135,23 @@ class ReplyOutbox(Outbox):
         return data
 
 
-#: A queued report and the connection to acknowledge it on.
-Item = tuple[wire.ReportStatusRequest, ReplyOutbox]
+#: A queued report and the connection to acknowledge it on (None: an original agent's).
+Item = tuple[wire.ReportStatusRequest, ReplyOutbox | None]
+
+
+@attrs.frozen
+class OriginalStatusReport(wire.ReportStatusRequest):
+    """What :class:`OriginalStatsLedger` hands out: an original agent's latest window counts
+    per host (``results``, stored as the latest counts, as the original did) and, in the
+    same order, the calls since the last take (``added``, counted into the totals). Never
+    encoded: it only travels the reporter's queue."""
+
+    added: tuple[tuple[int, int], ...] = ()
 
 
 def rows_of(report: wire.ReportStatusRequest) -> list[CallStatus]:
     """The ServerCallStatus rows of one report."""
-    return [
+    rows = [
         CallStatus(
             report.modid,
             report.cmdid,
@@ -131,6 +165,155 @@ def rows_of(report: wire.ReportStatusRequest) -> list[CallStatus]:
         )
         for r in report.results
     ]
+    if isinstance(report, OriginalStatusReport):
+        rows = [
+            attrs.evolve(row, add_succ=succ, add_err=err)
+            for row, (succ, err) in zip(rows, report.added, strict=True)
+        ]
+    return rows
+
+
+class _RunningCount:
+    """One host's counts as seen from one original caller."""
+
+    __slots__ = ("err", "new_err", "new_succ", "overload", "seen", "succ", "ts")
+
+    def __init__(self, seen: int) -> None:
+        self.succ = self.err = 0  # the running counts last reported
+        self.new_succ = self.new_err = 0  # the calls since the last take()
+        self.overload = False
+        self.ts = 0
+        self.seen = seen  # the take() after which it was last reported
+
+
+class OriginalStatsLedger:
+    """Stores the original agents' statistics with the original's meaning, counted once.
+
+    Pure: no I/O, no clock; the reporter feeds it and takes from it every
+    ORIGINAL_FLUSH_INTERVAL.
+
+    An original agent sends a ReportStatusRequest on *every* call its API reports, with
+    every host of the module and each host's successes and failures in the host's current
+    window (its ``rsucc/rerr``, zeroed whenever the host enters idle or overload, at the
+    latest every ``idle_timeout``): running counts, not increments. Stored as they come,
+    each row would be rewritten on every call, and ``succ_total/err_total`` would add the same
+    calls again and again. So the ledger keeps, per (module, host, caller), the counts last
+    seen and adds up the increments: a count that grew adds the difference, one that fell
+    started a new window and adds itself. :meth:`take` hands out one
+    :class:`OriginalStatusReport` per (module, caller), written once per take: each host's
+    latest window counts become ``succ_cnt/err_cnt`` (what the original stored: the counts of
+    the latest report), its calls since the last take are added to ``succ_total/err_total``,
+    with its latest overload flag and the time of its latest report. A report lost on the way
+    costs nothing (the next one carries the running count), except calls made between a lost
+    report and the end of a window.
+
+    A host's first report sets the base its later ones count from, and adds nothing: the
+    counts in it may have been counted already (by this reporter before the host was let
+    go, or by another one before a restart), and are never counted twice. (A fresh original
+    agent reports zeros anyway: see below.) A host is let go when the ledger is full
+    (``capacity``, the least recently reported first) or unreported for ``keep`` takes; the
+    calls between its last report before and its first report after are not counted.
+
+    The counts are what the original agent's own show: it zeroes a host's counts after
+    counting the call that moves the host to idle or overload (or ends its window) and
+    before it reports, so that call is not in them (nor, with its uninitialised
+    ``idle_ts``, a host's first call).
+    """
+
+    def __init__(self, capacity: int = MAX_ORIGINAL_HOSTS, keep: int = ORIGINAL_KEEP) -> None:
+        self.capacity = capacity
+        self.keep = keep
+        #: Running counts by (modid, cmdid, ip, port, caller), least recently reported first.
+        self._hosts: OrderedDict[tuple[int, int, int, int, int], _RunningCount] = OrderedDict()
+        #: The hosts with something to write since the last take().
+        self._due: dict[tuple[int, int, int, int, int], _RunningCount] = {}
+        self._takes = 0
+
+    def __len__(self) -> int:
+        return len(self._hosts)
+
+    @property
+    def due(self) -> bool:
+        """True when :meth:`take` has something to hand out."""
+        return bool(self._due)
+
+    def feed(self, report: wire.ReportStatusRequest) -> bool:
+        """Account one original report. False, and nothing accounted, when it names more new
+        hosts than there is room for while the rest wait to be taken: take, then feed again."""
+        hosts = self._hosts
+        keys = [(report.modid, report.cmdid, r.ip, r.port, report.caller) for r in report.results]
+        new = len({k for k in keys if k not in hosts})
+        if len(hosts) + new > self.capacity:
+            for key in keys:  # not these: their running counts are needed now
+                if key in hosts:
+                    hosts.move_to_end(key)
+            if not self._make_room(new):
+                return False
+        for key, result in zip(keys, report.results, strict=True):
+            count = hosts.get(key)
+            if count is None:  # the base: written (0 calls, its overload flag), not counted
+                count = hosts[key] = _RunningCount(self._takes)
+                succ = err = 0
+                self._due[key] = count
+            else:
+                hosts.move_to_end(key)
+                count.seen = self._takes
+                if result.succ < count.succ or result.err < count.err:  # a new window
+                    succ, err = result.succ, result.err
+                else:
+                    succ, err = result.succ - count.succ, result.err - count.err
+                if succ or err or result.overload != count.overload:
+                    self._due[key] = count
+            count.succ, count.err = result.succ, result.err
+            count.new_succ += succ
+            count.new_err += err
+            count.overload = result.overload
+            count.ts = report.ts
+        return True
+
+    def _make_room(self, needed: int) -> bool:
+        """Let go of the least recently reported hosts that have nothing due."""
+        hosts = self._hosts
+        while len(hosts) + needed > self.capacity:
+            oldest = next(iter(hosts), None)
+            if oldest is None or oldest in self._due:
+                return False
+            del hosts[oldest]
+        return True
+
+    def take(self) -> list[OriginalStatusReport]:
+        """The latest counts and the calls since the last take, one report per (module,
+        caller) (seq 0)."""
+        groups: dict[tuple[int, int, int], list[wire.HostResult]] = {}
+        added: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+        stamps: dict[tuple[int, int, int], int] = {}
+        for (modid, cmdid, ip, port, caller), count in self._due.items():
+            group = (modid, cmdid, caller)
+            groups.setdefault(group, []).append(
+                wire.HostResult(ip, port, count.succ, count.err, count.overload)
+            )
+            added.setdefault(group, []).append((count.new_succ, count.new_err))
+            stamps[group] = max(stamps.get(group, count.ts), count.ts)
+            count.new_succ = count.new_err = 0
+        self._due = {}
+        self._takes += 1
+        hosts = self._hosts
+        while hosts:  # let go of the hosts unreported for ``keep`` takes
+            oldest, count = next(iter(hosts.items()))
+            if count.seen >= self._takes - self.keep:
+                break
+            del hosts[oldest]
+        return [
+            OriginalStatusReport(
+                modid,
+                cmdid,
+                caller,
+                tuple(results),
+                stamps[modid, cmdid, caller],
+                added=tuple(added[modid, cmdid, caller]),
+            )
+            for (modid, cmdid, caller), results in groups.items()
+        ]
 
 
 class Reporter:
@@ -141,7 +324,8 @@ class Reporter:
         self.store = store
         self.metrics = Metrics("reporter")
         self._send, self._receive = trio.open_memory_channel[Item](config.queue_size)
-        self._busy = 0
+        #: Reports put on the queue and not yet written (queued, or in a writer's hands).
+        self._unwritten = 0
         self._idle = trio.Event()
         self._bad_input_log = RateLimitedLog(log)
         self._overflow_log = RateLimitedLog(log)
@@ -149,6 +333,9 @@ class Reporter:
         self._limits: ColumnLimits | None = None
         self._limits_read: float | None = None
         self.store_ok: bool | None = None
+        #: The original agents' running counts (see OriginalStatsLedger).
+        self.original = OriginalStatsLedger()
+        self._original_log = RateLimitedLog(log)
         #: The open agent connections.
         self.connections: set[ReplyOutbox] = set()
         #: The reporter's metrics (see :meth:`observed`).
@@ -175,13 +362,15 @@ class Reporter:
         async with trio.open_nursery() as nursery:
             for _ in range(self.config.writers):
                 nursery.start_soon(self._writer)
+            nursery.start_soon(self._original_flusher)
             await nursery.start(trio.serve_listeners, self.handle_connection, [listener])
             log.info("reporter listening on %s:%d, store %s", *address, self.store.display_url)
             task_status.started(address)
 
     async def drain(self) -> None:
         """Wait until every queued report is written (used at shutdown)."""
-        while self._receive.statistics().current_buffer_used or self._busy:
+        await self.flush_original()
+        while self._unwritten:
             self._idle = trio.Event()
             await self._idle.wait()
 
@@ -217,24 +406,70 @@ class Reporter:
             conn.close()
 
     async def _read(self, stream: trio.abc.Stream, conn: ReplyOutbox) -> None:
-        decoder = wire.FrameDecoder(self.config.max_frame)
-        while (items := await receive_messages(stream, decoder)) is not None:
+        sniffed = await sniff_protocol(stream)
+        if sniffed is None:
+            return
+        original, received = sniffed
+        if original:
+            self.metrics.incr("original_connections_accepted")
+        conn.original = original
+        decoder = stream_decoder(original, self.config.max_frame, REPORT_STATUS_REQUEST)
+        decoder.feed(received)
+        items: list[wire.Message | ProtocolError] | None = take_messages(decoder)
+        while items is not None:
             for item in items:
                 if conn.closed:
                     return
                 if isinstance(item, ProtocolError):
+                    if original and item.msg_type is not None:  # the framing is intact
+                        self.metrics.incr("malformed_frames")
+                        self._bad_input_log.warning("skipped a frame from %s: %s", conn.peer, item)
+                        continue
                     reply = refuse(item, conn.peer, self.metrics, self._bad_input_log)
                     if reply is None:
                         return
                     self._reply(conn, reply)
+                elif original:
+                    assert isinstance(item, wire.ReportStatusRequest)  # all the decoder takes
+                    await self._original_report(item)
                 else:
                     await self._dispatch(item, conn)
+            items = await receive_messages(stream, decoder)
+
+    async def _original_report(self, report: wire.ReportStatusRequest) -> None:
+        self.metrics.incr("reports_received")
+        self.metrics.incr("results_received", len(report.results))
+        self.metrics.incr("original_reports_received")
+        if self.original.feed(report):
+            return
+        await self.flush_original()  # make room
+        if not self.original.feed(report):
+            self.metrics.incr("reports_dropped")
+            self.metrics.incr("results_dropped", len(report.results))
+            self._original_log.error(
+                "dropped an original report of module %d/%d with %d hosts: more than the %d"
+                " the reporter keeps counts for",
+                report.modid,
+                report.cmdid,
+                len(report.results),
+                self.original.capacity,
+            )
+
+    async def flush_original(self) -> None:
+        """Queue the original agents' calls since the last flush for the writers."""
+        for report in self.original.take():
+            await self._queue(report, None)
+
+    async def _original_flusher(self) -> None:
+        while True:
+            await trio.sleep(ORIGINAL_FLUSH_INTERVAL)
+            await self.flush_original()
 
     async def _dispatch(self, msg: wire.Message, conn: ReplyOutbox) -> None:
         if isinstance(msg, wire.ReportStatusRequest):
             self.metrics.incr("reports_received")
             self.metrics.incr("results_received", len(msg.results))
-            await self._send.send((msg, conn))  # blocks while the queue is full
+            await self._queue(msg, conn)
         elif isinstance(msg, wire.StatsRequest):
             self.metrics.set("queued", self._receive.statistics().current_buffer_used)
             self._reply(conn, self.metrics.response(msg.seq))
@@ -247,10 +482,18 @@ class Reporter:
 
     # --- writing ---------------------------------------------------------------------------
 
+    async def _queue(self, report: wire.ReportStatusRequest, conn: ReplyOutbox | None) -> None:
+        """Hand a report to the writers; blocks while the queue is full."""
+        self._unwritten += 1
+        try:
+            await self._send.send((report, conn))
+        except BaseException:
+            self._unwritten -= 1
+            raise
+
     async def _writer(self) -> None:
         while True:
             batch = [await self._receive.receive()]
-            self._busy += 1
             try:
                 rows = len(batch[0][0].results)
                 while rows < self.config.batch_size:
@@ -262,7 +505,7 @@ class Reporter:
                     rows += len(item[0].results)
                 await self._write(batch)
             finally:
-                self._busy -= 1
+                self._unwritten -= len(batch)
                 self._idle.set()
 
     async def _write(self, batch: list[Item]) -> None:
@@ -297,7 +540,8 @@ class Reporter:
         self.metrics.incr("batches_written")
         self.metrics.incr("results_written", len(rows))
         for report, conn in batch:
-            self._reply(conn, wire.ReportStatusAck(report.seq))
+            if conn is not None:
+                self._reply(conn, wire.ReportStatusAck(report.seq))
 
     async def _column_limits(self) -> ColumnLimits | None:
         """What ServerCallStatus's columns hold: read at the first write, again after a store
@@ -371,7 +615,8 @@ class Reporter:
                 )
             else:
                 self.metrics.incr("results_written", len(rows))
-            self._reply(conn, wire.ReportStatusAck(report.seq))
+            if conn is not None:
+                self._reply(conn, wire.ReportStatusAck(report.seq))
 
     def _store_down(self, exc: StoreError) -> None:
         self.metrics.incr("store_errors")
@@ -384,15 +629,7 @@ class Reporter:
     def observed(self) -> Observed:
         """The reporter's registry and readiness check (store reachable) for the HTTP
         listener."""
-
-        async def not_ready() -> str | None:
-            try:
-                await self.store.route_version()
-            except StoreError as exc:
-                return f"store unreachable: {exc}"
-            return None
-
-        return Observed("reporter", self.registry, not_ready)
+        return Observed("reporter", self.registry, store_readiness(self.store))
 
     def _store_up(self) -> None:
         if self.store_ok is False:
@@ -431,6 +668,20 @@ class ReporterCollector(Collector):
         yield counter("store_errors", "Failed writes to the store.")
         yield gauge("store_up", "1 while the store takes writes.", r.store_ok is not False)
         yield gauge("connections", "Agent connections.", len(r.connections))
+        yield gauge(
+            "original_connections",
+            "Connections of original Lars agents (counted in connections too).",
+            sum(1 for c in r.connections if c.original),
+        )
+        yield counter(
+            "original_reports_received",
+            "Reports from original Lars agents (counted in reports_received too).",
+        )
+        yield gauge(
+            "original_hosts",
+            "Hosts whose running counts from original agents the reporter keeps.",
+            len(r.original),
+        )
         yield counter("malformed_frames", "Frames that did not decode (connection closed).")
         yield counter("invalid_requests", "Requests with invalid values.")
         yield counter("reply_overflows", "Connections closed for not reading their replies.")

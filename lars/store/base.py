@@ -60,6 +60,10 @@ class CallStatus:
     overload: bool
     succ_total: int = 0
     err_total: int = 0
+    #: On a row to write: what to add to the totals, when not ``succ``/``err`` themselves
+    #: (an original agent reports running window counts; its increments are counted).
+    add_succ: int | None = None
+    add_err: int | None = None
 
     @property
     def key(self) -> tuple[int, int, int, int, int]:

@@ -526,7 +526,8 @@ def purge_changes(dialect: Dialect, older_than: float) -> Op[int]:
 
 def status_values(r: CallStatus) -> tuple[int | str, ...]:
     """A row's ServerCallStatus values in STATUS_COLUMNS order: the counts of the latest
-    report clamped to a signed INT, the totals exact."""
+    report clamped to a signed INT, and what the totals add (the counts, or the row's
+    ``add_succ``/``add_err``) exact."""
     return (
         r.modid,
         r.cmdid,
@@ -537,8 +538,8 @@ def status_values(r: CallStatus) -> tuple[int | str, ...]:
         min(r.err, INT_MAX),
         r.ts,
         "1" if r.overload else "0",
-        r.succ,
-        r.err,
+        r.succ if r.add_succ is None else r.add_succ,
+        r.err if r.add_err is None else r.add_err,
     )
 
 

@@ -37,6 +37,7 @@ import json
 import random
 import re
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -46,7 +47,7 @@ from typing import Any
 import attrs
 import trio
 
-from lars import wire
+from lars import wire, wire_original
 from lars.client import LarsClient
 from lars.core.model import HostKey, ModuleKey
 from lars.errors import LarsError, NoRoute, ProtocolError
@@ -529,7 +530,12 @@ class Datagrams:
             except (BlockingIOError, ConnectionRefusedError):
                 return
             try:
-                msg = wire.decode_datagram(data)
+                # A reply to a request in the original format is in that format (its first
+                # byte is its msgid, 5 or 8); Lars's own are msgpack arrays.
+                if wire_original.is_original_datagram(data):
+                    msg = wire_original.decode_datagram(data)
+                else:
+                    msg = wire.decode_datagram(data)
             except ProtocolError as exc:
                 self.batch.bad_reply(data, exc)
                 continue
@@ -558,18 +564,26 @@ class Datagrams:
 class Peer:
     """One TCP connection to a daemon; checks the replies it reads."""
 
-    def __init__(self, stream: trio.SocketStream, batch: Batch, name: str) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, batch: Batch, name: str, original: bool = False
+    ) -> None:
         self.stream = stream
         self.batch = batch
         self.name = name
+        #: The connection speaks the original Lars format: so must the daemon's replies.
+        self.original = original
         self.received = bytearray()
         self.closed_by_daemon = False
+        #: Replies that decoded (the original's, to check what was answered).
+        self.messages: list[wire.Message] = []
 
     @classmethod
-    async def open(cls, address: tuple[str, int], batch: Batch, name: str) -> Peer:
+    async def open(
+        cls, address: tuple[str, int], batch: Batch, name: str, original: bool = False
+    ) -> Peer:
         with trio.fail_after(5):
             stream = await trio.open_tcp_stream(*address)
-        return cls(stream, batch, name)
+        return cls(stream, batch, name, original)
 
     async def send(self, data: bytes, messages: int = 1) -> bool:
         """Send; False (and nothing sent) once the daemon has closed the connection."""
@@ -602,6 +616,9 @@ class Peer:
                     return
 
     def _check_frames(self) -> None:
+        if self.original:
+            self._check_original_frames()
+            return
         buf = self.received
         while len(buf) >= 4:
             length = int.from_bytes(buf[:4], "big")
@@ -611,6 +628,23 @@ class Peer:
             del buf[: 4 + length]
             try:
                 wire.decode_body(body)
+            except ProtocolError as exc:
+                self.batch.bad_reply(body, exc)
+
+    def _check_original_frames(self) -> None:
+        buf = self.received
+        while len(buf) >= wire_original.HEADER_SIZE:
+            msgid, length = struct.unpack_from("<ii", buf)
+            if length < 0 or length > MAX_FRAME:
+                self.batch.bad_reply(bytes(buf[:48]), ProtocolError(f"msglen {length}"))
+                del buf[:]
+                return
+            if len(buf) < 8 + length:
+                return
+            body = bytes(buf[8 : 8 + length])
+            del buf[: 8 + length]
+            try:
+                self.messages.append(wire_original.decode_body(msgid, body))
             except ProtocolError as exc:
                 self.batch.bad_reply(body, exc)
 
@@ -715,6 +749,32 @@ async def agent_unknown_modules(
     yield
 
 
+@asynccontextmanager
+async def agent_original(daemon: Daemon, rng: random.Random, batch: Batch) -> AsyncIterator[None]:
+    """3,000 datagrams in the original Lars format (what its compiled clients send): random
+    bytes behind a header, broken protobuf, headers whose msglen lies, unknown msgids,
+    ports out of range, and valid messages of every id; among them GetHostRequests for the
+    probe module in that format, each of which must be answered in it."""
+    fleet = daemon.fleet
+    await trio.to_thread.run_sync(fleet.agent_get_host, PROBE)  # the agent knows PROBE
+    kinds = tuple(hostile.ORIGINAL_KINDS)
+    async with _datagrams(daemon, batch) as dg:
+        asked = []
+        for i, data in enumerate(hostile.original_messages(rng, kinds, 3000)):
+            await dg.send(data, rng.choice(fleet.agent_ports))
+            if i % 300 == 0:
+                seq = fleet.seq()
+                asked.append(seq)
+                request = wire_original.encode(wire.GetHostRequest(seq, *PROBE))
+                await dg.send(request, dg.port(PROBE))
+        await dg.settle()
+        for seq in asked:
+            reply = dg.replies.get(seq)
+            if not (isinstance(reply, wire.GetHostResponse) and reply.host in PROBE_HOSTS):
+                batch.unanswered.append(f"original GetHostRequest {seq} for PROBE: {reply}")
+    yield
+
+
 # --- attacks on the DNS and the reporter (TCP) -----------------------------------------------
 
 
@@ -790,6 +850,61 @@ async def tcp_out_of_range(daemon: Daemon, rng: random.Random, batch: Batch) -> 
     type carrying edge values (counters of 2**64-1, timestamps of -2**63, routes of
     thousands of hosts ...), 100 connections of up to 40 frames."""
     await _converse(daemon, rng, batch, ("out_of_range", "valid"))
+    yield
+
+
+def _framed(message: bytes) -> bool:
+    """True if a message's header gives its length (a stream goes on after it)."""
+    return len(message) >= 8 and struct.unpack_from("<i", message, 4)[0] == len(message) - 8
+
+
+@asynccontextmanager
+async def tcp_original(daemon: Daemon, rng: random.Random, batch: Batch) -> AsyncIterator[None]:
+    """100 connections in the original Lars format (as its agents connect), 20 at a time,
+    each a valid message first (the daemon tells the format from it), then up to 40 of
+    broken protobuf, unknown msgids, values out of range, valid messages of every id and
+    random bytes behind a header, and a header that breaks the framing one time in five.
+    Each reads the replies, which must be in the original format; a DNS connection whose
+    framing held ends with a GetRouteRequest for the probe module, which must be answered."""
+    address = _address(daemon)
+    kinds = (
+        "original_bad_protobuf",
+        "original_unknown",
+        "original_out_of_range",
+        "original_valid",
+        "original_garbage",
+    )
+    scripts = []
+    for _ in range(100):
+        chunks = [hostile.original_valid(rng)]
+        chunks += hostile.original_messages(rng, kinds, rng.randrange(41))
+        if rng.random() < 0.2:
+            chunks.append(hostile.original_lying_header(rng))
+        broken = not all(map(_framed, chunks))
+        scripts.append((b"".join(chunks), len(chunks), broken))
+    probe = wire_original.encode(wire.GetRouteRequest(*PROBE))
+
+    async def connection(i: int) -> None:
+        script, count, broken = scripts[i]
+        peer = await Peer.open(address, batch, f"original#{i}", original=True)
+        try:
+            await peer.send(script, count)
+            if daemon.name == "dns" and not broken:
+                await peer.send(probe)
+            await peer.read()
+            if daemon.name == "dns" and not broken and not peer.closed_by_daemon:
+                answered = any(
+                    isinstance(m, wire.GetRouteResponse)
+                    and (m.modid, m.cmdid) == PROBE
+                    and frozenset(m.hosts) == PROBE_HOSTS
+                    for m in peer.messages
+                )
+                if not answered:
+                    batch.unanswered.append(f"original GetRouteRequest for PROBE on {peer.name}")
+        finally:
+            await peer.aclose()
+
+    await each(len(scripts), 20, connection)
     yield
 
 
@@ -885,7 +1000,22 @@ ATTACKS: dict[str, list[Attack]] = {
         agent_out_of_range,
         agent_big_state,
         agent_unknown_modules,
+        agent_original,
     ],
-    "dns": [tcp_malformed, tcp_misshapen, tcp_out_of_range, tcp_never_read, tcp_crowd],
-    "reporter": [tcp_malformed, tcp_misshapen, tcp_out_of_range, tcp_never_read, tcp_crowd],
+    "dns": [
+        tcp_malformed,
+        tcp_misshapen,
+        tcp_out_of_range,
+        tcp_never_read,
+        tcp_crowd,
+        tcp_original,
+    ],
+    "reporter": [
+        tcp_malformed,
+        tcp_misshapen,
+        tcp_out_of_range,
+        tcp_never_read,
+        tcp_crowd,
+        tcp_original,
+    ],
 }

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from lars import wire
+from lars import wire, wire_original
 from lars.errors import ProtocolError
 from tests import hostile
 from tests.e2e.fuzzing import (
@@ -27,12 +27,14 @@ from tests.e2e.fuzzing import (
     agent_big_state,
     agent_malformed,
     agent_misshapen,
+    agent_original,
     agent_out_of_range,
     agent_unknown_modules,
     tcp_crowd,
     tcp_malformed,
     tcp_misshapen,
     tcp_never_read,
+    tcp_original,
     tcp_out_of_range,
 )
 
@@ -71,6 +73,32 @@ def _decode_frame(body: bytes) -> list[wire.Message]:
     return list(decoder)
 
 
+@pytest.mark.parametrize("kind", list(hostile.ORIGINAL_KINDS))
+def test_the_original_decoders_raise_protocol_error_and_nothing_else(kind: str) -> None:
+    """The same contract for the original Lars format, through every decoder a daemon uses on
+    it: the datagram decoders (the agent's and the general one) and the TCP frame decoder."""
+    rng = random.Random(f"{SEED}/decode/{kind}")
+    for message in hostile.original_messages(rng, (kind,), 500):
+        for decode in (
+            wire_original.decode_datagram,
+            wire_original.decode_agent_request,
+            _decode_original_stream,
+        ):
+            try:
+                decode(message)
+            except ProtocolError as exc:
+                agent_ids = (4, 6, 7)
+                assert kind != "original_valid" or (
+                    decode is wire_original.decode_agent_request and message[0] not in agent_ids
+                ), f"{message.hex()} did not decode: {exc}"
+
+
+def _decode_original_stream(message: bytes) -> list[wire.Message]:
+    decoder = wire_original.FrameDecoder(1 << 20)
+    decoder.feed(message)
+    return list(decoder)
+
+
 # --- the agent: datagrams on its UDP API ports ----------------------------------------------
 
 
@@ -87,6 +115,11 @@ async def test_agent_survives_misshapen_datagrams(tmp_path: Path) -> None:
 async def test_agent_survives_values_out_of_range(tmp_path: Path) -> None:
     async with Fleet(tmp_path, SEED).running("dns", "agent") as fleet:
         await fleet.run("agent", agent_out_of_range, batches=3)
+
+
+async def test_agent_survives_datagrams_in_the_original_format(tmp_path: Path) -> None:
+    async with Fleet(tmp_path, SEED).running("dns", "agent") as fleet:
+        await fleet.run("agent", agent_original, batches=2)
 
 
 async def test_agent_answers_the_state_query_for_a_module_of_2000_hosts(tmp_path: Path) -> None:
@@ -126,6 +159,11 @@ async def test_dns_survives_values_out_of_range(tmp_path: Path) -> None:
         await fleet.run("dns", tcp_out_of_range, batches=2)
 
 
+async def test_dns_survives_frames_in_the_original_format(tmp_path: Path) -> None:
+    async with Fleet(tmp_path, SEED).running("dns") as fleet:
+        await fleet.run("dns", tcp_original, batches=2)
+
+
 async def test_dns_survives_peers_that_never_read(tmp_path: Path) -> None:
     async with Fleet(tmp_path, SEED).running("dns") as fleet:
         await fleet.run("dns", tcp_never_read, batches=1)
@@ -152,6 +190,11 @@ async def test_reporter_survives_misshapen_frames(tmp_path: Path) -> None:
 async def test_reporter_survives_values_out_of_range(tmp_path: Path) -> None:
     async with Fleet(tmp_path, SEED).running("reporter") as fleet:
         await fleet.run("reporter", tcp_out_of_range, batches=2)
+
+
+async def test_reporter_survives_frames_in_the_original_format(tmp_path: Path) -> None:
+    async with Fleet(tmp_path, SEED).running("reporter") as fleet:
+        await fleet.run("reporter", tcp_original, batches=2)
 
 
 async def test_reporter_survives_peers_that_never_read(tmp_path: Path) -> None:

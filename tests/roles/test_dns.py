@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from lars import wire
+from lars import wire, wire_original
 from lars.config import DnsConfig
 from lars.roles import dns as dns_role
 from lars.roles.dns import ABSENT_SUBSCRIPTION_TTL, DnsServer
@@ -377,3 +377,119 @@ async def test_an_agent_that_does_not_read_is_not_read_either(
             sending.start_soon(client.send, *requests)
             answered = {(m.modid, m.cmdid) for m in [await client.route() for _ in requests]}
         assert len(answered) == len(requests)
+
+
+# --- original Lars agents on the same port ------------------------------------------------------
+
+
+class OriginalAgentStream:
+    """A test peer speaking the original Lars protocol, as lars_lb_agent does."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.decoder = wire_original.FrameDecoder(1 << 30)
+        self._ready: list[wire.Message] = []
+
+    async def ask(self, module: tuple[int, int]) -> None:
+        await self.stream.send_all(wire_original.encode(wire.GetRouteRequest(*module)))
+
+    async def route(self) -> wire.GetRouteResponse:
+        while not self._ready:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError("peer closed the stream")
+            self.decoder.feed(data)
+            self._ready.extend(self.decoder)
+        msg = self._ready.pop(0)
+        assert isinstance(msg, wire.GetRouteResponse), msg
+        return msg
+
+
+def connect_original(server: DnsServer, nursery: trio.Nursery) -> OriginalAgentStream:
+    client, served = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.handle_connection, served)
+    return OriginalAgentStream(client)
+
+
+async def test_an_original_agent_gets_its_routes_and_pushes_in_its_format(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.add_hosts(M1, [A, B])
+    async with running(store) as (server, nursery):
+        agent = connect_original(server, nursery)
+        await agent.ask(M1)
+        assert await agent.route() == wire.GetRouteResponse(*M1, (A, B))
+        await agent.ask((7, 7))  # unknown: the original's answer, an empty route
+        assert await agent.route() == wire.GetRouteResponse(7, 7, ())
+        assert server.subscribers.keys() == {M1, (7, 7)}
+        await store.inner.remove_hosts(M1, [A])
+        assert await agent.route() == wire.GetRouteResponse(*M1, (B,))
+        await store.inner.add_hosts((7, 7), [C])
+        assert await agent.route() == wire.GetRouteResponse(7, 7, (C,))
+        assert [c.original for c in server.connections] == [True]
+        assert server.metrics.counters["original_connections_accepted"] == 1
+
+
+async def test_a_lars_agent_and_an_original_one_see_the_same_changes(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store) as (server, nursery):
+        lars_agent = connect(server, nursery)
+        original = connect_original(server, nursery)
+        assert await ask(lars_agent, M1) == frozenset()
+        await original.ask(M1)
+        assert (await original.route()).hosts == ()
+        for hosts in ([A], [B], [C]):
+            await store.inner.add_hosts(M1, hosts)
+            assert (await original.route()).hosts == (await lars_agent.route()).hosts
+        await store.inner.remove_hosts(M1, None)
+        assert (await original.route()).hosts == (await lars_agent.route()).hosts == ()
+
+
+async def test_a_bad_frame_from_an_original_agent_costs_that_frame_alone(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.add_hosts(M1, [A])
+    async with running(store) as (server, nursery):
+        agent = connect_original(server, nursery)
+        await agent.ask(M1)
+        await agent.route()
+        for bad in (
+            struct.pack("<ii", 1, 2) + b"\x08\x80",  # a truncated varint
+            struct.pack("<ii", 1, 1) + b"\x0f",  # wire type 7
+            struct.pack("<ii", 3, 0),  # a ReportStatusRequest: not the DNS's
+            struct.pack("<ii", 99, 3) + b"abc",  # no such message
+        ):
+            await agent.stream.send_all(bad)
+        await agent.ask(M1)
+        assert await agent.route() == wire.GetRouteResponse(*M1, (A,))
+        assert server.metrics.counters["malformed_frames"] == 4
+        assert len(server.connections) == 1
+
+
+@pytest.mark.parametrize(
+    "header",
+    [struct.pack("<ii", 1, -1), struct.pack("<ii", 1, 1 << 21)],
+    ids=["negative-msglen", "msglen-over-max-frame"],
+)
+async def test_a_broken_original_framing_closes_the_connection(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock, header: bytes
+) -> None:
+    async with running(store, max_frame=1 << 20) as (server, nursery):
+        agent = connect_original(server, nursery)
+        await agent.stream.send_all(header)
+        with pytest.raises((EOFError, trio.BrokenResourceError)):
+            await agent.route()
+        assert server.metrics.counters["malformed_frames"] == 1
+
+
+async def test_a_route_too_large_for_an_original_frame_is_not_sent(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.add_hosts(M1, [(167772161 + i, 80) for i in range(20)])
+    await store.inner.add_hosts(M2, [A])
+    async with running(store, max_frame=100) as (server, nursery):
+        agent = connect_original(server, nursery)
+        await agent.ask(M1)  # 20 hosts: over 100 bytes; the agent keeps what it has
+        await agent.ask(M2)
+        assert await agent.route() == wire.GetRouteResponse(*M2, (A,))

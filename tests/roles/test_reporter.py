@@ -11,11 +11,16 @@ import pytest
 import trio
 import trio.testing
 
-from lars import wire
+from lars import wire, wire_original
 from lars.config import ReporterConfig
 from lars.errors import StoreError
 from lars.roles import reporter as reporter_module
-from lars.roles.reporter import MAX_QUEUED_REPLY_BYTES, Reporter
+from lars.roles.reporter import (
+    MAX_QUEUED_REPLY_BYTES,
+    ORIGINAL_FLUSH_INTERVAL,
+    OriginalStatsLedger,
+    Reporter,
+)
 from lars.store import CallStatus, RouteStore
 from tests.fakes import FlakyStore, FramedClient, memory_store
 
@@ -291,3 +296,158 @@ async def test_an_error_reply_to_a_64_bit_seq_still_decodes(
         assert isinstance(first, wire.ErrorReply) and first.seq == 0  # no 32-bit seq to echo
         assert isinstance(second, wire.ErrorReply) and second.seq == 7
         assert first.code == wire.RetCode.BAD_REQUEST
+
+
+# --- original Lars agents -----------------------------------------------------------------------
+
+IP1, IP2 = 167772161, 167772162
+
+
+def original(modid: int, *results: tuple[int, int, int, int, bool], ts: int = 1) -> bytes:
+    """An original agent's report (it sends one per call, with its running counts)."""
+    msg = wire.ReportStatusRequest(
+        modid, 1, CALLER, tuple(wire.HostResult(*r) for r in results), ts
+    )
+    return wire_original.encode(msg)
+
+
+def ledger_rows(
+    ledger: OriginalStatsLedger, window: bool = False
+) -> list[tuple[int, int, int, int, bool]]:
+    """What a take writes per host: the calls added to the totals (or, with ``window``, the
+    latest window counts stored as succ_cnt/err_cnt), and the overload flag."""
+    rows = []
+    for report_ in ledger.take():
+        assert report_.seq == 0 and report_.caller == CALLER
+        for r, (succ, err) in zip(report_.results, report_.added, strict=True):
+            counts = (r.succ, r.err) if window else (succ, err)
+            rows.append((report_.modid, r.ip, *counts, r.overload))
+    return sorted(rows)
+
+
+def feed(ledger: OriginalStatsLedger, *results: tuple[int, int, int, int, bool]) -> None:
+    msg = wire.ReportStatusRequest(1, 1, CALLER, tuple(wire.HostResult(*r) for r in results), 7)
+    assert ledger.feed(msg)
+
+
+def test_the_ledger_turns_running_counts_into_the_calls_of_each_interval() -> None:
+    ledger = OriginalStatsLedger()
+    feed(ledger, (IP1, 80, 4, 0, False), (IP2, 80, 0, 0, False))  # the base: not counted
+    assert ledger_rows(ledger) == [(1, IP1, 0, 0, False), (1, IP2, 0, 0, False)]
+    feed(ledger, (IP1, 80, 5, 0, False), (IP2, 80, 0, 0, False))
+    feed(ledger, (IP1, 80, 5, 1, False), (IP2, 80, 0, 0, False))
+    assert ledger_rows(ledger) == [(1, IP1, 1, 1, False)]
+    feed(ledger, (IP1, 80, 5, 1, False), (IP2, 80, 0, 0, False))  # nothing new
+    assert ledger_rows(ledger) == []
+    feed(ledger, (IP1, 80, 8, 1, False), (IP2, 80, 0, 0, False))
+    feed(ledger, (IP1, 80, 0, 1, False), (IP2, 80, 0, 0, False))  # a new window: 0 + 1
+    feed(ledger, (IP1, 80, 0, 3, False), (IP2, 80, 0, 0, False))
+    assert ledger_rows(ledger) == [(1, IP1, 3, 3, False)]
+    feed(ledger, (IP1, 80, 0, 0, True), (IP2, 80, 0, 0, False))  # overloaded: a row, no calls
+    assert ledger_rows(ledger) == [(1, IP1, 0, 0, True)]
+
+
+def test_the_ledger_stores_the_latest_window_counts_as_the_original_did() -> None:
+    ledger = OriginalStatsLedger()
+    feed(ledger, (IP1, 80, 4, 0, False))
+    assert ledger_rows(ledger, window=True) == [(1, IP1, 4, 0, False)]
+    feed(ledger, (IP1, 80, 5, 0, False))
+    feed(ledger, (IP1, 80, 6, 2, False))
+    assert ledger_rows(ledger, window=True) == [(1, IP1, 6, 2, False)]
+
+
+def test_the_ledger_lets_go_of_hosts_no_report_names_any_more() -> None:
+    ledger = OriginalStatsLedger(keep=2)
+    feed(ledger, (IP1, 80, 1, 0, False))
+    ledger.take()
+    ledger.take()
+    assert len(ledger) == 1
+    ledger.take()
+    assert len(ledger) == 0
+    feed(ledger, (IP1, 80, 9, 0, False))  # back: a new base, never counted twice
+    assert ledger_rows(ledger) == [(1, IP1, 0, 0, False)]
+
+
+def test_the_ledger_is_bounded() -> None:
+    ledger = OriginalStatsLedger(capacity=2)
+    feed(ledger, (IP1, 80, 1, 0, False), (IP2, 80, 1, 0, False))
+    msg = wire.ReportStatusRequest(2, 1, CALLER, (wire.HostResult(IP1, 80, 1, 0, False),), 7)
+    assert not ledger.feed(msg)  # no room while the others wait to be taken
+    assert len(ledger_rows(ledger)) == 2
+    assert ledger.feed(msg)  # room made by letting the least recently reported go
+    assert len(ledger) == 2
+    too_many = tuple(wire.HostResult(IP1, p, 1, 0, False) for p in range(1, 4))
+    assert not ledger.feed(wire.ReportStatusRequest(3, 1, CALLER, too_many, 7))
+    ledger.take()
+    assert not ledger.feed(wire.ReportStatusRequest(3, 1, CALLER, too_many, 7))
+
+
+async def test_an_original_agents_reports_are_stored_as_the_original_did_without_acks(
+    store: PickyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store) as (reporter, nursery):
+        nursery.start_soon(reporter._original_flusher)
+        client = connect(reporter, nursery)
+        # The agent's first report sets the base; then three calls to IP1, one failing, each
+        # followed by the agent's full report.
+        await client.send_raw(
+            original(1, (IP1, 80, 0, 0, False), (IP2, 80, 0, 0, False), ts=9)
+            + original(1, (IP1, 80, 1, 0, False), (IP2, 80, 0, 0, False), ts=10)
+            + original(1, (IP1, 80, 2, 0, False), (IP2, 80, 0, 0, False), ts=11)
+            + original(1, (IP1, 80, 2, 1, False), (IP2, 80, 0, 0, False), ts=12)
+        )
+        await trio.sleep(ORIGINAL_FLUSH_INTERVAL * 1.5)
+        rows = {r.ip: r for r in await store.inner.read_call_status(1, 1)}
+        assert (rows[IP1].succ, rows[IP1].err, rows[IP1].ts) == (2, 1, 12)
+        assert (rows[IP2].succ, rows[IP2].err) == (0, 0)
+        # Two more calls, and a new window: the totals count every call once.
+        await client.send_raw(
+            original(1, (IP1, 80, 3, 1, False), (IP2, 80, 0, 0, False), ts=13)
+            + original(1, (IP1, 80, 1, 0, False), (IP2, 80, 0, 0, False), ts=14)
+        )
+        await trio.sleep(ORIGINAL_FLUSH_INTERVAL * 1.5)
+        rows = {r.ip: r for r in await store.inner.read_call_status(1, 1)}
+        assert (rows[IP1].succ, rows[IP1].err) == (1, 0)  # the latest report's, as stored
+        assert (rows[IP1].succ_total, rows[IP1].err_total) == (4, 1)  # every call once
+        with trio.move_on_after(5):
+            await client.receive()
+            pytest.fail("an original agent got a reply: its protocol has none")
+        assert reporter.metrics.counters["original_reports_received"] == 6
+        assert reporter.metrics.counters["reports_received"] == 6
+        assert [c.original for c in reporter.connections] == [True]
+
+
+async def test_the_original_counts_are_written_at_shutdown(
+    store: PickyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        await client.send_raw(original(4, (IP1, 80, 5, 0, False)))
+        await client.send_raw(original(4, (IP1, 80, 7, 0, False)))
+        await trio.testing.wait_all_tasks_blocked()
+        await reporter.drain()
+        (row,) = await store.inner.read_call_status(4, 1)
+        assert (row.succ, row.succ_total) == (7, 2)
+
+
+async def test_a_bad_frame_from_an_original_agent_costs_that_frame_alone(
+    store: PickyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        await client.send_raw(
+            struct.pack("<ii", 3, 2)
+            + b"\x08\x80"  # truncated
+            + struct.pack("<ii", 1, 0)  # a GetRouteRequest: not the reporter's
+            + original(5, (IP1, 0, 1, 0, False))  # port 0
+            + original(5, (IP1, 80, 1, 0, False))
+            + original(5, (IP1, 80, 2, 0, False))
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        await reporter.drain()
+        assert [(r.succ, r.succ_total) for r in await store.inner.read_call_status(5, 1)] == [
+            (2, 1)
+        ]
+        assert reporter.metrics.counters["malformed_frames"] == 3
+        await client.send_raw(struct.pack("<ii", 3, -5))  # a broken framing closes
+        assert await client.closed_by_peer()
