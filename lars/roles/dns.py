@@ -86,7 +86,7 @@ MAX_QUEUED_REPLIES = 1000
 ABSENT_SUBSCRIPTION_TTL = 60.0
 #: Subscriptions to modules without a route one connection may hold; past it, such
 #: requests are answered (with the empty route) but not subscribed.
-MAX_ABSENT_SUBSCRIPTIONS = 10_000
+MAX_ABSENT_SUBSCRIPTIONS = 1_000
 #: Bytes of route frames queued for a connection beyond which its requests are not read
 #: until its writer has taken them: an agent that does not read holds bounded memory.
 MAX_BACKLOG = 1 << 20

@@ -76,9 +76,10 @@ BIG_HOSTS = 2000
 #: batch. Before issue 8 was worked on, the never-reading peers took the reporter to 150 MB
 #: and the DNS to 115-140 MB, each still growing with every request sent.
 #: The DNS's bound is 100 MB: in a long soak it also carries the agent's floods (up to
-#: 10,000 subscriptions to absent modules per connection, lapsing after 60 s) while a crowd
-#: of stalled peers holds up to 1 MiB of partial frame each; 3 minutes of soak peaked at
-#: 78-88 MB with no upward trend (a connection limit is the security issue's).
+#: 1,000 subscriptions to absent modules per connection, lapsing after 60 s) while a crowd
+#: of stalled peers holds up to 1 MiB of partial frame each. With 10,000 such subscriptions
+#: a 3-minute soak peaked at 78-88 MB; with 1,000, a 2-minute soak sampled 44-68 MB with no
+#: upward trend (a connection limit is the security issue's).
 RSS_BOUND_MB = {"agent": 120.0, "dns": 100.0, "reporter": 80.0}
 
 #: Seconds a health check may take (the reporter's answers queue behind fuzz reports).
