@@ -311,6 +311,7 @@ class Agent:
             table = self.table
             if type(msg) is tuple:
                 if msg[0] == wire.GetHostRequest.TYPE:
+                    # _lookup's steps, inlined: this is the hot path of every client loop.
                     _, seq, modid, cmdid = msg
                     with self._lock:
                         wanted = bool(table.want)
@@ -364,20 +365,30 @@ class Agent:
         key = (modid, cmdid)
         with self._lock:
             self.metrics.incr("original_requests")
+        get_host = kind == wire_original.GET_HOST_REQUEST
+        retcode, payload = self._lookup(get_host, key, now, seq, (sock, address, True))
+        if retcode < 0:
+            return None
+        if get_host:
+            return wire_original.encode_get_host_response(seq, modid, cmdid, retcode, payload)
+        return self._original_route_reply(key, payload or ())
+
+    def _lookup(
+        self, get_host: bool, key: ModuleKey, now: float, seq: int, reply_to: Any
+    ) -> tuple[int, Any]:
+        """``table.get_host`` (or ``get_route``) under the lock; wakes trio when the module is
+        to be asked of DNS, or when the request now waits for its route (retcode -1)."""
+        table = self.table
+        with self._lock:
             wanted = bool(table.want)
-            if kind == wire_original.GET_HOST_REQUEST:
-                retcode, payload = table.get_host(key, now, seq, (sock, address, True))
-            else:
-                retcode, payload = table.get_route(key, now, seq, (sock, address, True))
+            lookup = table.get_host if get_host else table.get_route
+            retcode, payload = lookup(key, now, seq, reply_to)
             wake_dns = not wanted and bool(table.want)
         if wake_dns:
             self._wake_trio(self._wake_dns)
         if retcode < 0:
             self._wake_trio(self._wake_waits)
-            return None
-        if kind == wire_original.GET_HOST_REQUEST:
-            return wire_original.encode_get_host_response(seq, modid, cmdid, retcode, payload)
-        return self._original_route_reply(key, payload or ())
+        return retcode, payload
 
     def _original_route_reply(self, key: ModuleKey, hosts: Any) -> bytes:
         """An API GetRouteResponse in the original format (an unknown module: no hosts)."""
@@ -394,7 +405,7 @@ class Agent:
         self._internal_error_log.error(
             "internal error on a datagram from %s: %r", address, exc, exc_info=exc
         )
-        if data < b"\x09":  # in the original format: its client waits without a timeout
+        if wire_original.is_original_datagram(data):  # its client waits without a timeout
             return wire_original.system_error_reply(data)
         seq = wire.peek_seq(data)
         if seq is None:
@@ -405,14 +416,8 @@ class Agent:
     def _other(self, msg: wire.Message, reply_to: Any, now: float) -> bytes | None:
         if isinstance(msg, wire.ApiGetRouteRequest):
             key = (msg.modid, msg.cmdid)
-            with self._lock:
-                wanted = bool(self.table.want)
-                retcode, hosts = self.table.get_route(key, now, msg.seq, reply_to)
-                wake_dns = not wanted and bool(self.table.want)
-            if wake_dns:
-                self._wake_trio(self._wake_dns)
+            retcode, hosts = self._lookup(False, key, now, msg.seq, reply_to)
             if retcode < 0:
-                self._wake_trio(self._wake_waits)
                 return None
             return self._route_reply(msg.seq, key, retcode, hosts)
         if isinstance(msg, wire.AgentStateRequest):
