@@ -11,18 +11,21 @@ import pytest
 import trio
 
 from lars import wire
-from lars.config import Config, WebConfig
+from lars.config import AgentConfig, Config, WebConfig
 from lars.errors import ConfigError, LarsError
 from lars.roles.run import run_roles
 from lars.store import RouteStore
 from lars.web.role import WebServer, check_web_config, console_url
+from tests.netutil import free_tcp_port
 from tests.web.conftest import USERS
 
 
 def web_config(**changes: Any) -> Config:
-    """Defaults with the console and its metrics on free ports."""
+    """Defaults with the console and its metrics on free ports, and DNS notices to a port
+    nothing listens on (never the default 7778)."""
     web = attrs.evolve(WebConfig(listen="127.0.0.1:0", http_listen="127.0.0.1:0"), **changes)
-    return Config(web=web)
+    agent = AgentConfig(dns=[f"127.0.0.1:{free_tcp_port()}"])
+    return Config(web=web, agent=agent)
 
 
 async def fake_dns(
