@@ -109,3 +109,82 @@ CREATE TABLE IF NOT EXISTS `RouteAudit` (
     KEY `idx_module` (`modid`, `cmdid`, `id`),
     KEY `idx_ts` (`ts`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- Lars addition: calls to each host of a module per minute, summed over the callers, for the
+-- console's charts and the error-rate alarms. `minute` is epoch seconds, a multiple of 60. The
+-- reporter adds each batch's calls in the transaction that writes its ServerCallStatus rows,
+-- and deletes the minutes older than `[reporter] history_retention` (7 days by default).
+CREATE TABLE IF NOT EXISTS `CallHistory` (
+    `modid` int(10) unsigned NOT NULL,
+    `cmdid` int(10) unsigned NOT NULL,
+    `ip` int(10) unsigned NOT NULL,
+    `port` int(10) unsigned NOT NULL,
+    `minute` bigint(20) NOT NULL,
+    `succ` bigint(20) unsigned NOT NULL DEFAULT 0,
+    `err` bigint(20) unsigned NOT NULL DEFAULT 0,
+    PRIMARY KEY (`modid`, `cmdid`, `ip`, `port`, `minute`),
+    -- The alarms' window over every module, and the purge.
+    KEY `idx_minute` (`minute`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- Lars addition: the alarm rules written in the console, by name; `definition` is the rule as
+-- a JSON object, `actor` who wrote it last, `updated` when (epoch seconds). The alarm tables
+-- compare names as bytes, as SQLite does: "Errors" and "errors" are two rules.
+CREATE TABLE IF NOT EXISTS `AlarmRule` (
+    `name` varchar(64) NOT NULL,
+    `definition` mediumtext NOT NULL,
+    `updated` double NOT NULL,
+    `actor` varchar(128) NOT NULL,
+    PRIMARY KEY (`name`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- Lars addition: the present state of each alarm (a rule applied to one subject: "12/3",
+-- "12/3 10.0.0.1:80", "caller 10.0.0.9"), firing (1) or resolved (0) since `since`, with the
+-- value and threshold of its last transition, and what was last sent to the webhooks
+-- (`notified_firing` NULL: nothing yet). Written only by the instance holding the lease.
+CREATE TABLE IF NOT EXISTS `AlarmState` (
+    `rule` varchar(64) NOT NULL,
+    `subject` varchar(128) NOT NULL,
+    `kind` varchar(32) NOT NULL,
+    `firing` tinyint(1) NOT NULL,
+    `since` double NOT NULL,
+    `value` double DEFAULT NULL,
+    `threshold` double NOT NULL,
+    `modid` int(10) unsigned DEFAULT NULL,
+    `cmdid` int(10) unsigned DEFAULT NULL,
+    `host` varchar(64) DEFAULT NULL,
+    `caller` varchar(64) DEFAULT NULL,
+    `updated` double NOT NULL DEFAULT 0,
+    `notified_firing` tinyint(1) DEFAULT NULL,
+    `notified_at` double NOT NULL DEFAULT 0,
+    PRIMARY KEY (`rule`, `subject`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- Lars addition: the history of the alarms, one row per transition (firing or resolved).
+CREATE TABLE IF NOT EXISTS `AlarmEvent` (
+    `id` bigint(20) unsigned NOT NULL AUTO_INCREMENT,
+    `ts` double NOT NULL,
+    `rule` varchar(64) NOT NULL,
+    `subject` varchar(128) NOT NULL,
+    `kind` varchar(32) NOT NULL,
+    `firing` tinyint(1) NOT NULL,
+    `value` double DEFAULT NULL,
+    `threshold` double NOT NULL,
+    `modid` int(10) unsigned DEFAULT NULL,
+    `cmdid` int(10) unsigned DEFAULT NULL,
+    `host` varchar(64) DEFAULT NULL,
+    `caller` varchar(64) DEFAULT NULL,
+    PRIMARY KEY (`id`),
+    KEY `idx_rule` (`rule`, `id`),
+    KEY `idx_ts` (`ts`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- Lars addition: who evaluates the alarms (the row named 'alarms'), until when (epoch seconds
+-- of the database's clock). With several web instances, only the holder evaluates and sends
+-- webhooks; it renews the lease every round, and another takes over once it expires.
+CREATE TABLE IF NOT EXISTS `AlarmLease` (
+    `name` varchar(32) NOT NULL,
+    `holder` varchar(128) NOT NULL,
+    `expires` double NOT NULL,
+    PRIMARY KEY (`name`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

@@ -3,7 +3,9 @@
 Starts ``lars run --role reporter`` on a fresh MariaDB database, then floods it from several
 connections with ReportStatusRequest frames (each ``--results`` host results, distinct rows)
 as fast as TCP lets them through, for ``--duration`` seconds. Counts the results the
-reporter acknowledged (acknowledged = committed) and samples its resident memory.
+reporter acknowledged (acknowledged = committed) and samples its resident memory. Each
+batch also adds its calls to CallHistory, in the same transaction: the calls found there
+at the end are printed too.
 
 Usage: python benchmarks/reporter_bench.py [--duration S] [--connections N] [--results N]
 MariaDB: ``--mysql mysql://root@127.0.0.1:3306`` (a fresh database is created and dropped).
@@ -139,6 +141,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         samples.append(memory_mb(pid)[0])
                 elapsed = trio.current_time() - start
                 peak = memory_mb(pid)[1]
+        async with open_store(url) as store:  # each batch also went to CallHistory
+            hosts = await store.window_calls(0)
+        history_calls = sum(h.succ + h.err for h in hosts)
         rate = acked[0] / elapsed
         result = {
             "results_per_s": round(rate),
@@ -148,12 +153,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "rss_start_mb": round(baseline, 1),
             "rss_peak_mb": round(peak, 1),
             "rss_samples_mb": [round(s, 1) for s in samples],
+            "history_hosts": len(hosts),
+            "history_calls": history_calls,
         }
         print(
             f"reporter: {rate:,.0f} host results/s into MariaDB (acknowledged = committed), "
             f"{args.connections} connections flooding for {elapsed:.0f}s; RSS "
             f"{baseline:.0f} MB at start, peak {peak:.0f} MB; samples "
-            f"{[round(s) for s in samples]} MB"
+            f"{[round(s) for s in samples]} MB; CallHistory: {history_calls:,} calls of "
+            f"{len(hosts):,} hosts"
         )
         return result
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from lars.alarms.rules import Rule, parse_rule
 from lars.core.balancer import BalancerParams
 from lars.core.model import check_port, ip_to_int
 from lars.errors import ConfigError, InvalidValue
@@ -117,6 +118,8 @@ class ReporterConfig:
     writers: int = attrs.field(default=2, validator=_positive)
     max_frame: int = attrs.field(default=1 << 20, validator=_positive)
     retry_max: float = attrs.field(default=30.0, validator=_positive)
+    #: How long the per-minute CallHistory buckets are kept, seconds (7 days).
+    history_retention: float = attrs.field(default=7 * 86400.0, validator=_positive)
 
 
 @attrs.frozen
@@ -222,6 +225,42 @@ class WebConfig:
     secret: str = attrs.field(default="", validator=_signing_secret)
 
 
+def _webhooks(_inst: object, attr: "attrs.Attribute[Any]", value: list[str]) -> None:
+    from lars.alarms.notify import check_webhook_url
+
+    for url in value:
+        check_webhook_url(url)
+    if len(set(value)) != len(value):
+        raise InvalidValue("a webhook URL appears twice")
+
+
+def _rule_names(_inst: object, attr: "attrs.Attribute[Any]", value: list[Rule]) -> None:
+    seen: set[str] = set()
+    for rule in value:
+        if rule.name in seen:
+            raise InvalidValue(f"rule name {rule.name!r} appears twice")
+        seen.add(rule.name)
+
+
+@attrs.frozen
+class AlarmsConfig:
+    """``[alarms]``: the alarm rules the web role evaluates (one instance at a time, under a
+    lease in the store) and the webhooks it tells. Rules written in the console join these."""
+
+    #: Seconds between evaluations; the lease lasts three of them.
+    interval: float = attrs.field(default=10.0, validator=_positive)
+    #: Least seconds between two notifications of one alarm (a flapping alarm is damped).
+    resend_interval: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
+    webhooks: list[str] = attrs.field(factory=list, validator=_webhooks)
+    webhook_timeout: float = attrs.field(default=5.0, validator=_positive)
+    webhook_retries: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    #: Notifications held per webhook while it is slow or down; the oldest go first.
+    webhook_queue: int = attrs.field(default=1000, validator=_positive)
+    #: Seconds the alarm history (events, resolved states) is kept (30 days).
+    history_retention: float = attrs.field(default=30 * 86400.0, validator=_positive)
+    rules: list[Rule] = attrs.field(factory=list, validator=_rule_names)
+
+
 @attrs.frozen
 class Config:
     """The whole ``lars.toml``."""
@@ -234,6 +273,7 @@ class Config:
     agent: AgentConfig = attrs.field(factory=AgentConfig)
     client: ClientConfig = attrs.field(factory=ClientConfig)
     web: WebConfig = attrs.field(factory=WebConfig)
+    alarms: AlarmsConfig = attrs.field(factory=AlarmsConfig)
     #: Where this config came from (not a key of the file).
     source: str = attrs.field(default="<defaults>", kw_only=True)
 
@@ -244,6 +284,13 @@ T = TypeVar("T")
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check ``value`` against the annotated type ``tp``; convert int -> float where asked."""
     origin = typing.get_origin(tp)
+    if tp is Rule:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [[{key}]] must be a table, got {value!r}")
+        try:
+            return parse_rule(value, f"[[{key}]]")
+        except InvalidValue as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     if attrs.has(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{key}] must be a table, got {value!r}")

@@ -167,3 +167,33 @@ def test_repository_lars_toml_documents_every_key_with_its_default() -> None:
     data = tomllib.loads(REPO_TOML.read_text())
     assert set(_flatten(data)) == _keys(Config)
     assert load_config(REPO_TOML) == attrs.evolve(Config(), source=str(REPO_TOML))
+
+
+def test_alarm_rules_and_webhooks_are_checked_at_load(tmp_path: Path) -> None:
+    good = write(
+        tmp_path,
+        '[alarms]\nwebhooks = ["http://127.0.0.1:9/hook"]\n'
+        '[[alarms.rules]]\nname = "errors"\nkind = "error_rate"\nthreshold = 0.2\n'
+        '[[alarms.rules]]\nname = "silent"\nkind = "caller_silent"\nsilent = 10\n',
+    )
+    config = load_config(good)
+    assert [r.name for r in config.alarms.rules] == ["errors", "silent"]
+    assert config.alarms.rules[0].definition()["threshold"] == 0.2
+    for text, message in (
+        ('[[alarms.rules]]\nname = "x"\nkind = "cpu_high"\n', "kind must be one of"),
+        ('[[alarms.rules]]\nname = "x"\nkind = "error_rate"\nthreshold = 2\n', "threshold"),
+        ('[[alarms.rules]]\nname = "x"\nkind = "error_rate"\n', "threshold is missing"),
+        (
+            '[[alarms.rules]]\nname = "x"\nkind = "no_healthy_host"\n'
+            '[[alarms.rules]]\nname = "x"\nkind = "no_healthy_host"\n',
+            "appears twice",
+        ),
+        ("[alarms]\nrules = [1]\n", "must be a table"),
+        ('[alarms]\nwebhooks = ["ftp://example/hook"]\n', "http:// or https://"),
+        ('[alarms]\nwebhooks = ["http://a/", "http://a/"]\n', "appears twice"),
+        ("[alarms]\ninterval = 0\n", "alarms.interval"),
+        ("[alarms]\nsnooze = 1\n", "unknown key 'alarms.snooze'"),
+    ):
+        with pytest.raises(ConfigError, match=message) as info:
+            load_config(write(tmp_path, text))
+        assert "lars.toml" in str(info.value)

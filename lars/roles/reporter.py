@@ -27,6 +27,12 @@ retried a few times, then the batch is written report by report so that only the
 the store refuses are dropped, each logged and counted, and acknowledged so the agent does
 not send them forever.
 
+Each batch also adds its calls to ``CallHistory`` (per module, host and minute, summed over
+callers: :func:`history_of`) in the same transaction as its statistics, so an acknowledgement
+still means both are stored, and a report stored twice counts twice in both. A background
+task deletes the minutes older than ``history_retention`` every ``HISTORY_PURGE_INTERVAL``,
+a chunk at a time; a store error there is logged and tried again next time.
+
 Original Lars agents (``lars_lb_agent``) are served on the same port: the first bytes of a
 connection tell its protocol (:func:`lars.wire_original.sniff_stream`). Their
 ReportStatusRequests carry no seq and get no acknowledgement, and they mean something else:
@@ -41,7 +47,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 import trio
@@ -69,7 +75,8 @@ from lars.roles.common import (
     write_loop,
 )
 from lars.roles.http import Observed, store_readiness
-from lars.store import CallStatus, ColumnLimits, RouteStore
+from lars.store import HISTORY_STEP, CallStatus, ColumnLimits, HistoryRow, RouteStore
+from lars.store.sql import HISTORY_COUNT_MAX
 from lars.wire_original import REPORT_STATUS_REQUEST
 
 log = logging.getLogger("lars.reporter")
@@ -89,6 +96,13 @@ ORIGINAL_FLUSH_INTERVAL = 1.0
 MAX_ORIGINAL_HOSTS = 100_000
 #: Flushes after which a (module, host, caller) no original report named is let go.
 ORIGINAL_KEEP = 600
+#: Seconds between purges of the CallHistory minutes older than ``history_retention``.
+HISTORY_PURGE_INTERVAL = 60.0
+#: CallHistory rows one purge statement deletes at most (a short transaction each).
+HISTORY_PURGE_CHUNK = 10_000
+#: Seconds a report's time may be ahead of the reporter's clock and still count at its own
+#: minute in CallHistory; later ones count at the reporter's current minute.
+HISTORY_FUTURE_SLACK = 60
 
 
 class ReplyOutbox(Outbox):
@@ -171,6 +185,44 @@ def rows_of(report: wire.ReportStatusRequest) -> list[CallStatus]:
             for row, (succ, err) in zip(rows, report.added, strict=True)
         ]
     return rows
+
+
+def history_of(rows: Iterable[CallStatus], now: float, retention: float) -> list[HistoryRow]:
+    """What ``rows`` add to ``CallHistory``: each row's calls (its ``add_succ``/``add_err``
+    when set, as for the totals) at the minute of its report's time, summed by module, host
+    and minute, in key order (so that concurrent batches lock shared rows in one order and
+    never deadlock on them).
+
+    ``now`` is the reporter's clock (epoch seconds). A report more than
+    HISTORY_FUTURE_SLACK seconds ahead of it counts at its current minute; a minute older than
+    ``retention`` seconds, which the purge would delete at once, and a row without calls add
+    nothing. Sums stop at HISTORY_COUNT_MAX.
+    """
+    latest = now + HISTORY_FUTURE_SLACK
+    current = int(now) - int(now) % HISTORY_STEP
+    oldest = now - retention
+    sums: dict[tuple[int, int, int, int, int], list[int]] = {}
+    for row in rows:
+        succ = row.succ if row.add_succ is None else row.add_succ
+        err = row.err if row.add_err is None else row.add_err
+        if not (succ or err):
+            continue
+        ts = row.ts
+        minute = current if ts > latest else ts - ts % HISTORY_STEP
+        if minute < oldest:
+            continue
+        key = (row.modid, row.cmdid, row.ip, row.port, minute)
+        counts = sums.get(key)
+        if counts is None:
+            sums[key] = [succ, err]
+        else:
+            counts[0] += succ
+            counts[1] += err
+    most = HISTORY_COUNT_MAX
+    return [
+        HistoryRow(*key, succ if succ < most else most, err if err < most else most)
+        for key, (succ, err) in sorted(sums.items())
+    ]
 
 
 class _RunningCount:
@@ -319,9 +371,13 @@ class OriginalStatsLedger:
 class Reporter:
     """The statistics sink. ``await nursery.start(reporter.serve)`` returns its address."""
 
-    def __init__(self, config: ReporterConfig, store: RouteStore) -> None:
+    def __init__(
+        self, config: ReporterConfig, store: RouteStore, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
         self.store = store
+        #: The wall clock (epoch seconds): the minutes of CallHistory.
+        self.clock = clock
         self.metrics = Metrics("reporter")
         self._send, self._receive = trio.open_memory_channel[Item](config.queue_size)
         #: Reports put on the queue and not yet written (queued, or in a writer's hands).
@@ -336,6 +392,7 @@ class Reporter:
         #: The original agents' running counts (see OriginalStatsLedger).
         self.original = OriginalStatsLedger()
         self._original_log = RateLimitedLog(log)
+        self._purge_log = RateLimitedLog(log)
         #: The open agent connections.
         self.connections: set[ReplyOutbox] = set()
         #: The reporter's metrics (see :meth:`observed`).
@@ -363,6 +420,7 @@ class Reporter:
             for _ in range(self.config.writers):
                 nursery.start_soon(self._writer)
             nursery.start_soon(self._original_flusher)
+            nursery.start_soon(self._history_purger)
             await nursery.start(trio.serve_listeners, self.handle_connection, [listener])
             log.info("reporter listening on %s:%d, store %s", *address, self.store.display_url)
             task_status.started(address)
@@ -465,6 +523,34 @@ class Reporter:
             await trio.sleep(ORIGINAL_FLUSH_INTERVAL)
             await self.flush_original()
 
+    async def purge_history(self) -> int:
+        """Delete the CallHistory minutes older than ``history_retention``, a chunk at a time;
+        returns how many rows went. A store error is logged (at a rate limit) and counted,
+        and what is left goes next time."""
+        older_than = int(self.clock() - self.config.history_retention)
+        purged = 0
+        try:
+            while True:
+                deleted = await self.store.purge_history(older_than, HISTORY_PURGE_CHUNK)
+                purged += deleted
+                self.metrics.incr("history_rows_purged", deleted)
+                if deleted < HISTORY_PURGE_CHUNK:
+                    break
+                await trio.lowlevel.checkpoint()  # let the writers in between chunks
+        except StoreError as exc:
+            self.metrics.incr("store_errors")
+            self._purge_log.warning(
+                "purging old CallHistory rows failed (%s); trying again in %.0fs",
+                exc,
+                HISTORY_PURGE_INTERVAL,
+            )
+        return purged
+
+    async def _history_purger(self) -> None:
+        while True:
+            await self.purge_history()
+            await trio.sleep(HISTORY_PURGE_INTERVAL)
+
     async def _dispatch(self, msg: wire.Message, conn: ReplyOutbox) -> None:
         if isinstance(msg, wire.ReportStatusRequest):
             self.metrics.incr("reports_received")
@@ -512,6 +598,7 @@ class Reporter:
         # Each report's rows that fit the columns; known once the column types are.
         fitting: list[list[CallStatus]] | None = None
         rows: list[CallStatus] = []
+        history: list[HistoryRow] = []
         delays = None
         attempts = 0
         while True:
@@ -519,9 +606,10 @@ class Reporter:
                 if fitting is None:
                     fitting = self._fitting_rows(batch, await self._column_limits())
                     rows = [row for report_rows in fitting for row in report_rows]
+                    history = history_of(rows, self.clock(), self.config.history_retention)
                 if rows:
                     started = time.perf_counter()
-                    await self.store.upsert_call_status(rows)
+                    await self.store.record_calls(rows, history)
                     self._write_seconds.observe(time.perf_counter() - started)
                     self._batch_results.observe(len(rows))
                 break
@@ -539,6 +627,7 @@ class Reporter:
         self._store_up()
         self.metrics.incr("batches_written")
         self.metrics.incr("results_written", len(rows))
+        self.metrics.incr("history_rows_written", len(history))
         for report, conn in batch:
             if conn is not None:
                 self._reply(conn, wire.ReportStatusAck(report.seq))
@@ -599,9 +688,10 @@ class Reporter:
         )
         for i, (report, conn) in enumerate(batch):
             rows = rows_of(report) if fitting is None else fitting[i]
+            history = history_of(rows, self.clock(), self.config.history_retention)
             try:
                 if rows:
-                    await self.store.upsert_call_status(rows)
+                    await self.store.record_calls(rows, history)
             except StoreError as exc:
                 self.metrics.incr("reports_dropped")
                 self.metrics.incr("results_dropped", len(rows))
@@ -615,6 +705,7 @@ class Reporter:
                 )
             else:
                 self.metrics.incr("results_written", len(rows))
+                self.metrics.incr("history_rows_written", len(history))
             if conn is not None:
                 self._reply(conn, wire.ReportStatusAck(report.seq))
 
@@ -658,6 +749,13 @@ class ReporterCollector(Collector):
         yield counter("results_received", "Host results in the reports received.")
         yield counter("results_written", "Host results written to the store.")
         yield counter("batches_written", "Batches written to the store.")
+        yield counter(
+            "history_rows_written",
+            "CallHistory rows added to: one per module, host and minute of each batch.",
+        )
+        yield counter(
+            "history_rows_purged", "CallHistory rows deleted, older than history_retention."
+        )
         queue = r._receive.statistics()
         yield gauge(
             "queue_depth", "Reports queued for the store writers.", queue.current_buffer_used

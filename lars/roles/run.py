@@ -28,7 +28,16 @@ from lars.errors import ConfigError, SchemaMissing, StoreUnavailable
 from lars.roles.common import RateLimitedLog, backoff
 from lars.roles.http import Observed, serve_http
 from lars.store import RouteStore, open_store
-from lars.store.sql import AUDIT_COLUMNS, NAME_TABLES, STATUS_COLUMNS, STATUS_TABLE
+from lars.store.sql import (
+    ALARM_EVENT_COLUMNS,
+    ALARM_STATE_COLUMNS,
+    AUDIT_COLUMNS,
+    HISTORY_COLUMNS,
+    HISTORY_TABLE,
+    NAME_TABLES,
+    STATUS_COLUMNS,
+    STATUS_TABLE,
+)
 
 log = logging.getLogger("lars")
 
@@ -44,14 +53,20 @@ ROLE_SCHEMA: dict[str, dict[str, tuple[str, ...]]] = {
         "RouteVersion": ("id", "version"),
         "RouteChange": ("modid", "cmdid", "version"),
     },
-    "reporter": {STATUS_TABLE: STATUS_COLUMNS},
-    # The console reads and writes all of the above, the audit log and the names.
+    "reporter": {STATUS_TABLE: STATUS_COLUMNS, HISTORY_TABLE: HISTORY_COLUMNS},
+    # The console reads and writes all of the above, the audit log, the names, the call
+    # history and the alarms.
     "web": {
         "RouteData": ("modid", "cmdid", "serverip", "serverport"),
         "RouteVersion": ("id", "version"),
         "RouteChange": ("modid", "cmdid", "version"),
         STATUS_TABLE: STATUS_COLUMNS,
         "RouteAudit": ("id", *AUDIT_COLUMNS),
+        HISTORY_TABLE: HISTORY_COLUMNS,
+        "AlarmRule": ("name", "definition", "updated", "actor"),
+        "AlarmState": ALARM_STATE_COLUMNS,
+        "AlarmEvent": ("id", *ALARM_EVENT_COLUMNS),
+        "AlarmLease": ("name", "holder", "expires"),
         **{table: (column, "content") for table, column in NAME_TABLES.values()},
     },
 }

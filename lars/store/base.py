@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import attrs
 
@@ -190,6 +190,181 @@ class RouteWrite:
         return self.version is not None
 
 
+# --- call history and alarms (issue 10) --------------------------------------------------------
+
+#: Width of one ``CallHistory`` bucket, seconds.
+HISTORY_STEP = 60
+#: Longest alarm rule name (AlarmRule.name, AlarmState.rule, AlarmEvent.rule).
+ALARM_NAME_MAX = 64
+#: Longest alarm subject (AlarmState.subject, AlarmEvent.subject).
+ALARM_SUBJECT_MAX = 128
+#: Largest stored rule definition, bytes of JSON.
+ALARM_RULE_MAX_BYTES = 4096
+
+
+@attrs.frozen
+class HostCalls:
+    """Calls to one host of a module summed over its callers and a span of ``CallHistory``
+    minutes."""
+
+    modid: int
+    cmdid: int
+    ip: int
+    port: int
+    succ: int
+    err: int
+
+
+@attrs.frozen
+class CallPoint:
+    """One step of a call series: the bucket's start (epoch seconds, a multiple of the
+    step) and the calls in it."""
+
+    ts: int
+    succ: int
+    err: int
+
+
+class HistoryRow(NamedTuple):
+    """What one write adds to one ``CallHistory`` bucket: the calls to one host of a module
+    in one minute (epoch seconds, a multiple of :data:`HISTORY_STEP`), summed over callers.
+
+    A named tuple rather than an attrs class: the reporter makes one per host result, tens
+    of thousands a second, and the store writes its fields as they are.
+    """
+
+    modid: int
+    cmdid: int
+    ip: int
+    port: int
+    minute: int
+    succ: int
+    err: int
+
+
+@attrs.frozen
+class StoredRule:
+    """One ``AlarmRule`` row: a rule written in the console. ``definition`` is the rule as
+    JSON data (``lars.alarms.rules`` checks its meaning; the store only keeps it)."""
+
+    name: str
+    definition: Mapping[str, Any]
+    #: Epoch seconds of the last write.
+    updated: float
+    actor: str
+
+
+@attrs.frozen
+class AlarmState:
+    """One ``AlarmState`` row: the present state of one alarm, that is one rule applied to
+    one subject (a module, a host of a module, a caller)."""
+
+    rule: str
+    #: What the rule looked at, unique per rule: ``"12/3"``, ``"12/3 10.0.0.1:80"``,
+    #: ``"caller 10.0.0.9"``.
+    subject: str
+    kind: str
+    firing: bool
+    #: Epoch seconds since which the alarm is in this state.
+    since: float
+    #: The value that made the last transition (an error rate, a number of callers...);
+    #: None when there was none to measure (a forgotten caller).
+    value: float | None
+    threshold: float
+    modid: int | None = None
+    cmdid: int | None = None
+    #: ``"ip:port"`` of the host, for host alarms.
+    host: str | None = None
+    #: Dotted IPv4 of the caller, for caller alarms.
+    caller: str | None = None
+    #: Epoch seconds of the last evaluation that saw the alarm.
+    updated: float = 0.0
+    #: The state last sent to the webhooks (None: never sent), and when.
+    notified_firing: bool | None = None
+    notified_at: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(rule, subject)``, the row's primary key."""
+        return (self.rule, self.subject)
+
+    def as_json(self) -> dict[str, Any]:
+        """The state as ``lars alarms --json`` and the console's API show it."""
+        return {
+            "alarm": self.rule,
+            "subject": self.subject,
+            "kind": self.kind,
+            "state": "firing" if self.firing else "resolved",
+            "since": self.since,
+            "value": self.value,
+            "threshold": self.threshold,
+            "module": _module_text(self.modid, self.cmdid),
+            "host": self.host,
+            "caller": self.caller,
+            "notified": None
+            if self.notified_firing is None
+            else ("firing" if self.notified_firing else "resolved"),
+            "notified_at": self.notified_at or None,
+        }
+
+
+@attrs.frozen
+class AlarmEvent:
+    """One ``AlarmEvent`` row: a transition of one alarm (the history)."""
+
+    #: 0 on an event not yet written.
+    id: int
+    ts: float
+    rule: str
+    subject: str
+    kind: str
+    firing: bool
+    value: float | None
+    threshold: float
+    modid: int | None = None
+    cmdid: int | None = None
+    host: str | None = None
+    caller: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The event as ``lars alarms --history --json`` and the console's API show it."""
+        return {
+            "id": self.id,
+            "ts": self.ts,
+            "alarm": self.rule,
+            "subject": self.subject,
+            "kind": self.kind,
+            "state": "firing" if self.firing else "resolved",
+            "value": self.value,
+            "threshold": self.threshold,
+            "module": _module_text(self.modid, self.cmdid),
+            "host": self.host,
+            "caller": self.caller,
+        }
+
+
+def _module_text(modid: int | None, cmdid: int | None) -> str | None:
+    return None if modid is None or cmdid is None else f"{modid}/{cmdid}"
+
+
+@attrs.frozen
+class AlarmDecision:
+    """What one evaluation round writes, in the transaction that holds the lease: the
+    states to insert or replace, the states to delete, and the events to append."""
+
+    states: tuple[AlarmState, ...] = ()
+    deleted: tuple[tuple[str, str], ...] = ()
+    events: tuple[AlarmEvent, ...] = ()
+
+
+@attrs.frozen
+class Lease:
+    """The ``AlarmLease`` row: who evaluates the alarms, until when (the store's clock)."""
+
+    holder: str
+    expires: float
+
+
 class RouteStore(abc.ABC):
     """Where routes and call statistics live. Every method may raise :class:`StoreError`."""
 
@@ -337,6 +512,91 @@ class RouteStore(abc.ABC):
         """Remove the name of a modid or cmdid; False if it had none."""
         raise self._unsupported("keep names")
 
+    # --- call history and alarms (issue 10) ---------------------------------------------------
+
+    async def call_history(
+        self, module: ModuleKey, since: int, until: int, step: int = HISTORY_STEP
+    ) -> dict[HostKey, list[CallPoint]]:
+        """``CallHistory`` of a module's hosts from ``since`` (inclusive) to ``until``
+        (exclusive), epoch seconds, summed over callers into steps of ``step`` seconds (a
+        multiple of 60; points start at multiples of ``step``). Only steps with calls appear,
+        in time order; a host with none is absent."""
+        raise self._unsupported("keep call history")
+
+    async def module_sparklines(
+        self, modules: Collection[ModuleKey], since: int, step: int = HISTORY_STEP
+    ) -> dict[ModuleKey, list[CallPoint]]:
+        """For each of ``modules`` (at most :data:`PAGE_MAX`), its calls summed over hosts and
+        callers in steps of ``step`` seconds from ``since`` on; modules without calls absent."""
+        raise self._unsupported("keep call history")
+
+    async def window_calls(self, since: int) -> list[HostCalls]:
+        """Every host's calls in ``CallHistory`` buckets from ``since`` on (epoch seconds),
+        summed over callers, for the error-rate alarms."""
+        raise self._unsupported("keep call history")
+
+    async def purge_history(self, older_than: int, limit: int = 10_000) -> int:
+        """Delete at most ``limit`` ``CallHistory`` rows of minutes before ``older_than``
+        (epoch seconds); returns how many went. Call again while it returns ``limit``."""
+        raise self._unsupported("keep call history")
+
+    async def overloaded_status(self, since: int) -> list[CallStatus]:
+        """``ServerCallStatus`` rows flagged overloaded and reported at ``since`` or later."""
+        raise self._unsupported("read overloaded hosts")
+
+    async def caller_last_reports(self) -> dict[int, int]:
+        """Each caller's newest ``ServerCallStatus.ts``."""
+        raise self._unsupported("read callers")
+
+    async def list_alarm_rules(self) -> list[StoredRule]:
+        """The ``AlarmRule`` rows, by name."""
+        raise self._unsupported("keep alarm rules")
+
+    async def put_alarm_rule(self, name: str, definition: Mapping[str, Any], actor: Actor) -> None:
+        """Insert or replace the rule ``name``."""
+        raise self._unsupported("keep alarm rules")
+
+    async def delete_alarm_rule(self, name: str) -> bool:
+        """Delete the rule ``name``; False if there was none. Its states stay: the alarm
+        engine's next round resolves the firing ones (telling the webhooks) and deletes
+        them."""
+        raise self._unsupported("keep alarm rules")
+
+    async def alarm_round(
+        self,
+        holder: str,
+        ttl: float,
+        decide: Callable[[list[AlarmState]], AlarmDecision],
+    ) -> AlarmDecision | None:
+        """One evaluation round under the lease, in one write transaction: take or renew the
+        ``AlarmLease`` for ``holder`` until ``ttl`` seconds from now (the store's clock);
+        if another holder's lease is still valid, return None and write nothing; else call
+        ``decide`` with every ``AlarmState`` row, write what it returns and return it."""
+        raise self._unsupported("evaluate alarms")
+
+    async def release_lease(self, holder: str) -> None:
+        """Give the lease up if ``holder`` has it (at shutdown), so another instance takes
+        over at once."""
+        raise self._unsupported("evaluate alarms")
+
+    async def alarm_lease(self) -> Lease | None:
+        """The current lease row, or None."""
+        raise self._unsupported("evaluate alarms")
+
+    async def list_alarm_states(self, *, firing: bool | None = None) -> list[AlarmState]:
+        """``AlarmState`` rows by rule and subject, optionally only firing or resolved ones."""
+        raise self._unsupported("keep alarm states")
+
+    async def list_alarm_events(
+        self, *, rule: str | None = None, limit: int = 100, before_id: int | None = None
+    ) -> list[AlarmEvent]:
+        """``AlarmEvent`` rows newest first, optionally of one rule; ``before_id`` pages."""
+        raise self._unsupported("keep alarm history")
+
+    async def purge_alarms(self, older_than: float) -> int:
+        """Delete events and resolved states older than ``older_than`` (epoch seconds)."""
+        raise self._unsupported("keep alarm history")
+
     def _unsupported(self, what: str) -> StoreError:
         return StoreError(f"the store {self.display_url} cannot {what}")
 
@@ -353,6 +613,12 @@ class RouteStore(abc.ABC):
     @abc.abstractmethod
     async def upsert_call_status(self, rows: Sequence[CallStatus]) -> None:
         """Store call statistics: latest counts replace, totals accumulate, one transaction."""
+
+    async def record_calls(self, rows: Sequence[CallStatus], history: Sequence[HistoryRow]) -> None:
+        """:meth:`upsert_call_status` and, in the same transaction, add ``history`` to the
+        ``CallHistory`` buckets (counts add up). A store that keeps no call history writes
+        the statistics alone."""
+        await self.upsert_call_status(rows)
 
     @abc.abstractmethod
     async def read_call_status(

@@ -40,9 +40,9 @@ def _schema() -> str:
 BIGINT_UNSIGNED_MAX = 2**64 - 1
 
 
-def _saturating_sum(column: str) -> str:
-    """``column + VALUES(column)``, or the type's limit where the sum would pass it."""
-    most = BIGINT_UNSIGNED_MAX
+def _saturating_sum(column: str, most: int = BIGINT_UNSIGNED_MAX) -> str:
+    """``column + VALUES(column)``, or ``most`` (the type's limit) where the sum would pass
+    it."""
     return f"IF(VALUES({column}) > {most} - {column}, {most}, {column} + VALUES({column}))"
 
 
@@ -68,6 +68,25 @@ DIALECT = sql.Dialect(
         f" err_total = {_saturating_sum('err_total')}"
     ),
     purge_changes="DELETE FROM RouteChange WHERE created < NOW() - INTERVAL ? SECOND",
+    # The counts stop where SQLite's would (HISTORY_COUNT_MAX), rather than fail the batch.
+    upsert_history_suffix=(
+        " ON DUPLICATE KEY UPDATE"
+        f" succ = {_saturating_sum('succ', sql.HISTORY_COUNT_MAX)},"
+        f" err = {_saturating_sum('err', sql.HISTORY_COUNT_MAX)}"
+    ),
+    purge_history="DELETE FROM CallHistory WHERE minute < ? LIMIT ?",
+    # UNIX_TIMESTAMP() is exact whatever the session's time zone (UNIX_TIMESTAMP(NOW(6))
+    # is an hour off in a daylight-saving fall-back hour); both read the statement's start.
+    clock="SELECT UNIX_TIMESTAMP() + MICROSECOND(NOW(6)) * 0.000001",
+    # ON DUPLICATE KEY UPDATE locks an existing row exclusively at once (INSERT IGNORE would
+    # take a shared lock, and two rounds upgrading theirs would deadlock).
+    lock_lease=(
+        "INSERT INTO AlarmLease (name, holder, expires) VALUES (?, '', 0)"
+        " ON DUPLICATE KEY UPDATE name = name"
+    ),
+    for_update=" FOR UPDATE",
+    total="SUM",
+    inline_integers=True,
     strict_session=(
         "SET SESSION sql_mode ="
         " TRIM(BOTH ',' FROM CONCAT(@@SESSION.sql_mode, ',STRICT_ALL_TABLES'))"
@@ -208,7 +227,7 @@ class MysqlStore(SqlStore):
                     raise _Lost from exc
                 raise
             sent = True
-            return sql.Result(list(await cursor.fetchall()), cursor.rowcount)
+            return sql.Result(list(await cursor.fetchall()), cursor.rowcount, cursor.lastrowid)
 
         if txn is not None:
             await execute("START TRANSACTION", ())

@@ -238,13 +238,25 @@ class ColumnLimits:
     types: Mapping[str, str]
     #: ``"column type"`` of each column narrower than Lars's schema (`lars db upgrade`).
     narrower: tuple[str, ...] = ()
+    #: (position in :func:`status_values`, column, lowest, highest) of each bounded column:
+    #: the reporter checks every row it writes.
+    _checks: tuple[tuple[int, str, int, int], ...] = attrs.field(init=False)
+
+    @_checks.default
+    def _bounded_columns(self) -> tuple[tuple[int, str, int, int], ...]:
+        return tuple(
+            (i, column, *self.ranges[column])
+            for i, column in enumerate(STATUS_COLUMNS)
+            if column in self.ranges
+        )
 
     def refusal(self, row: CallStatus) -> str | None:
         """Why ``row`` cannot be stored (its first value out of its column's range), or
         None when it fits."""
-        for column, value in zip(STATUS_COLUMNS, status_values(row), strict=True):
-            bounds = self.ranges.get(column)
-            if bounds is not None and type(value) is int and not bounds[0] <= value <= bounds[1]:
+        values = status_values(row)
+        for i, column, lowest, highest in self._checks:
+            value = values[i]
+            if type(value) is int and not lowest <= value <= highest:
                 return f"{column} {value} does not fit {STATUS_TABLE}.{column} {self.types[column]}"
         return None
 

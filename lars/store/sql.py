@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
-from collections.abc import Collection, Generator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -22,6 +23,7 @@ from lars.core.model import (
     UINT32_MAX,
     HostKey,
     ModuleKey,
+    check_id,
     format_host,
     host_key,
     ip_to_int,
@@ -29,19 +31,31 @@ from lars.core.model import (
 )
 from lars.errors import InvalidValue
 from lars.store.base import (
+    ALARM_NAME_MAX,
+    ALARM_RULE_MAX_BYTES,
+    ALARM_SUBJECT_MAX,
     CALL_STATUS_SORTS,
+    HISTORY_STEP,
     NAME_KINDS,
     NAME_MAX,
     PAGE_MAX,
     Actor,
+    AlarmDecision,
+    AlarmEvent,
+    AlarmState,
     AuditEntry,
+    CallPoint,
     CallStatus,
+    HistoryRow,
+    HostCalls,
     HostStatus,
+    Lease,
     ModuleSummary,
     RouteDelta,
     RouteMap,
     RouteSnapshot,
     RouteWrite,
+    StoredRule,
 )
 
 log = logging.getLogger("lars.store")
@@ -56,6 +70,8 @@ class Result:
 
     rows: list[tuple[Any, ...]]
     rowcount: int = 0
+    #: The id an INSERT into a table with an auto-increment key gave its (first) row.
+    lastrowid: int | None = None
 
 
 #: An operation: yields queries, receives results, returns T.
@@ -134,10 +150,26 @@ class Dialect:
     add_key: str
     upsert_status_suffix: str
     purge_changes: str
+    #: Makes a multi-row INSERT into CallHistory add its counts to the rows already there.
+    upsert_history_suffix: str
+    #: Deletes at most ``?`` (the second argument) CallHistory rows of minutes before ``?``.
+    purge_history: str
+    #: Reads the database's clock: one row, epoch seconds with a fraction.
+    clock: str
+    #: Creates the ``AlarmLease`` row named ``?`` if missing, and locks it either way.
+    lock_lease: str
+    #: Appended to a SELECT that reads rows the transaction then writes (``FOR UPDATE``).
+    for_update: str
+    #: The aggregate that sums counts without failing past 64 bits (SQLite's SUM does).
+    total: str
     #: False when integer columns hold 64 bits whatever their declared width (SQLite).
     sized_integers: bool = True
     #: Makes this session refuse (not clamp) values a column cannot hold.
     strict_session: str | None = None
+    #: Write the integers of a ServerCallStatus batch into the statement: what the MySQL
+    #: driver would send anyway, without its escaping of every value in Python (SQLite binds
+    #: parameters natively, and checks that they fit 64 bits).
+    inline_integers: bool = False
 
     def integer_range(self, declared: str) -> tuple[int, int] | None:
         """:func:`integer_range` of a declared type in this database."""
@@ -543,9 +575,25 @@ def status_values(r: CallStatus) -> tuple[int | str, ...]:
     )
 
 
-def upsert_call_status(dialect: Dialect, rows: Sequence[CallStatus]) -> Op[None]:
-    """Upsert statistics: the latest counts replace the row's, the totals add up."""
+#: One ServerCallStatus row of an INSERT with :attr:`Dialect.inline_integers`: ``%d`` takes
+#: only numbers, and the one text, the overload flag, is "1" or "0" (:func:`status_values`).
+_STATUS_VALUES = "(%d,%d,%d,%d,%d,%d,%d,%d,'%s',%d,%d)"
+
+
+def upsert_call_status(
+    dialect: Dialect, rows: Sequence[CallStatus], history: Sequence[HistoryRow] = ()
+) -> Op[None]:
+    """Upsert statistics: the latest counts replace the row's, the totals add up; then add
+    ``history`` to its CallHistory buckets (in the same transaction, the caller's)."""
     for chunk in _chunks(rows):
+        if dialect.inline_integers:
+            yield (
+                f"INSERT INTO ServerCallStatus ({_STATUS_COLUMNS}) VALUES "
+                + ",".join([_STATUS_VALUES % status_values(r) for r in chunk])
+                + dialect.upsert_status_suffix,
+                (),
+            )
+            continue
         flat: list[Any] = []
         for r in chunk:
             flat += status_values(r)
@@ -554,6 +602,13 @@ def upsert_call_status(dialect: Dialect, rows: Sequence[CallStatus]) -> Op[None]
             + _values_sql(11, len(chunk))
             + dialect.upsert_status_suffix,
             tuple(flat),
+        )
+    for part in _chunks(history, HISTORY_CHUNK):
+        yield (
+            f"INSERT INTO {HISTORY_TABLE} ({_HISTORY_COLUMNS}) VALUES "
+            + ",".join([_HISTORY_VALUES % row for row in part])
+            + dialect.upsert_history_suffix,
+            (),
         )
 
 
@@ -748,11 +803,22 @@ def module_filter(search: str | None) -> tuple[str, tuple[Any, ...]]:
 
 
 def _modules_where(modules: Sequence[ModuleKey]) -> tuple[str, tuple[int, ...]]:
-    """``(modid = ? AND cmdid = ?) OR ...``: ranges of the (modid, cmdid) key prefixes."""
+    """``(modid = ? AND cmdid = ?) OR ...``: ranges of the (modid, cmdid) key prefixes.
+
+    The ORs nest as a balanced tree: SQLite parses a flat chain as one level per term and
+    refuses an expression deeper than 1000, fewer than a page of :data:`PAGE_MAX` modules.
+    """
     return (
-        " OR ".join(["(modid = ? AND cmdid = ?)"] * len(modules)),
+        _balanced_or(["(modid = ? AND cmdid = ?)"] * len(modules)),
         tuple(v for module in modules for v in module),
     )
+
+
+def _balanced_or(terms: Sequence[str]) -> str:
+    if len(terms) <= 2:
+        return " OR ".join(terms)
+    middle = len(terms) // 2
+    return f"({_balanced_or(terms[:middle])}) OR ({_balanced_or(terms[middle:])})"
 
 
 @attrs.frozen
@@ -950,6 +1016,530 @@ def delete_name(kind: str, ident: int) -> Op[bool]:
     """Delete every row naming an id; False if there was none."""
     table, column = NAME_TABLES[kind]
     return (yield (f"DELETE FROM {table} WHERE {column} = ?", (ident,))).rowcount > 0
+
+
+# --- call history and alarms (issue 10) --------------------------------------------------------
+
+#: The per-minute call buckets, and their columns in the order of the rows written.
+HISTORY_TABLE = "CallHistory"
+HISTORY_COLUMNS = ("modid", "cmdid", "ip", "port", "minute", "succ", "err")
+_HISTORY_COLUMNS = ", ".join(HISTORY_COLUMNS)
+#: Where a CallHistory count stops growing: the largest integer both databases hold.
+HISTORY_COUNT_MAX = 2**63 - 1
+#: CallHistory rows per INSERT (a reporter batch's, usually).
+HISTORY_CHUNK = 2000
+#: One CallHistory row of an INSERT, written into the statement rather than passed as
+#: parameters: the MySQL driver escapes parameters one by one in Python, which for the
+#: reporter's thousands of values a batch costs more than the write. ``%d`` takes nothing
+#: but a number, so no text ever gets into the statement this way.
+_HISTORY_VALUES = "(%d,%d,%d,%d,%d,%d,%d)"
+#: The name of the lease row of the alarm evaluation.
+ALARM_LEASE = "alarms"
+#: Longest AlarmLease.holder, AlarmState.kind, and AlarmState.host / .caller.
+LEASE_HOLDER_MAX = 128
+ALARM_KIND_MAX = 32
+ALARM_ADDRESS_MAX = 64
+#: AlarmState's and AlarmEvent's columns, in the order of :func:`_state_values` and
+#: :func:`_event_values`.
+ALARM_STATE_COLUMNS = (
+    "rule",
+    "subject",
+    "kind",
+    "firing",
+    "since",
+    "value",
+    "threshold",
+    "modid",
+    "cmdid",
+    "host",
+    "caller",
+    "updated",
+    "notified_firing",
+    "notified_at",
+)
+ALARM_EVENT_COLUMNS = (
+    "ts",
+    "rule",
+    "subject",
+    "kind",
+    "firing",
+    "value",
+    "threshold",
+    "modid",
+    "cmdid",
+    "host",
+    "caller",
+)
+_STATE_SELECT = f"SELECT {', '.join(ALARM_STATE_COLUMNS)} FROM AlarmState"
+_EVENT_SELECT = f"SELECT id, {', '.join(ALARM_EVENT_COLUMNS)} FROM AlarmEvent"
+_RULE_NAME = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
+
+
+def check_epoch(value: object, name: str) -> int:
+    """An epoch second (an integer of 0 or more), else :class:`InvalidValue`."""
+    if type(value) is not int or value < 0:
+        raise InvalidValue(f"{name} must be epoch seconds, an integer of 0 or more, got {value!r}")
+    return value
+
+
+def check_step(step: object) -> int:
+    """A history step: a positive multiple of :data:`HISTORY_STEP` seconds."""
+    if type(step) is not int or step <= 0 or step % HISTORY_STEP:
+        raise InvalidValue(
+            f"step must be a positive multiple of {HISTORY_STEP} seconds, got {step!r}"
+        )
+    return step
+
+
+def check_span(since: object, until: object) -> tuple[int, int]:
+    """``(since, until)``: epoch seconds, ``since`` not after ``until``."""
+    start, end = check_epoch(since, "since"), check_epoch(until, "until")
+    if start > end:
+        raise InvalidValue(f"since ({start}) must not be after until ({end})")
+    return start, end
+
+
+def check_modules(modules: object) -> list[ModuleKey]:
+    """Up to :data:`PAGE_MAX` distinct modules, validated, sorted."""
+    if isinstance(modules, str | bytes) or not isinstance(modules, Collection):
+        raise InvalidValue(f"modules must be a collection of (modid, cmdid), got {modules!r}")
+    keys = sorted({_as_module(module) for module in modules})
+    if len(keys) > PAGE_MAX:
+        raise InvalidValue(f"at most {PAGE_MAX} modules at a time, got {len(keys)}")
+    return keys
+
+
+def check_rule_name(name: object) -> str:
+    """An alarm rule's name: 1 to :data:`ALARM_NAME_MAX` characters of ``A-Z a-z 0-9 _ . -``."""
+    if type(name) is not str or len(name) > ALARM_NAME_MAX or not _RULE_NAME.fullmatch(name):
+        raise InvalidValue(
+            f"an alarm rule name must be 1 to {ALARM_NAME_MAX} characters of letters, digits,"
+            f" '_', '.' and '-', got {name!r}"
+        )
+    return name
+
+
+def rule_json(definition: object) -> str:
+    """A rule definition as the compact JSON text AlarmRule keeps: a JSON object of at most
+    :data:`ALARM_RULE_MAX_BYTES` bytes, else :class:`InvalidValue`."""
+    if not isinstance(definition, Mapping):
+        raise InvalidValue(
+            f"an alarm rule definition must be a JSON object, got {definition!r:.80}"
+        )
+    try:
+        text = json.dumps(dict(definition), separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidValue(f"an alarm rule definition must be JSON data: {exc}") from None
+    if len(text) > ALARM_RULE_MAX_BYTES:  # ASCII: json.dumps escapes everything else
+        raise InvalidValue(
+            f"an alarm rule definition must take at most {ALARM_RULE_MAX_BYTES} bytes of JSON,"
+            f" got {len(text)}"
+        )
+    return text
+
+
+def check_holder(holder: object) -> str:
+    """A lease holder's name: 1 to :data:`LEASE_HOLDER_MAX` characters."""
+    if type(holder) is not str or not holder or len(holder) > LEASE_HOLDER_MAX:
+        raise InvalidValue(
+            f"a lease holder must be text of 1 to {LEASE_HOLDER_MAX} characters, got {holder!r}"
+        )
+    return holder
+
+
+def _check_text(value: object, name: str, most: int, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if type(value) is not str or not value or len(value) > most:
+        raise InvalidValue(f"{name} must be text of 1 to {most} characters, got {value!r}")
+
+
+def _check_number(value: object, name: str, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidValue(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_flag(value: object, name: str, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if type(value) is not bool:
+        raise InvalidValue(f"{name} must be true or false, got {value!r}")
+
+
+def _check_alarm(alarm: AlarmState | AlarmEvent) -> None:
+    """Raise :class:`InvalidValue` for a state or event the alarm tables cannot hold."""
+    what = f"alarm {alarm.rule!r} {alarm.subject!r}"
+    check_rule_name(alarm.rule)
+    _check_text(alarm.subject, f"{what}: subject", ALARM_SUBJECT_MAX)
+    _check_text(alarm.kind, f"{what}: kind", ALARM_KIND_MAX)
+    _check_flag(alarm.firing, f"{what}: firing")
+    _check_number(alarm.value, f"{what}: value", optional=True)
+    _check_number(alarm.threshold, f"{what}: threshold")
+    for name, ident in (("modid", alarm.modid), ("cmdid", alarm.cmdid)):
+        if ident is not None:
+            check_id(ident, f"{what}: {name}")
+    _check_text(alarm.host, f"{what}: host", ALARM_ADDRESS_MAX, optional=True)
+    _check_text(alarm.caller, f"{what}: caller", ALARM_ADDRESS_MAX, optional=True)
+    if isinstance(alarm, AlarmState):
+        for name, value in (
+            ("since", alarm.since),
+            ("updated", alarm.updated),
+            ("notified_at", alarm.notified_at),
+        ):
+            _check_number(value, f"{what}: {name}")
+        _check_flag(alarm.notified_firing, f"{what}: notified_firing", optional=True)
+    else:
+        _check_number(alarm.ts, f"{what}: ts")
+
+
+def check_decision(decision: object) -> AlarmDecision:
+    """An :class:`AlarmDecision` whose every state, key and event the alarm tables hold,
+    else :class:`InvalidValue` (raised inside the round's transaction: nothing is written)."""
+    if not isinstance(decision, AlarmDecision):
+        raise InvalidValue(f"decide must return an AlarmDecision, got {decision!r:.80}")
+    for state in decision.states:
+        if not isinstance(state, AlarmState):
+            raise InvalidValue(f"decision states must be AlarmState, got {state!r:.80}")
+        _check_alarm(state)
+    for event in decision.events:
+        if not isinstance(event, AlarmEvent):
+            raise InvalidValue(f"decision events must be AlarmEvent, got {event!r:.80}")
+        _check_alarm(event)
+    for key in decision.deleted:
+        if not (isinstance(key, tuple) and len(key) == 2 and all(type(k) is str for k in key)):
+            raise InvalidValue(f"deleted keys must be (rule, subject) texts, got {key!r:.80}")
+    return decision
+
+
+def _sums(rows: list[tuple[Any, ...]]) -> Generator[tuple[Any, ...], None, None]:
+    """The rows of a grouped query whose last two columns (calls) are not both 0, those
+    two as ints (SQLite's TOTAL gives floats, MySQL's SUM decimals)."""
+    for *key, succ, err in rows:
+        if succ or err:
+            yield (*key, int(succ), int(err))
+
+
+def _bucket(step: int) -> str:
+    """The start of a row's ``step``-second bucket (``step`` is a checked integer)."""
+    return f"minute - minute % {int(step)}"
+
+
+def call_history(
+    dialect: Dialect, module: ModuleKey, since: int, until: int, step: int
+) -> Op[dict[HostKey, list[CallPoint]]]:
+    """One module's calls per host in ``step``-second buckets of ``[since, until)``, summed
+    over callers: a range of the table's key per host."""
+    rows = (
+        yield (
+            f"SELECT ip, port, {_bucket(step)} AS t, {dialect.total}(succ), {dialect.total}(err)"
+            f" FROM {HISTORY_TABLE} WHERE modid = ? AND cmdid = ? AND minute >= ? AND minute < ?"
+            " GROUP BY ip, port, t ORDER BY ip, port, t",
+            (*module, since, until),
+        )
+    ).rows
+    series: dict[HostKey, list[CallPoint]] = {}
+    for ip, port, t, succ, err in _sums(rows):
+        series.setdefault((int(ip), int(port)), []).append(CallPoint(int(t), succ, err))
+    return series
+
+
+def module_sparklines(
+    dialect: Dialect, modules: Sequence[ModuleKey], since: int, step: int
+) -> Op[dict[ModuleKey, list[CallPoint]]]:
+    """Each module's calls summed over hosts and callers in ``step``-second buckets from
+    ``since`` on, in one query."""
+    if not modules:
+        return {}
+    which, flat = _modules_where(modules)
+    rows = (
+        yield (
+            f"SELECT modid, cmdid, {_bucket(step)} AS t,"
+            f" {dialect.total}(succ), {dialect.total}(err) FROM {HISTORY_TABLE}"
+            f" WHERE minute >= ? AND ({which}) GROUP BY modid, cmdid, t ORDER BY modid, cmdid, t",
+            (since, *flat),
+        )
+    ).rows
+    lines: dict[ModuleKey, list[CallPoint]] = {}
+    for modid, cmdid, t, succ, err in _sums(rows):
+        lines.setdefault((int(modid), int(cmdid)), []).append(CallPoint(int(t), succ, err))
+    return lines
+
+
+def window_calls(dialect: Dialect, since: int) -> Op[list[HostCalls]]:
+    """Every host's calls from ``since`` on, summed over callers and minutes."""
+    rows = (
+        yield (
+            f"SELECT modid, cmdid, ip, port, {dialect.total}(succ), {dialect.total}(err)"
+            f" FROM {HISTORY_TABLE} WHERE minute >= ? GROUP BY modid, cmdid, ip, port"
+            " ORDER BY modid, cmdid, ip, port",
+            (since,),
+        )
+    ).rows
+    return [
+        HostCalls(int(modid), int(cmdid), int(ip), int(port), succ, err)
+        for modid, cmdid, ip, port, succ, err in _sums(rows)
+    ]
+
+
+def purge_history(dialect: Dialect, older_than: int, limit: int) -> Op[int]:
+    """Delete at most ``limit`` CallHistory rows of minutes before ``older_than``."""
+    return (yield (dialect.purge_history, (older_than, limit))).rowcount
+
+
+def overloaded_status(since: int) -> Op[list[CallStatus]]:
+    """ServerCallStatus rows flagged overloaded and reported at ``since`` or later."""
+    rows = (
+        yield (
+            f"SELECT {_STATUS_COLUMNS} FROM ServerCallStatus WHERE {_OVERLOADED} AND ts >= ?"
+            " ORDER BY modid, cmdid, ip, port, caller",
+            (since,),
+        )
+    ).rows
+    return [_status_row(row) for row in rows]
+
+
+def caller_last_reports() -> Op[dict[int, int]]:
+    """Each caller's newest ServerCallStatus.ts."""
+    rows = (yield ("SELECT caller, MAX(ts) FROM ServerCallStatus GROUP BY caller", ())).rows
+    return {int(caller): int(ts) for caller, ts in rows}
+
+
+def list_alarm_rules() -> Op[list[StoredRule]]:
+    """The AlarmRule rows by name; a definition that is not a JSON object reads as ``{}``
+    (logged)."""
+    rows = (yield ("SELECT name, definition, updated, actor FROM AlarmRule ORDER BY name", ())).rows
+    rules = []
+    for name, text, updated, actor in rows:
+        try:
+            definition = json.loads(_text(text))
+        except ValueError:
+            definition = None
+        if not isinstance(definition, dict):
+            log.warning("alarm rule %s: its definition is not a JSON object: %.80r", name, text)
+            definition = {}
+        rules.append(StoredRule(_text(name), definition, float(updated), _text(actor)))
+    return rules
+
+
+def put_alarm_rule(name: str, definition: str, now: float, actor: str) -> Op[None]:
+    """Insert or replace a rule (``definition``: its JSON text)."""
+    yield (
+        "REPLACE INTO AlarmRule (name, definition, updated, actor) VALUES (?, ?, ?, ?)",
+        (name, definition, now, actor),
+    )
+
+
+def delete_alarm_rule(name: str) -> Op[bool]:
+    """Delete a rule (not its states: the alarm engine's next round resolves the firing ones,
+    telling the webhooks, and deletes them); False if there was no such rule."""
+    return (yield ("DELETE FROM AlarmRule WHERE name = ?", (name,))).rowcount > 0
+
+
+def _flag(value: Any) -> bool | None:
+    return None if value is None else bool(int(value))
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _state_values(s: AlarmState) -> tuple[Any, ...]:
+    """A state's values in ALARM_STATE_COLUMNS order (flags as 0/1)."""
+    notified = None if s.notified_firing is None else int(s.notified_firing)
+    return (
+        s.rule,
+        s.subject,
+        s.kind,
+        int(s.firing),
+        s.since,
+        s.value,
+        s.threshold,
+        s.modid,
+        s.cmdid,
+        s.host,
+        s.caller,
+        s.updated,
+        notified,
+        s.notified_at,
+    )
+
+
+def _event_values(e: AlarmEvent) -> tuple[Any, ...]:
+    """An event's values in ALARM_EVENT_COLUMNS order."""
+    return (
+        e.ts,
+        e.rule,
+        e.subject,
+        e.kind,
+        int(e.firing),
+        e.value,
+        e.threshold,
+        e.modid,
+        e.cmdid,
+        e.host,
+        e.caller,
+    )
+
+
+def _state_row(row: Sequence[Any]) -> AlarmState:
+    (
+        rule,
+        subject,
+        kind,
+        firing,
+        since,
+        value,
+        threshold,
+        modid,
+        cmdid,
+        host,
+        caller,
+        updated,
+        notified_firing,
+        notified_at,
+    ) = row
+    return AlarmState(
+        _text(rule),
+        _text(subject),
+        _text(kind),
+        bool(int(firing)),
+        float(since),
+        _float(value),
+        float(threshold),
+        _int(modid),
+        _int(cmdid),
+        _str(host),
+        _str(caller),
+        float(updated),
+        _flag(notified_firing),
+        float(notified_at),
+    )
+
+
+def _event_row(row: Sequence[Any]) -> AlarmEvent:
+    id_, ts, rule, subject, kind, firing, value, threshold, modid, cmdid, host, caller = row
+    return AlarmEvent(
+        int(id_),
+        float(ts),
+        _text(rule),
+        _text(subject),
+        _text(kind),
+        bool(int(firing)),
+        _float(value),
+        float(threshold),
+        _int(modid),
+        _int(cmdid),
+        _str(host),
+        _str(caller),
+    )
+
+
+def list_alarm_states(firing: bool | None, lock: str = "") -> Op[list[AlarmState]]:
+    """AlarmState rows by rule and subject, all or only the firing or resolved ones
+    (``lock``: :attr:`Dialect.for_update` to read them for a write)."""
+    where, args = ("", ()) if firing is None else (" WHERE firing = ?", (int(firing),))
+    rows = (yield (f"{_STATE_SELECT}{where} ORDER BY rule, subject{lock}", args)).rows
+    return [_state_row(row) for row in rows]
+
+
+def list_alarm_events(rule: str | None, limit: int, before_id: int | None) -> Op[list[AlarmEvent]]:
+    """AlarmEvent rows newest first, of one rule or all, older than ``before_id``."""
+    where: list[str] = []
+    args: list[Any] = []
+    if rule is not None:
+        where.append("rule = ?")
+        args.append(rule)
+    if before_id is not None:
+        where.append("id < ?")
+        args.append(before_id)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    rows = (yield (f"{_EVENT_SELECT}{clause} ORDER BY id DESC LIMIT ?", (*args, limit))).rows
+    return [_event_row(row) for row in rows]
+
+
+def alarm_lease() -> Op[Lease | None]:
+    """The alarms' lease row, or None."""
+    rows = (yield ("SELECT holder, expires FROM AlarmLease WHERE name = ?", (ALARM_LEASE,))).rows
+    return Lease(_text(rows[0][0]), float(rows[0][1])) if rows else None
+
+
+def release_lease(holder: str) -> Op[None]:
+    """End ``holder``'s lease now, if it holds it."""
+    yield (
+        "UPDATE AlarmLease SET expires = 0 WHERE name = ? AND holder = ?",
+        (ALARM_LEASE, holder),
+    )
+
+
+def alarm_round(
+    dialect: Dialect,
+    holder: str,
+    ttl: float,
+    decide: Callable[[list[AlarmState]], AlarmDecision],
+) -> Op[AlarmDecision | None]:
+    """Take or renew the lease, then let ``decide`` turn every state into what to write.
+
+    The lease row is created if missing and locked before anything is read, so rounds of
+    all holders run one after the other; the clock is the database's, read once the lock
+    is held, so the holders' own clocks never matter. Another holder's unexpired lease
+    ends the round with nothing written. The events get their ids from the database, in
+    order; the decision is returned with them.
+    """
+    yield (dialect.lock_lease, (ALARM_LEASE,))
+    rows = (
+        yield (
+            f"SELECT holder, expires FROM AlarmLease WHERE name = ?{dialect.for_update}",
+            (ALARM_LEASE,),
+        )
+    ).rows
+    now = float((yield (dialect.clock, ())).rows[0][0])
+    current, expires = _text(rows[0][0]), float(rows[0][1])
+    if current != holder and expires > now:
+        return None
+    yield (
+        "UPDATE AlarmLease SET holder = ?, expires = ? WHERE name = ?",
+        (holder, now + ttl, ALARM_LEASE),
+    )
+    states = yield from list_alarm_states(None, dialect.for_update)
+    decision = check_decision(decide(states))
+    for key in decision.deleted:
+        yield ("DELETE FROM AlarmState WHERE rule = ? AND subject = ?", key)
+    for part in _chunks(decision.states):
+        yield (
+            f"REPLACE INTO AlarmState ({', '.join(ALARM_STATE_COLUMNS)}) VALUES "
+            + _values_sql(len(ALARM_STATE_COLUMNS), len(part)),
+            tuple(v for state in part for v in _state_values(state)),
+        )
+    events = []
+    insert_event = (
+        f"INSERT INTO AlarmEvent ({', '.join(ALARM_EVENT_COLUMNS)}) VALUES "
+        + _values_sql(len(ALARM_EVENT_COLUMNS), 1)
+    )
+    for event in decision.events:  # one by one: each gets its id
+        result = yield (insert_event, _event_values(event))
+        assert result.lastrowid is not None
+        events.append(attrs.evolve(event, id=int(result.lastrowid)))
+    return attrs.evolve(decision, events=tuple(events))
+
+
+def purge_alarms(older_than: float) -> Op[int]:
+    """Delete the states resolved before ``older_than`` and the events older than it (in
+    the order :func:`alarm_round` writes the tables, so the two never wait on each other)."""
+    states = (
+        yield ("DELETE FROM AlarmState WHERE firing = 0 AND since < ?", (older_than,))
+    ).rowcount
+    events = (yield ("DELETE FROM AlarmEvent WHERE ts < ?", (older_than,))).rowcount
+    return states + events
 
 
 def _text(value: Any) -> str:

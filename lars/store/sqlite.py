@@ -71,6 +71,64 @@ CREATE TABLE IF NOT EXISTS RouteAudit (
     removed TEXT NOT NULL,
     version INTEGER NOT NULL
 );
+-- The call history and the alarms (issue 10): see mysql_schema.sql for what they hold.
+CREATE TABLE IF NOT EXISTS CallHistory (
+    modid INTEGER NOT NULL,
+    cmdid INTEGER NOT NULL,
+    ip INTEGER NOT NULL,
+    port INTEGER NOT NULL,
+    minute INTEGER NOT NULL,
+    succ INTEGER NOT NULL DEFAULT 0,
+    err INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (modid, cmdid, ip, port, minute)
+);
+CREATE TABLE IF NOT EXISTS AlarmRule (
+    name TEXT NOT NULL,
+    definition TEXT NOT NULL,
+    updated REAL NOT NULL,
+    actor TEXT NOT NULL,
+    PRIMARY KEY (name)
+);
+CREATE TABLE IF NOT EXISTS AlarmState (
+    rule TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    firing INTEGER NOT NULL,
+    since REAL NOT NULL,
+    value REAL,
+    threshold REAL NOT NULL,
+    modid INTEGER,
+    cmdid INTEGER,
+    host TEXT,
+    caller TEXT,
+    updated REAL NOT NULL DEFAULT 0,
+    notified_firing INTEGER,
+    notified_at REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (rule, subject)
+);
+CREATE TABLE IF NOT EXISTS AlarmEvent (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    rule TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    firing INTEGER NOT NULL,
+    value REAL,
+    threshold REAL NOT NULL,
+    modid INTEGER,
+    cmdid INTEGER,
+    host TEXT,
+    caller TEXT
+);
+CREATE TABLE IF NOT EXISTS AlarmLease (
+    name TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (name)
+);
+CREATE INDEX IF NOT EXISTS CallHistory_minute ON CallHistory (minute);
+CREATE INDEX IF NOT EXISTS AlarmEvent_rule ON AlarmEvent (rule, id);
+CREATE INDEX IF NOT EXISTS AlarmEvent_ts ON AlarmEvent (ts);
 CREATE INDEX IF NOT EXISTS RouteAudit_module ON RouteAudit (modid, cmdid, id);
 CREATE INDEX IF NOT EXISTS RouteAudit_ts ON RouteAudit (ts);
 CREATE INDEX IF NOT EXISTS RouteChange_module ON RouteChange (modid, cmdid, version);
@@ -79,6 +137,16 @@ CREATE INDEX IF NOT EXISTS ServerCallStatus_overload ON ServerCallStatus (overlo
 CREATE INDEX IF NOT EXISTS ModIDConfig_modid ON ModIDConfig (modid);
 CREATE INDEX IF NOT EXISTS CmdIDConfig_cmdid ON CmdIDConfig (cmdid);
 """
+
+
+def _saturating_sum(column: str) -> str:
+    """``column + excluded.column``, or HISTORY_COUNT_MAX where the sum would pass it."""
+    most = sql.HISTORY_COUNT_MAX
+    return (
+        f"CASE WHEN excluded.{column} > {most} - {column} THEN {most}"
+        f" ELSE {column} + excluded.{column} END"
+    )
+
 
 DIALECT = sql.Dialect(
     name="sqlite",
@@ -101,6 +169,25 @@ DIALECT = sql.Dialect(
     purge_changes=(
         "DELETE FROM RouteChange WHERE created < CAST(strftime('%s', 'now') AS INTEGER) - ?"
     ),
+    # The counts stop at HISTORY_COUNT_MAX rather than overflow.
+    upsert_history_suffix=(
+        " ON CONFLICT (modid, cmdid, ip, port, minute) DO UPDATE SET"
+        f" succ = {_saturating_sum('succ')}, err = {_saturating_sum('err')}"
+    ),
+    # SQLite's DELETE takes no LIMIT (unless built with an option).
+    purge_history=(
+        "DELETE FROM CallHistory WHERE rowid IN"
+        " (SELECT rowid FROM CallHistory WHERE minute < ? LIMIT ?)"
+    ),
+    clock="SELECT (julianday('now') - 2440587.5) * 86400.0",
+    # BEGIN IMMEDIATE holds the write lock: the row needs no lock of its own.
+    lock_lease=(
+        "INSERT INTO AlarmLease (name, holder, expires) VALUES (?, '', 0)"
+        " ON CONFLICT (name) DO NOTHING"
+    ),
+    for_update="",
+    # SUM fails on an integer overflow; TOTAL gives a float.
+    total="TOTAL",
     sized_integers=False,
 )
 
@@ -161,7 +248,7 @@ class SqliteStore(SqlStore):
 
             def execute(query: str, args: tuple[Any, ...]) -> sql.Result:
                 cursor.execute(query, args)
-                return sql.Result(cursor.fetchall(), cursor.rowcount)
+                return sql.Result(cursor.fetchall(), cursor.rowcount, cursor.lastrowid)
 
             if txn is not None:
                 cursor.execute("BEGIN IMMEDIATE" if txn == "write" else "BEGIN")

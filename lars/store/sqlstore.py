@@ -10,23 +10,33 @@ from __future__ import annotations
 
 import abc
 import functools
+import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from lars.core.model import HostKey, ModuleKey, check_id
 from lars.errors import InvalidValue
 from lars.store import schema, sql
 from lars.store.base import (
+    HISTORY_STEP,
     Actor,
+    AlarmDecision,
+    AlarmEvent,
+    AlarmState,
     AuditEntry,
+    CallPoint,
     CallStatus,
+    HistoryRow,
+    HostCalls,
     HostStatus,
+    Lease,
     ModuleSummary,
     RouteDelta,
     RouteSnapshot,
     RouteStore,
     RouteWrite,
+    StoredRule,
 )
 
 T = TypeVar("T")
@@ -111,6 +121,11 @@ class SqlStore(RouteStore):
         if rows:
             await self._run(functools.partial(sql.upsert_call_status, self.dialect, rows), "write")
 
+    async def record_calls(self, rows: Sequence[CallStatus], history: Sequence[HistoryRow]) -> None:
+        if rows or history:
+            op = functools.partial(sql.upsert_call_status, self.dialect, rows, history)
+            await self._run(op, "write")
+
     async def read_call_status(
         self, modid: int | None = None, cmdid: int | None = None
     ) -> list[CallStatus]:
@@ -194,6 +209,105 @@ class SqlStore(RouteStore):
         sql.check_name_kind(kind)
         check_id(ident, f"{kind}id")
         return await self._run(functools.partial(sql.delete_name, kind, ident), "write")
+
+    # --- call history and alarms -------------------------------------------------------------
+
+    async def call_history(
+        self, module: ModuleKey, since: int, until: int, step: int = HISTORY_STEP
+    ) -> dict[HostKey, list[CallPoint]]:
+        key = sql.check_module(module)
+        start, end = sql.check_span(since, until)
+        every = sql.check_step(step)
+        op = functools.partial(sql.call_history, self.dialect, key, start, end, every)
+        return await self._run(op)
+
+    async def module_sparklines(
+        self, modules: Collection[ModuleKey], since: int, step: int = HISTORY_STEP
+    ) -> dict[ModuleKey, list[CallPoint]]:
+        keys = sql.check_modules(modules)
+        start = sql.check_epoch(since, "since")
+        op = functools.partial(
+            sql.module_sparklines, self.dialect, keys, start, sql.check_step(step)
+        )
+        return await self._run(op)
+
+    async def window_calls(self, since: int) -> list[HostCalls]:
+        start = sql.check_epoch(since, "since")
+        return await self._run(functools.partial(sql.window_calls, self.dialect, start))
+
+    async def purge_history(self, older_than: int, limit: int = 10_000) -> int:
+        before = sql.check_epoch(older_than, "older_than")
+        if type(limit) is not int or limit < 1:
+            raise InvalidValue(f"limit must be a positive integer, got {limit!r}")
+        op = functools.partial(sql.purge_history, self.dialect, before, limit)
+        return await self._run(op, "write")
+
+    async def overloaded_status(self, since: int) -> list[CallStatus]:
+        start = sql.check_epoch(since, "since")
+        return await self._run(functools.partial(sql.overloaded_status, start))
+
+    async def caller_last_reports(self) -> dict[int, int]:
+        return await self._run(sql.caller_last_reports)
+
+    async def list_alarm_rules(self) -> list[StoredRule]:
+        return await self._run(sql.list_alarm_rules)
+
+    async def put_alarm_rule(self, name: str, definition: Mapping[str, Any], actor: Actor) -> None:
+        sql.check_rule_name(name)
+        text = sql.rule_json(definition)
+        if not isinstance(actor, Actor):
+            raise InvalidValue(f"actor must be an Actor, got {actor!r}")
+        op = functools.partial(sql.put_alarm_rule, name, text, time.time(), actor.name)
+        await self._run(op, "write")
+
+    async def delete_alarm_rule(self, name: str) -> bool:
+        sql.check_rule_name(name)
+        return await self._run(functools.partial(sql.delete_alarm_rule, name), "write")
+
+    async def alarm_round(
+        self,
+        holder: str,
+        ttl: float,
+        decide: Callable[[list[AlarmState]], AlarmDecision],
+    ) -> AlarmDecision | None:
+        sql.check_holder(holder)
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+            raise InvalidValue(f"ttl must be a positive number of seconds, got {ttl!r}")
+        if not callable(decide):
+            raise InvalidValue(f"decide must be a function, got {decide!r}")
+        op = functools.partial(sql.alarm_round, self.dialect, holder, float(ttl), decide)
+        return await self._run(op, "write")
+
+    async def release_lease(self, holder: str) -> None:
+        sql.check_holder(holder)
+        await self._run(functools.partial(sql.release_lease, holder), "write")
+
+    async def alarm_lease(self) -> Lease | None:
+        return await self._run(sql.alarm_lease)
+
+    async def list_alarm_states(self, *, firing: bool | None = None) -> list[AlarmState]:
+        if firing is not None and type(firing) is not bool:
+            raise InvalidValue(f"firing must be true, false or None, got {firing!r}")
+        return await self._run(functools.partial(sql.list_alarm_states, firing))
+
+    async def list_alarm_events(
+        self, *, rule: str | None = None, limit: int = 100, before_id: int | None = None
+    ) -> list[AlarmEvent]:
+        if rule is not None:
+            sql.check_rule_name(rule)
+        sql.check_limit(limit)
+        if before_id is not None and (type(before_id) is not int or before_id < 0):
+            raise InvalidValue(f"before_id must be an integer of 0 or more, got {before_id!r}")
+        return await self._run(functools.partial(sql.list_alarm_events, rule, limit, before_id))
+
+    async def purge_alarms(self, older_than: float) -> int:
+        if (
+            isinstance(older_than, bool)
+            or not isinstance(older_than, int | float)
+            or not math.isfinite(older_than)
+        ):
+            raise InvalidValue(f"older_than must be epoch seconds, got {older_than!r}")
+        return await self._run(functools.partial(sql.purge_alarms, float(older_than)), "write")
 
 
 def _check_actor(actor: object) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
+import attrs
 import msgpack
 import pytest
 import trio
@@ -16,13 +18,19 @@ from lars.config import ReporterConfig
 from lars.errors import StoreError
 from lars.roles import reporter as reporter_module
 from lars.roles.reporter import (
+    HISTORY_FUTURE_SLACK,
+    HISTORY_PURGE_INTERVAL,
     MAX_QUEUED_REPLY_BYTES,
     ORIGINAL_FLUSH_INTERVAL,
     OriginalStatsLedger,
     Reporter,
+    history_of,
 )
-from lars.store import CallStatus, RouteStore
+from lars.store import CallPoint, CallStatus, HistoryRow, RouteStore
+from lars.store.sql import HISTORY_COUNT_MAX
+from lars.store.sqlite import SqliteStore
 from tests.fakes import FlakyStore, FramedClient, memory_store
+from tests.store_helpers import fetch
 
 CALLER = 2130706433  # 127.0.0.1
 VIRTUAL_DEADLINE = 3600
@@ -55,9 +63,9 @@ def report(seq: int, modid: int = 1, *results: tuple[int, int, int, int, bool]) 
 
 @asynccontextmanager
 async def running(
-    store: FlakyStore, **config: float
+    store: RouteStore, *, clock: Callable[[], float] = time.time, **config: float
 ) -> AsyncIterator[tuple[Reporter, trio.Nursery]]:
-    reporter = Reporter(ReporterConfig(listen="127.0.0.1:0", **config), store)  # type: ignore[arg-type]
+    reporter = Reporter(ReporterConfig(listen="127.0.0.1:0", **config), store, clock=clock)  # type: ignore[arg-type]
     with trio.fail_after(VIRTUAL_DEADLINE):
         async with trio.open_nursery() as nursery:
             for _ in range(reporter.config.writers):
@@ -271,7 +279,7 @@ async def test_counts_beyond_64_bits_are_dropped_on_sqlite_not_fatal(
 ) -> None:
     sqlite = memory_store()  # the real store, which knows its columns
     await sqlite.init_schema()
-    async with running(sqlite, writers=1) as (reporter, nursery):  # type: ignore[arg-type]
+    async with running(sqlite, writers=1) as (reporter, nursery):
         client = connect(reporter, nursery)
         huge = (167772161, 80, 2**63, 0, False)  # a signed 64-bit SQLite integer cannot hold it
         await client.send(report(1), report(2, 2, huge, (167772162, 80, 1, 0, False)), report(3, 3))
@@ -451,3 +459,251 @@ async def test_a_bad_frame_from_an_original_agent_costs_that_frame_alone(
         assert reporter.metrics.counters["malformed_frames"] == 3
         await client.send_raw(struct.pack("<ii", 3, -5))  # a broken framing closes
         assert await client.closed_by_peer()
+
+
+# --- call history (issue 10) ----------------------------------------------------------------------
+
+#: A minute: the wall clock of the history tests at virtual time 0.
+BASE = 1_800_000_000 - 1_800_000_000 % 60
+RETENTION = ReporterConfig().history_retention
+CALLER2 = 2130706434
+M = (1, 1)
+
+
+def wall() -> float:
+    """The reporter's wall clock in the history tests: BASE plus the virtual time."""
+    return BASE + trio.current_time()
+
+
+def status_row(
+    caller: int, succ: int, err: int, ts: int, ip: int = IP1, add: tuple[int, int] | None = None
+) -> CallStatus:
+    row = CallStatus(*M, ip, 80, caller, succ, err, ts, False)
+    return row if add is None else attrs.evolve(row, add_succ=add[0], add_err=add[1])
+
+
+def test_history_sums_each_host_and_minute_over_callers_in_key_order() -> None:
+    rows = [
+        status_row(CALLER, 3, 1, BASE + 5),
+        status_row(CALLER, 2, 0, BASE + 10, ip=IP2),
+        status_row(CALLER2, 4, 0, BASE + 59),
+        status_row(CALLER, 1, 1, BASE + 60),
+        status_row(CALLER2, 0, 0, BASE + 61),  # no calls: nothing
+    ]
+    assert history_of(rows, BASE + 100, RETENTION) == [
+        HistoryRow(*M, IP1, 80, BASE, 7, 1),
+        HistoryRow(*M, IP1, 80, BASE + 60, 1, 1),
+        HistoryRow(*M, IP2, 80, BASE, 2, 0),
+    ]
+    assert history_of([], BASE, RETENTION) == []
+
+
+def test_history_counts_what_the_totals_count() -> None:
+    """An original agent's row holds its window counts; its calls are the increments."""
+    rows = [
+        status_row(CALLER, 50, 9, BASE, add=(2, 1)),
+        status_row(CALLER2, 7, 7, BASE, add=(0, 0)),
+    ]
+    assert history_of(rows, BASE, RETENTION) == [HistoryRow(*M, IP1, 80, BASE, 2, 1)]
+
+
+def test_history_minutes_of_reports_from_the_future_and_the_past() -> None:
+    now = BASE + 30
+    minutes = {
+        ts: [h.minute for h in history_of([status_row(CALLER, 1, 0, ts)], now, RETENTION)]
+        for ts in (
+            now + HISTORY_FUTURE_SLACK,  # a clock a little ahead: its own minute
+            now + HISTORY_FUTURE_SLACK + 1,  # further: the reporter's minute
+            2**63 - 1,
+            BASE - 60,
+            int(now - RETENTION),  # its minute is before the retention: purged at once
+            int(now - RETENTION) + 30,  # its minute is the oldest kept
+            -1,
+        )
+    }
+    assert minutes == {
+        now + HISTORY_FUTURE_SLACK: [BASE + 60],
+        now + HISTORY_FUTURE_SLACK + 1: [BASE],
+        2**63 - 1: [BASE],
+        BASE - 60: [BASE - 60],
+        int(now - RETENTION): [],
+        int(now - RETENTION) + 30: [int(now - RETENTION) + 30],
+        -1: [],
+    }
+
+
+def test_history_sums_stop_at_the_largest_count() -> None:
+    rows = [status_row(CALLER, HISTORY_COUNT_MAX, 2**64 - 1, BASE)] * 2
+    assert history_of(rows, BASE, RETENTION) == [
+        HistoryRow(*M, IP1, 80, BASE, HISTORY_COUNT_MAX, HISTORY_COUNT_MAX)
+    ]
+
+
+@pytest.fixture
+async def sqlite() -> AsyncIterator[SqliteStore]:
+    """A real (in-memory) store: the history is in it."""
+    inner = memory_store()
+    await inner.init_schema()
+    yield inner
+    await inner.aclose()
+
+
+def calls_report(
+    seq: int, caller: int, *results: tuple[int, int, int, int, bool], ts: int, modid: int = 1
+) -> wire.ReportStatusRequest:
+    return wire.ReportStatusRequest(
+        modid, 1, caller, tuple(wire.HostResult(*r) for r in results), ts, seq
+    )
+
+
+async def test_each_batch_adds_its_calls_to_the_history(
+    sqlite: SqliteStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(sqlite, clock=wall) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        await client.send(calls_report(1, CALLER, (IP1, 80, 3, 1, False), ts=BASE + 1))
+        assert await acks(client, 1) == [1]
+        await client.send(
+            calls_report(2, CALLER2, (IP1, 80, 4, 0, False), (IP2, 80, 1, 1, True), ts=BASE + 2)
+        )
+        assert await acks(client, 1) == [2]
+        await trio.sleep(60)
+        await client.send(calls_report(3, CALLER, (IP1, 80, 2, 2, False), ts=BASE + 61))
+        assert await acks(client, 1) == [3]
+    assert await sqlite.call_history(M, BASE, BASE + 120) == {
+        (IP1, 80): [CallPoint(BASE, 7, 1), CallPoint(BASE + 60, 2, 2)],
+        (IP2, 80): [CallPoint(BASE, 1, 1)],
+    }
+    assert reporter.metrics.counters["history_rows_written"] == 4
+    assert reporter.registry.get_sample_value("lars_reporter_history_rows_written_total") == 4
+
+
+async def test_nothing_is_stored_or_acknowledged_until_the_history_is_too(
+    sqlite: SqliteStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The statistics and the history go in one transaction: an acknowledgement means both."""
+    await fetch(sqlite, "ALTER TABLE CallHistory RENAME TO CallHistoryGone")
+    async with running(sqlite, clock=wall, retry_max=2) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        await client.send(calls_report(1, CALLER, (IP1, 80, 3, 1, False), ts=BASE))
+        with trio.move_on_after(60):
+            await client.receive()
+            pytest.fail("acknowledged while the history could not be written")
+        assert reporter.store_ok is False
+        assert await sqlite.read_call_status() == []
+        await fetch(sqlite, "ALTER TABLE CallHistoryGone RENAME TO CallHistory")
+        assert await acks(client, 1) == [1]
+    (row,) = await sqlite.read_call_status()
+    assert (row.succ_total, row.err_total) == (3, 1)
+    assert await sqlite.call_history(M, BASE, BASE + 60) == {(IP1, 80): [CallPoint(BASE, 3, 1)]}
+
+
+async def test_a_report_whose_history_is_refused_is_dropped_whole(
+    sqlite: SqliteStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await fetch(
+        sqlite,
+        "CREATE TRIGGER refuse_13 BEFORE INSERT ON CallHistory WHEN NEW.modid = 13"
+        " BEGIN SELECT RAISE(ABORT, 'test: module 13 refused'); END",
+    )
+    async with running(sqlite, clock=wall, writers=1) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        await client.send(
+            calls_report(1, CALLER, (IP1, 80, 1, 0, False), ts=BASE),
+            calls_report(2, CALLER, (IP1, 80, 5, 0, False), ts=BASE, modid=13),
+            calls_report(3, CALLER, (IP2, 80, 2, 0, False), ts=BASE),
+        )
+        assert await acks(client, 3) == [1, 2, 3]
+    assert [(r.modid, r.ip) for r in await sqlite.read_call_status()] == [(1, IP1), (1, IP2)]
+    assert await sqlite.call_history(M, BASE, BASE + 60) == {
+        (IP1, 80): [CallPoint(BASE, 1, 0)],
+        (IP2, 80): [CallPoint(BASE, 2, 0)],
+    }
+    assert await sqlite.call_history((13, 1), BASE, BASE + 60) == {}
+    assert reporter.metrics.counters["reports_dropped"] == 1
+
+
+async def test_reports_from_the_future_count_now_and_expired_ones_not_at_all(
+    sqlite: SqliteStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(sqlite, clock=wall, history_retention=3600) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        await client.send(
+            calls_report(1, CALLER, (IP1, 80, 1, 0, False), ts=BASE + 86400),
+            calls_report(2, CALLER2, (IP1, 80, 0, 1, False), ts=BASE - 3660),
+        )
+        assert await acks(client, 2) == [1, 2]
+    assert len(await sqlite.read_call_status()) == 2  # the statistics take both
+    assert await sqlite.call_history(M, 0, BASE + 100_000) == {(IP1, 80): [CallPoint(BASE, 1, 0)]}
+
+
+async def test_an_original_agents_calls_go_to_the_history_once(
+    sqlite: SqliteStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(sqlite, clock=wall) as (reporter, nursery):
+        nursery.start_soon(reporter._original_flusher)
+        client = connect(reporter, nursery)
+        await client.send_raw(
+            original(1, (IP1, 80, 0, 0, False), (IP2, 80, 0, 0, False), ts=BASE)
+            + original(1, (IP1, 80, 1, 0, False), (IP2, 80, 0, 0, False), ts=BASE + 1)
+            + original(1, (IP1, 80, 2, 0, False), (IP2, 80, 0, 0, False), ts=BASE + 2)
+            + original(1, (IP1, 80, 2, 1, False), (IP2, 80, 0, 0, False), ts=BASE + 3)
+        )
+        await trio.sleep(ORIGINAL_FLUSH_INTERVAL * 1.5)
+        await client.send_raw(
+            original(1, (IP1, 80, 3, 1, False), (IP2, 80, 0, 0, False), ts=BASE + 4)
+            + original(1, (IP1, 80, 1, 0, False), (IP2, 80, 0, 0, False), ts=BASE + 5)
+        )
+        await trio.sleep(ORIGINAL_FLUSH_INTERVAL * 1.5)
+    # Every call once: not the running counts each report repeats.
+    assert await sqlite.call_history(M, BASE, BASE + 60) == {(IP1, 80): [CallPoint(BASE, 4, 1)]}
+
+
+class PurgeFlakyStore(FlakyStore):
+    """A FlakyStore whose history purge goes to the real store (or fails while down)."""
+
+    async def purge_history(self, older_than: int, limit: int = 10_000) -> int:
+        self._check()
+        return await self.inner.purge_history(older_than, limit)
+
+
+async def test_the_purge_task_deletes_minutes_past_the_retention_a_chunk_at_a_time(
+    sqlite: SqliteStore, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reporter_module, "HISTORY_PURGE_CHUNK", 2)
+    old = [HistoryRow(*M, IP1, port, BASE - 660 - 60 * (port % 2), 1, 0) for port in range(1, 6)]
+    kept = [HistoryRow(*M, IP1, 80, BASE - 600, 1, 0), HistoryRow(*M, IP2, 80, BASE - 60, 1, 0)]
+    await sqlite.record_calls([], old + kept)
+    minutes = "SELECT minute FROM CallHistory ORDER BY minute"
+    async with running(sqlite, clock=wall, history_retention=600) as (reporter, nursery):
+        nursery.start_soon(reporter._history_purger)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await fetch(sqlite, minutes) == [(BASE - 600,), (BASE - 60,)]
+        assert reporter.metrics.counters["history_rows_purged"] == 5
+        # Every HISTORY_PURGE_INTERVAL, what has grown too old since goes.
+        await trio.sleep(HISTORY_PURGE_INTERVAL * 1.5)
+        assert await fetch(sqlite, minutes) == [(BASE - 60,)]
+        await trio.sleep(HISTORY_PURGE_INTERVAL * 8)
+        assert await fetch(sqlite, minutes) == [(BASE - 60,)]
+        await trio.sleep(HISTORY_PURGE_INTERVAL)
+        assert await fetch(sqlite, minutes) == []
+        assert reporter.metrics.counters["history_rows_purged"] == 7
+        assert reporter.registry.get_sample_value("lars_reporter_history_rows_purged_total") == 7
+
+
+async def test_a_failing_purge_is_logged_and_tried_again_next_time(
+    sqlite: SqliteStore, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    await sqlite.record_calls([], [HistoryRow(*M, IP1, 80, BASE - int(RETENTION) - 60, 1, 0)])
+    store = PurgeFlakyStore(sqlite)
+    store.down = True
+    async with running(store, clock=wall) as (reporter, nursery):
+        nursery.start_soon(reporter._history_purger)
+        await trio.sleep(HISTORY_PURGE_INTERVAL * 2.5)
+        assert await fetch(sqlite, "SELECT COUNT(*) FROM CallHistory") == [(1,)]
+        assert sum("purging old CallHistory rows failed" in r.getMessage() for r in caplog.records)
+        assert reporter.metrics.counters["store_errors"] == 3
+        store.down = False
+        await trio.sleep(HISTORY_PURGE_INTERVAL)
+        assert await fetch(sqlite, "SELECT COUNT(*) FROM CallHistory") == [(0,)]
+        assert reporter.metrics.counters["history_rows_purged"] == 1

@@ -12,7 +12,7 @@ import trio
 from lars.config import ReporterConfig
 from lars.roles import reporter as reporter_module
 from lars.roles.reporter import Reporter
-from lars.store import RouteStore, open_store
+from lars.store import CallPoint, RouteStore, open_store
 from tests import mysql_admin
 from tests.roles.test_reporter import acks, connect, report
 from tests.store.test_legacy_schema import FILL
@@ -87,4 +87,25 @@ async def test_after_an_upgrade_the_reporter_stores_what_it_dropped(
         (row,) = await original_store.read_call_status()
         assert (row.modid, row.ip, row.succ_total) == (2**31, IP_177, 1)
         assert reporter.metrics.counters["results_dropped"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_reporter_adds_each_batch_to_the_call_history(db_url: str) -> None:
+    """On MySQL too (whose batches are written with the integers in the statement)."""
+    minute = 1_800_000_000  # report(seq) is stamped 1_800_000_000 + seq
+    async with open_store(db_url) as store, trio.open_nursery() as nursery:
+        config = ReporterConfig(listen="127.0.0.1:0", writers=1)
+        reporter = Reporter(config, store, clock=lambda: minute + 30.0)
+        nursery.start_soon(reporter._writer)
+        client = connect(reporter, nursery)
+        with trio.fail_after(10):
+            await client.send(report(1, 1, (A, 80, 3, 1, False), (B, 81, 2, 0, True)))
+            await client.send(report(2, 1, (A, 80, 4, 2, False)))
+            assert await acks(client, 2) == [1, 2]
+        assert await store.call_history((1, 1), minute, minute + 60) == {
+            (A, 80): [CallPoint(minute, 7, 3)],
+            (B, 81): [CallPoint(minute, 2, 0)],
+        }
+        (row, _) = await store.read_call_status()
+        assert (row.ip, row.succ, row.succ_total, row.overload) == (A, 4, 7, False)
         nursery.cancel_scope.cancel()
