@@ -31,7 +31,15 @@ from lars.core.model import UINT32_MAX, Host, HostKey, ModuleKey, format_host
 from lars.errors import AgentUnavailable, LarsError
 from lars.roles.common import RECEIVE_SIZE, ask, notify_dns
 from lars.roles.run import ROLES
-from lars.store import ACTOR_NAME_MAX, Actor, CallStatus, RouteStore, RouteWrite, open_store
+from lars.store import (
+    ACTOR_NAME_MAX,
+    PAGE_MAX,
+    Actor,
+    CallStatus,
+    RouteStore,
+    RouteWrite,
+    open_store,
+)
 from lars.web.cli import web as web_group
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -1003,6 +1011,86 @@ def simulate_command(
         f"failing hosts got {result.failing_share:.1%} of the calls; "
         f"an even spread would give them {result.even_share:.1%}"
     )
+
+
+# --- alarms ----------------------------------------------------------------------------------
+
+
+@cli.command("alarms", context_settings=CONTEXT)
+@click.option("--firing", is_flag=True, help="Only the alarms firing now.")
+@click.option("--history", is_flag=True, help="The transitions instead, newest first.")
+@click.option("--rule", metavar="NAME", help="Only this rule's alarms or transitions.")
+@click.option(
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1, PAGE_MAX),
+    help="Most transitions shown with --history.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of objects.")
+@config_option
+@store_option
+def alarms_command(
+    firing: bool,
+    history: bool,
+    rule: str | None,
+    limit: int,
+    as_json: bool,
+    config_path: str | None,
+    store_override: str | None,
+) -> None:
+    """Show the alarms the web role evaluates (from the store): each alarm's state
+    (firing or resolved), since when, and the value that made it; or with --history, the
+    transitions.
+
+    \b
+    Examples:
+      lars alarms
+      lars alarms --firing --json
+      lars alarms --history --rule api-errors
+    JSON: [{"alarm": "api-errors", "subject": "12/3", "state": "firing", "since": ...,
+            "value": 0.52, "threshold": 0.2, "module": "12/3", "host": null, ...}, ...]
+    """
+    url = store_url(get_config(config_path), store_override)
+
+    async def read(store: RouteStore) -> list[dict[str, Any]]:
+        if history:
+            events = await store.list_alarm_events(rule=rule, limit=limit)
+            return [e.as_json() for e in events]
+        states = await store.list_alarm_states(firing=True if firing else None)
+        return [s.as_json() for s in states if rule is None or s.rule == rule]
+
+    try:
+        rows = run_async(functools.partial(with_store, url, read))
+    except LarsError as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("no alarm transitions" if history else "no alarms")
+        return
+    if history:
+        click.echo(
+            f"{'TIME':<19}  {'STATE':<8} {'ALARM':<20} {'VALUE':>10} {'THRESHOLD':>10}  SUBJECT"
+        )
+    else:
+        click.echo(
+            f"{'SINCE':<19}  {'STATE':<8} {'ALARM':<20} {'VALUE':>10} {'THRESHOLD':>10}  SUBJECT"
+        )
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["ts" if history else "since"]))
+        click.echo(
+            f"{when:<19}  {row['state'].upper() if row['state'] == 'firing' else row['state']:<8}"
+            f" {row['alarm']:<20} {_number(row['value']):>10} {_number(row['threshold']):>10}"
+            f"  {row['subject']}"
+        )
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}" if value == int(value) else f"{value:.4g}"
 
 
 cli.add_command(web_group)

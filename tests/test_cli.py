@@ -291,3 +291,38 @@ def test_json_log_lines_carry_the_text_format_fields() -> None:
     assert line["message"] == "store x down"
     assert line["time"].endswith("+00:00")
     assert "ValueError: boom" in line["exception"]
+
+
+def test_alarms_shows_states_and_history_as_text_and_json(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lars.store.base import AlarmDecision, AlarmEvent, AlarmState
+
+    assert run(capsys, "db", "init", "--store", url)[0] == 0
+    assert run(capsys, "alarms", "--store", url)[1] == "no alarms\n"
+    firing = AlarmState("errors", "1/1", "error_rate", True, 1_700_000_000.0, 0.75, 0.5, 1, 1)
+    resolved = AlarmState("silent", "caller 10.0.0.9", "caller_silent", False, 1_700_000_100.0,
+                          None, 10.0, caller="10.0.0.9")  # fmt: skip
+    event = AlarmEvent(0, 1_700_000_000.0, "errors", "1/1", "error_rate", True, 0.75, 0.5, 1, 1)
+
+    async def write() -> None:
+        async with open_store(url) as store:
+            decision = AlarmDecision(states=(firing, resolved), events=(event,))
+            assert await store.alarm_round("web-1", 30.0, lambda states: decision)
+
+    trio.run(write)
+    code, out, _ = run(capsys, "alarms", "--store", url)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["SINCE", "STATE", "ALARM", "VALUE", "THRESHOLD", "SUBJECT"]
+    assert "FIRING" in lines[1] and "errors" in lines[1] and "0.75" in lines[1]
+    assert "resolved" in lines[2] and lines[2].rstrip().endswith("caller 10.0.0.9")
+    firing_only = json.loads(run(capsys, "alarms", "--firing", "--json", "--store", url)[1])
+    assert [(a["alarm"], a["state"], a["module"]) for a in firing_only] == [
+        ("errors", "firing", "1/1")
+    ]
+    history = json.loads(run(capsys, "alarms", "--history", "--json", "--store", url)[1])
+    assert [(e["alarm"], e["state"], e["value"]) for e in history] == [("errors", "firing", 0.75)]
+    assert json.loads(run(capsys, "alarms", "--rule", "nope", "--json", "--store", url)[1]) == []
+    code, _, err = run(capsys, "alarms", "--store", "mysql://root@127.0.0.1:1/nowhere")
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1

@@ -12,13 +12,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from lars.alarms.rules import Rule
 from lars.core.model import format_host
 from lars.store import AuditEntry, HostStatus, ModuleSummary
-from lars.store.base import CALL_STATUS_SORTS, PAGE_MAX
+from lars.store.base import CALL_STATUS_SORTS, PAGE_MAX, CallPoint
+from lars.web.charts import fill
 from lars.web.context import actor, console, principal
+from lars.web.monitor import HISTORY_PERIODS, checked_rule
 from lars.web.service import (
     IMPORT_FORMATS,
     BadInput,
@@ -317,3 +321,93 @@ async def import_routes(request: Request) -> Response:
         )
         result["result"] = outcome_json(outcome)
     return ok(result)
+
+
+# --- call history and alarms -------------------------------------------------------------------
+
+
+def series_json(points: list[CallPoint], start: int, end: int, step: int) -> list[dict[str, int]]:
+    """A call series, one point per step (zeros included), as the charts draw it."""
+    return [{"ts": p.ts, "succ": p.succ, "err": p.err} for p in fill(points, start, end, step)]
+
+
+def rule_json(rule: Rule, source: str) -> dict[str, Any]:
+    """A rule: its definition, where it is kept (``config`` or ``store``), and in words."""
+    return {**rule.definition(), "source": source, "description": rule.describe()}
+
+
+async def module_history(request: Request) -> Response:
+    """``GET /api/v1/modules/MODID/CMDID/history?period=hour|day``: calls and errors per
+    minute (hour) or per 10 minutes (day), for the module and each of its hosts."""
+    period = parse_choice(
+        request.query_params.get("period"), "period", tuple(HISTORY_PERIODS), default="hour"
+    )
+    modid, cmdid = _module(request)
+    view = await console(request).monitor.history((modid, cmdid), period)
+    span = (view.start, view.end, view.step)
+    return ok(
+        {
+            "modid": modid,
+            "cmdid": cmdid,
+            "period": view.period,
+            "start": view.start,
+            "end": view.end,
+            "step": view.step,
+            "points": series_json(view.module, *span),
+            "hosts": [
+                {"host": format_host(host), "points": series_json(points, *span)}
+                for host, points in sorted(view.hosts.items())
+            ],
+        }
+    )
+
+
+async def list_alarms(request: Request) -> Response:
+    """``GET /api/v1/alarms?firing=``: every alarm's state (firing first), the rules in
+    force, stored rules that cannot be used, and the webhooks' delivery."""
+    firing = parse_bool(request.query_params.get("firing"), "firing")
+    view = await console(request).monitor.alarms(events=0)
+    states = [s for s in view.states if firing is None or s.firing == firing]
+    return ok(
+        {
+            "alarms": [s.as_json() for s in states],
+            "firing": len(view.firing),
+            "rules": [rule_json(r, "config") for r in view.rules.configured]
+            + [rule_json(r, "store") for r in view.rules.stored],
+            "broken_rules": view.rules.broken,
+            "webhooks": [attrs.asdict(w) for w in view.webhooks],
+            "evaluator": view.lease.holder if view.lease else None,
+        }
+    )
+
+
+async def alarm_events(request: Request) -> Response:
+    """``GET /api/v1/alarms/events?rule=&before_id=&limit=``: transitions, newest first."""
+    q = request.query_params
+    before = q.get("before_id")
+    events = await console(request).monitor.events(
+        q.get("rule") or None,
+        parse_int(q.get("limit"), "limit", default=100, low=1, high=PAGE_MAX),
+        parse_int(before, "before_id", default=0, low=1, high=2**63 - 1) if before else None,
+    )
+    return ok({"events": [e.as_json() for e in events]})
+
+
+async def put_alarm_rule(request: Request) -> Response:
+    """``PUT /api/v1/alarms/rules/NAME {"kind": ..., ...}``: add or replace a stored rule
+    (201 when new); 409 for a rule of the config file."""
+    name = request.path_params["name"]
+    body = await json_body(request)
+    if body.setdefault("name", name) != name:
+        raise BadInput("name", f"the body names {body['name']!r}, the URL {name!r}")
+    rule = checked_rule(body)
+    created = await console(request).monitor.put_rule(actor(request), rule)
+    return ok(rule_json(rule, "store"), 201 if created else 200)
+
+
+async def delete_alarm_rule(request: Request) -> Response:
+    """``DELETE /api/v1/alarms/rules/NAME``: a stored rule; its firing alarms resolve at the
+    next evaluation."""
+    name = request.path_params["name"]
+    await console(request).monitor.delete_rule(name)
+    return ok({"name": name, "deleted": True})

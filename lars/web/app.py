@@ -38,6 +38,7 @@ from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lars.config import AlarmsConfig
 from lars.errors import LarsError
 from lars.web import api, pages
 from lars.web.auth import (
@@ -63,6 +64,7 @@ from lars.web.context import (
     render,
     template_environment,
 )
+from lars.web.monitor import MonitorService
 from lars.web.service import BadInput, ConsoleService, http_status
 
 #: Largest request body: an import file, and some room for the form around it.
@@ -117,6 +119,14 @@ def routes() -> list[BaseRoute]:
         Route("/api/v1/names/{kind}", api.list_names, methods=["GET"]),
         Route("/api/v1/names/{kind}/{ident}", api.put_name, methods=["PUT"]),
         Route("/api/v1/names/{kind}/{ident}", api.delete_name, methods=["DELETE"]),
+        Route("/api/v1/modules/{modid}/{cmdid}/history", api.module_history),
+        Route("/api/v1/alarms", api.list_alarms),
+        Route("/api/v1/alarms/events", api.alarm_events),
+        Route("/api/v1/alarms/rules/{name}", api.put_alarm_rule, methods=["PUT"]),
+        Route("/api/v1/alarms/rules/{name}", api.delete_alarm_rule, methods=["DELETE"]),
+        Route("/alarms", pages.alarms_page, methods=["GET"]),
+        Route("/alarms/rules", pages.save_alarm_rule, methods=["POST"]),
+        Route("/alarms/rules/delete", pages.delete_alarm_rule, methods=["POST"]),
         Route("/api/v1/export", api.export),
         Route("/api/v1/import", api.import_routes, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
@@ -376,11 +386,14 @@ def make_app(
     accounts: Accounts,
     secret: bytes,
     counter: Counter | None = None,
+    monitor: MonitorService | None = None,
 ) -> Callable[[MutableMapping[str, Any], Receive, Send], Any]:
     """The console's ASGI app over ``service``; ``secret`` signs its cookies; ``counter``
-    (see :func:`requests_counter`) counts its answers."""
+    (see :func:`requests_counter`) counts its answers; ``monitor`` serves the charts and
+    alarms (by default over the service's store, default alarm settings, no engine)."""
     console = Console(
         service=service,
+        monitor=monitor or MonitorService(service.store, AlarmsConfig()),
         accounts=accounts,
         session_signer=Signer(secret, "session"),
         flash_signer=Signer(secret, "flash"),

@@ -15,6 +15,7 @@ from starlette.responses import HTMLResponse, RedirectResponse
 from lars.core.model import format_host, int_to_ip
 from lars.store import Actor
 from lars.web.auth import Accounts, Principal, Session, Signer, csrf_matches
+from lars.web.monitor import MonitorService
 from lars.web.service import ConsoleService, Forbidden
 
 #: Scope keys the auth middleware fills in (and reads back for the response's cookies).
@@ -39,6 +40,7 @@ class Console:
     """The parts of a running console, kept in ``app.state.console``."""
 
     service: ConsoleService
+    monitor: MonitorService
     accounts: Accounts
     session_signer: Signer
     flash_signer: Signer
@@ -176,5 +178,5 @@ def template_environment() -> jinja2.Environment:
         host=fmt_host,
         ip=int_to_ip,
     )
-    env.globals.update(rate=fmt_rate)
+    env.globals.update(rate=fmt_rate, now=time.time)
     return env

@@ -17,8 +17,10 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 
+from lars.core.model import format_host
 from lars.errors import LarsError
 from lars.store.base import CALL_STATUS_SORTS
+from lars.web import charts as charts_
 from lars.web.auth import Session
 from lars.web.context import (
     PRINCIPAL,
@@ -31,6 +33,7 @@ from lars.web.context import (
     redirect,
     render,
 )
+from lars.web.monitor import HISTORY_PERIODS, SPARKLINE_STEP, rule_from_form
 from lars.web.service import (
     IMPORT_FORMATS,
     IMPORT_MAX_BYTES,
@@ -133,11 +136,20 @@ async def overview(
         page_number, error, status = 1, str(exc), 400
     offset = (page_number - 1) * OVERVIEW_PAGE
     page = await console(request).service.overview(search, offset, OVERVIEW_PAGE)
+    modules = [(m.modid, m.cmdid) for m in page.items]
+    start, end, series = await console(request).monitor.sparklines(modules)
+    sparklines = {
+        module: charts_.sparkline_svg(
+            series.get(module, []), start=start, end=end, step=SPARKLINE_STEP
+        )
+        for module in modules
+    }
     return render(
         request,
         "overview.html",
         status=status,
         page=page,
+        sparklines=sparklines,
         page_number=page_number,
         search=search,
         query=lambda **kw: _query(request, **kw),
@@ -186,6 +198,32 @@ async def module_page(
             back=("/", "Back to the overview"),
         )
     callers = sorted({row.caller for host in view.hosts for row in host.callers})
+    try:
+        period = parse_choice(
+            request.query_params.get("period"), "period", tuple(HISTORY_PERIODS), default="hour"
+        )
+    except BadInput as exc:
+        period, error, status = "hour", str(exc), 400
+    history = await console(request).monitor.history(module, period)
+    span = {"start": history.start, "end": history.end, "step": history.step}
+    label = "the last hour" if period == "hour" else "the last day"
+    charts = {
+        "module": charts_.chart_svg(
+            history.module, title=f"Module {module[0]}/{module[1]}, {label}", **span
+        ),
+        "hosts": [
+            (
+                host,
+                charts_.chart_svg(
+                    history.hosts.get(host, []),
+                    height=120,
+                    title=f"{format_host(host)}, {label}",
+                    **span,
+                ),
+            )
+            for host in sorted({h.host for h in view.hosts} | set(history.hosts))
+        ],
+    }
     return render(
         request,
         "module.html",
@@ -193,6 +231,9 @@ async def module_page(
         module=module,
         view=view,
         callers=callers,
+        period=period,
+        periods=tuple(HISTORY_PERIODS),
+        charts=charts,
         error=error,
         form=form or {},
     )
@@ -449,3 +490,53 @@ async def export(request: Request) -> Response:
         media_type=media,
         headers={"Content-Disposition": f'attachment; filename="lars-routes.{fmt}"'},
     )
+
+
+# --- alarms ------------------------------------------------------------------------------------
+
+
+async def alarms_page(
+    request: Request, *, error: str | None = None, status: int = 200, form: Any = None
+) -> Response:
+    """The alarms: firing and resolved states, the rules, the webhooks' delivery, the
+    latest transitions; a form to write a rule."""
+    view = await console(request).monitor.alarms()
+    edit = request.query_params.get("edit")
+    if form is None and edit:
+        stored = {r.name: r for r in view.rules.stored}
+        if edit in stored:
+            form = {k: str(v) for k, v in stored[edit].definition().items()}
+            form["enabled"] = "1" if stored[edit].enabled else ""
+    return render(
+        request, "alarms.html", status=status, view=view, error=error, form=form or {"enabled": "1"}
+    )
+
+
+async def save_alarm_rule(request: Request) -> Response:
+    """Write a rule (a new one, or a stored one again)."""
+    form = await checked_form(request)
+    values = {k: form_text(form, k) for k in form}
+    try:
+        rule = rule_from_form(values)
+        created = await console(request).monitor.put_rule(actor(request), rule)
+    except LarsError as exc:
+        return await alarms_page(request, error=str(exc), status=http_status(exc), form=values)
+    flash(
+        request,
+        "ok",
+        f"rule {rule.name!r} {'added' if created else 'saved'};"
+        " it applies from the next evaluation",
+    )
+    return redirect("/alarms")
+
+
+async def delete_alarm_rule(request: Request) -> Response:
+    """Delete a stored rule; its firing alarms resolve at the next evaluation."""
+    form = await checked_form(request)
+    name = form_text(form, "name")
+    try:
+        await console(request).monitor.delete_rule(name)
+    except LarsError as exc:
+        return await alarms_page(request, error=str(exc), status=http_status(exc))
+    flash(request, "ok", f"rule {name!r} deleted")
+    return redirect("/alarms")

@@ -2,7 +2,9 @@
 
 Like the HTTP listener of the other roles (:mod:`lars.roles.http`), it binds its own socket
 first (a taken port is one clear error, port 0 works) and hands Hypercorn a duplicate as
-``fd://``. Writes tell the DNS instances of ``[agent] dns``, as ``lars route`` does.
+``fd://``. Writes tell the DNS instances of ``[agent] dns``, as ``lars route`` does. Beside
+the console runs the alarm engine (:mod:`lars.alarms.engine`), which evaluates the rules
+while this instance holds the store's alarm lease.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
+from lars.alarms.engine import AlarmCollector, AlarmEngine
+from lars.alarms.notify import WebhookNotifier
 from lars.config import Config, parse_address
 from lars.roles.common import notify_dns
 from lars.roles.http import Observed, bind_listener, serve_asgi, store_readiness
 from lars.store import RouteStore
 from lars.web.app import make_app, requests_counter
 from lars.web.auth import Accounts, check_listen
+from lars.web.monitor import MonitorService
 from lars.web.service import ConsoleService
 
 log = logging.getLogger("lars.web")
@@ -57,9 +62,21 @@ class WebServer:
         self.counter = requests_counter(self.registry)
         dns = list(config.agent.dns)
         self.service = ConsoleService(store, functools.partial(self._notify, dns))
+        alarms = config.alarms
+        notifier = WebhookNotifier(
+            alarms.webhooks,
+            timeout=alarms.webhook_timeout,
+            retries=alarms.webhook_retries,
+            queue_size=alarms.webhook_queue,
+        )
+        self.alarms = AlarmEngine(alarms, store, notifier)
+        self.registry.register(AlarmCollector(self.alarms))
+        self.monitor = MonitorService(store, alarms, self.alarms)
         # An empty secret: a random key per start (sessions end with the process).
         secret = config.web.secret.encode() or secrets.token_bytes(32)
-        self.app: Any = make_app(self.service, self.accounts, secret, self.counter)
+        self.app: Any = make_app(
+            self.service, self.accounts, secret, self.counter, monitor=self.monitor
+        )
 
     @staticmethod
     async def _notify(addresses: list[str], version: int) -> list[str]:
@@ -79,6 +96,7 @@ class WebServer:
                     serve_asgi, self.app, sock, "web", graceful_timeout=GRACEFUL_TIMEOUT
                 )
             )
+            await nursery.start(self.alarms.run)
             url = console_url(bound)
             if self.accounts.open:
                 mode = "no users configured: no login, for this machine only"

@@ -81,6 +81,8 @@ TRAFFIC = [((101, 1), 3000, 0.02), ((102, 1), 2000, 0.04), ((104, 1), 1500, 0.0)
 MODULE = (501, 1)
 HOSTS = ["10.0.9.1:7601", "10.0.9.2:7601", "10.0.9.3:7601"]
 FAILING = HOSTS[0]
+#: The alarm rule the operator writes in the console.
+ALARM = "checkout-host-errors"
 
 
 def chromium() -> str:
@@ -189,7 +191,12 @@ async def test_an_operator_and_a_viewer_in_a_real_browser(db: str, tmp_path: Pat
             tmp_path,
             "web",
             ["web"],
-            {"store": db, "agent": {"dns": [dns]}, "web": {"users": users}},
+            {
+                "store": db,
+                "agent": {"dns": [dns]},
+                "web": {"users": users},
+                "alarms": {"interval": 1.0, "resend_interval": 0.0},
+            },
         ) as web,
     ):
         shots = tmp_path / "screenshots"
@@ -207,6 +214,9 @@ async def test_an_operator_and_a_viewer_in_a_real_browser(db: str, tmp_path: Pat
         "import",
         "delete",
         "viewer-module",
+        "alarm-rule",
+        "alarms-firing",
+        "alarms-resolved",
     }
     target = os.environ.get(SCREENSHOT_ENV)
     if target:
@@ -312,6 +322,21 @@ def operator(stack: Stack, page: Any, expect: Any) -> None:
     expect(page.locator(".flash-error")).to_contain_text("hosts: port must be an integer")
     expect(page.locator("#hosts code")).to_have_text(HOSTS[:2])
 
+    # An alarm rule, written in the console: a host of the module failing half its calls.
+    page.goto(stack.url + "/alarms")
+    rule = page.locator("#rule-form form")
+    rule.get_by_label("Name").fill(ALARM)
+    rule.get_by_label("Kind").select_option("error_rate")
+    rule.get_by_label("Module").fill(route)
+    rule.get_by_label("Threshold").fill("0.5")
+    rule.get_by_label("Window (min)").fill("2")
+    rule.get_by_label("Min. calls").fill("5")
+    rule.get_by_label("Per").select_option("host")
+    stack.shot(page, "alarm-rule")
+    rule.get_by_role("button", name="Save rule").click()
+    expect(page.locator(".flash-ok")).to_contain_text(f"rule '{ALARM}' added")
+    expect(page.locator(f"#alarm-rules tr[data-rule='{ALARM}']")).to_contain_text("console")
+
     # Failing traffic, with the reporter writing call statistics: the failing host is
     # marked overloaded on the call status page.
     for module, count, err_rate in TRAFFIC:
@@ -353,7 +378,40 @@ def operator(stack: Stack, page: Any, expect: Any) -> None:
     page.goto(f"{stack.url}/modules/{modid}/{cmdid}")
     expect(page.locator(".subtitle")).to_contain_text("checkout")
     expect(page.locator("#hosts tr.warn")).to_contain_text(FAILING)
+    # The chart shows the burst of failures, on the module and on the failing host.
+    chart = page.locator("#module-chart svg")
+    assert int(chart.get_attribute("data-total-err") or 0) > 0
+    assert page.locator("#module-chart g.err rect[data-err]").count() >= 1
+    failing_chart = page.locator(f".host-chart[data-host='{FAILING}'] svg")
+    assert failing_chart.get_attribute("data-total-err") == chart.get_attribute("data-total-err")
     stack.shot(page, "module")
+
+    # The alarm fires, with the host and the error rate that made it.
+    def alarm_in(state: str) -> bool:
+        page.goto(stack.url + "/alarms")
+        row = page.locator(f"#alarm-states tr[data-alarm='{ALARM}']")
+        return bool(row.count() == 1 and row.get_attribute("data-state") == state)
+
+    eventually(lambda: alarm_in("firing"), f"the alarm {ALARM} fires")
+    row = page.locator(f"#alarm-states tr[data-alarm='{ALARM}']")
+    expect(row).to_contain_text(FAILING)
+    expect(page.locator("#firing-count")).to_have_text("1 firing")
+    stack.shot(page, "alarms-firing")
+
+    # The host recovers: the alarm resolves, and the history shows both transitions.
+    stack.lars(
+        "simulate", str(modid), str(cmdid), "--fail", FAILING, "--err-rate", "0",
+        "--count", "3000", "--seed", "2",
+    )  # fmt: skip
+    eventually(lambda: alarm_in("resolved"), f"the alarm {ALARM} resolves")
+    expect(page.locator("#firing-count")).to_have_text("0 firing")
+    events = page.locator(f"#alarm-events tr[data-alarm='{ALARM}']")
+    expect(events).to_have_count(2)
+    assert [events.nth(i).get_attribute("data-state") for i in range(2)] == [
+        "resolved",
+        "firing",
+    ]
+    stack.shot(page, "alarms-resolved")
 
     page.goto(stack.url + "/")
     expect(

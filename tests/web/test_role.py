@@ -14,7 +14,7 @@ from lars import wire
 from lars.config import AgentConfig, Config, WebConfig
 from lars.errors import ConfigError, LarsError
 from lars.roles.run import run_roles
-from lars.store import RouteStore
+from lars.store import RouteStore, open_store
 from lars.web.role import WebServer, check_web_config, console_url
 from tests.netutil import free_tcp_port
 from tests.web.conftest import USERS
@@ -119,5 +119,17 @@ async def test_run_roles_serves_the_console_and_its_metrics(tmp_path: Path) -> N
             ready = await http.get(f"http://{host}:{port}/readyz")
             assert ready.status_code == 200, ready.text
             metrics = (await http.get(f"http://{host}:{port}/metrics")).text
-        assert 'lars_web_http_requests_total{route="/api/v1/whoami",status="200"} 1.0' in metrics
+            assert (
+                'lars_web_http_requests_total{route="/api/v1/whoami",status="200"} 1.0' in metrics
+            )
+            # The alarm engine runs beside the console: it takes the lease at start.
+            with trio.fail_after(10):
+                while "lars_alarms_rounds_total 0.0" in metrics:
+                    await trio.sleep(0.05)
+                    metrics = (await http.get(f"http://{host}:{port}/metrics")).text
+        assert "lars_alarms_leader 1.0" in metrics
         nursery.cancel_scope.cancel()
+    # Stopping gave the lease up, so another instance takes over at once.
+    async with open_store(store) as opened:
+        lease = await opened.alarm_lease()
+        assert lease is not None and lease.expires == 0
