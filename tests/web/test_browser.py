@@ -325,13 +325,13 @@ def operator(stack: Stack, page: Any, expect: Any) -> None:
     # An alarm rule, written in the console: a host of the module failing half its calls.
     page.goto(stack.url + "/alarms")
     rule = page.locator("#rule-form form")
-    rule.get_by_label("Name").fill(ALARM)
-    rule.get_by_label("Kind").select_option("error_rate")
-    rule.get_by_label("Module").fill(route)
-    rule.get_by_label("Threshold").fill("0.5")
-    rule.get_by_label("Window (min)").fill("2")
-    rule.get_by_label("Min. calls").fill("5")
-    rule.get_by_label("Per").select_option("host")
+    rule.get_by_label("Name", exact=True).fill(ALARM)
+    rule.locator("select[name=kind]").select_option("error_rate")
+    rule.get_by_label("Module", exact=True).fill(route)
+    rule.get_by_label("Threshold", exact=True).fill("0.5")
+    rule.get_by_label("Window (min)", exact=True).fill("2")
+    rule.get_by_label("Min. calls", exact=True).fill("5")
+    rule.locator("select[name=per]").select_option("host")
     stack.shot(page, "alarm-rule")
     rule.get_by_role("button", name="Save rule").click()
     expect(page.locator(".flash-ok")).to_contain_text(f"rule '{ALARM}' added")
@@ -386,6 +386,14 @@ def operator(stack: Stack, page: Any, expect: Any) -> None:
     assert failing_chart.get_attribute("data-total-err") == chart.get_attribute("data-total-err")
     stack.shot(page, "module")
 
+    page.goto(stack.url + "/")
+    expect(
+        page.locator(f"#modules tr:has(a[href='/modules/{modid}/{cmdid}']) .badge")
+    ).to_have_text("1")
+    spark = page.locator(f"#modules tr:has(a[href='/modules/{modid}/{cmdid}']) td.spark svg")
+    assert int(spark.get_attribute("data-total-err") or 0) > 0
+    stack.shot(page, "overview")
+
     # The alarm fires, with the host and the error rate that made it.
     def alarm_in(state: str) -> bool:
         page.goto(stack.url + "/alarms")
@@ -413,11 +421,6 @@ def operator(stack: Stack, page: Any, expect: Any) -> None:
     ]
     stack.shot(page, "alarms-resolved")
 
-    page.goto(stack.url + "/")
-    expect(
-        page.locator(f"#modules tr:has(a[href='/modules/{modid}/{cmdid}']) .badge")
-    ).to_have_text("1")
-    stack.shot(page, "overview")
 
     # Removing a module asks first; cancelling keeps it.
     page.goto(f"{stack.url}/modules/{modid}/{cmdid}")
