@@ -122,7 +122,8 @@ CREATE TABLE IF NOT EXISTS `CallHistory` (
     `minute` bigint(20) NOT NULL,
     `succ` bigint(20) unsigned NOT NULL DEFAULT 0,
     `err` bigint(20) unsigned NOT NULL DEFAULT 0,
-    PRIMARY KEY (`modid`, `cmdid`, `ip`, `port`, `minute`),
+    -- A module's minutes together: a chart of the last hour reads an hour, not the retention.
+    PRIMARY KEY (`modid`, `cmdid`, `minute`, `ip`, `port`),
     -- The alarms' window over every module, and the purge.
     KEY `idx_minute` (`minute`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;

@@ -190,8 +190,8 @@ def rows_of(report: wire.ReportStatusRequest) -> list[CallStatus]:
 def history_of(rows: Iterable[CallStatus], now: float, retention: float) -> list[HistoryRow]:
     """What ``rows`` add to ``CallHistory``: each row's calls (its ``add_succ``/``add_err``
     when set, as for the totals) at the minute of its report's time, summed by module, host
-    and minute, in key order (so that concurrent batches lock shared rows in one order and
-    never deadlock on them).
+    and minute, in the table's key order (so that concurrent batches lock shared rows in one
+    order and never deadlock on them).
 
     ``now`` is the reporter's clock (epoch seconds). A report more than
     HISTORY_FUTURE_SLACK seconds ahead of it counts at its current minute; a minute older than
@@ -221,8 +221,14 @@ def history_of(rows: Iterable[CallStatus], now: float, retention: float) -> list
     most = HISTORY_COUNT_MAX
     return [
         HistoryRow(*key, succ if succ < most else most, err if err < most else most)
-        for key, (succ, err) in sorted(sums.items())
+        for key, (succ, err) in sorted(sums.items(), key=_history_lock_order)
     ]
+
+
+def _history_lock_order(item: tuple[tuple[int, int, int, int, int], list[int]]) -> tuple[int, ...]:
+    """CallHistory's primary key order (modid, cmdid, minute, ip, port)."""
+    modid, cmdid, ip, port, minute = item[0]
+    return (modid, cmdid, minute, ip, port)
 
 
 class _RunningCount:

@@ -1272,8 +1272,7 @@ def window_calls(dialect: Dialect, since: int) -> Op[list[HostCalls]]:
     rows = (
         yield (
             f"SELECT modid, cmdid, ip, port, {dialect.total}(succ), {dialect.total}(err)"
-            f" FROM {HISTORY_TABLE} WHERE minute >= ? GROUP BY modid, cmdid, ip, port"
-            " ORDER BY modid, cmdid, ip, port",
+            f" FROM {HISTORY_TABLE} WHERE minute >= ? GROUP BY modid, cmdid, ip, port",
             (since,),
         )
     ).rows

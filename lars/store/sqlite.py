@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS CallHistory (
     minute INTEGER NOT NULL,
     succ INTEGER NOT NULL DEFAULT 0,
     err INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (modid, cmdid, ip, port, minute)
+    PRIMARY KEY (modid, cmdid, minute, ip, port)
 );
 CREATE TABLE IF NOT EXISTS AlarmRule (
     name TEXT NOT NULL,

@@ -490,10 +490,11 @@ def test_history_sums_each_host_and_minute_over_callers_in_key_order() -> None:
         status_row(CALLER, 1, 1, BASE + 60),
         status_row(CALLER2, 0, 0, BASE + 61),  # no calls: nothing
     ]
+    # In CallHistory's key order (modid, cmdid, minute, ip, port): the lock order.
     assert history_of(rows, BASE + 100, RETENTION) == [
         HistoryRow(*M, IP1, 80, BASE, 7, 1),
-        HistoryRow(*M, IP1, 80, BASE + 60, 1, 1),
         HistoryRow(*M, IP2, 80, BASE, 2, 0),
+        HistoryRow(*M, IP1, 80, BASE + 60, 1, 1),
     ]
     assert history_of([], BASE, RETENTION) == []
 
