@@ -1088,9 +1088,7 @@ def alarms_command(
 
 
 def _number(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:g}" if value == int(value) else f"{value:.4g}"
+    return "-" if value is None else f"{value:.4g}"
 
 
 cli.add_command(web_group)

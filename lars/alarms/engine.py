@@ -95,9 +95,9 @@ async def load_data(store: RouteStore, rules: Sequence[Rule], now: float) -> Ala
         if wanted.overloaded_since is not None
         else []
     )
-    routes: dict[Any, Any] = {}
+    routes: dict[Any, frozenset[Any]] = {}
     if wanted.routes:
-        routes = {module: hosts for module, hosts in (await store.list_routes()).items()}
+        routes = {module: frozenset(hosts) for module, hosts in (await store.list_routes()).items()}
     caller_last = await store.caller_last_reports() if wanted.callers else {}
     return AlarmData(
         now=now,
@@ -142,11 +142,24 @@ class AlarmEngine:
         self.last_error: str | None = None
         self._last_purge: float | None = None
         self._error_log = RateLimitedLog(log)
+        #: Seconds the last round took to read its data and evaluate (lengthens the lease).
+        self._last_work = 0.0
+        #: Alarms whose last notification a webhook gave up: sent again at the next round.
+        self._undelivered: set[tuple[str, str]] = set()
+        notifier.on_give_up = self._gave_up
 
     @property
     def lease_ttl(self) -> float:
-        """Seconds the lease lasts: three evaluation intervals."""
-        return LEASE_INTERVALS * self.config.interval
+        """Seconds the lease lasts: three evaluation intervals, and twice what the last round
+        took on top, so that a slow round (a big store) still ends inside its lease rather
+        than two instances taking it from each other forever."""
+        return LEASE_INTERVALS * self.config.interval + 2 * self._last_work
+
+    def _gave_up(self, event: dict[str, Any]) -> None:
+        """A webhook gave a notification up: the alarm's state goes out again next round."""
+        alarm, subject = event.get("alarm"), event.get("subject")
+        if isinstance(alarm, str) and isinstance(subject, str):
+            self._undelivered.add((alarm, subject))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Evaluate every interval until cancelled; give the lease up on the way out."""
@@ -162,13 +175,18 @@ class AlarmEngine:
                     await self._release()
 
     async def round_safely(self) -> None:
-        """One :meth:`round`; a store error is logged and counted, never raised."""
+        """One :meth:`round`; a failure is logged and counted, never raised: the console
+        beside the engine stays up, and the next round tries again."""
         try:
             await self.round()
         except StoreError as exc:
             self.errors += 1
             self.last_error = str(exc)
             self._error_log.warning("alarm evaluation failed: %s", exc)
+        except Exception as exc:  # a bug: seen in the log with its traceback, counted
+            self.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("alarm evaluation failed")
 
     async def round(self) -> list[dict[str, Any]]:
         """Evaluate once if this instance holds (or takes) the lease; returns the
@@ -181,12 +199,24 @@ class AlarmEngine:
         notes: list[dict[str, Any]] = []
         if self.leader:
             now = self.clock()
+            started = trio.current_time()
             data = await load_data(self.store, rules, now)
             watch = [s.key for s in await self.store.list_alarm_states(firing=True)]
-            observations = evaluate(rules, data, watch)
+            # Pure and CPU-bound on a big fleet: off the event loop, so the console answers.
+            observations = await trio.to_thread.run_sync(evaluate, rules, data, watch)
+            self._last_work = trio.current_time() - started
             made: list[list[dict[str, Any]]] = []
+            resend = set(self._undelivered)
 
             def decide_now(states: list[AlarmState]) -> AlarmDecision:
+                # An alarm whose notification a webhook gave up is sent again: as if the
+                # other state had been sent, long enough ago.
+                states = [
+                    attrs.evolve(s, notified_firing=not s.firing, notified_at=0.0)
+                    if s.key in resend and s.notified_firing is not None
+                    else s
+                    for s in states
+                ]
                 decision, out = decide(
                     rules, states, observations, now, self.config.resend_interval
                 )
@@ -197,8 +227,14 @@ class AlarmEngine:
             if written is None:
                 self.leader = False  # the lease went elsewhere between the two steps
             elif made:
+                self._undelivered -= resend
                 notes = made[0]
                 for note in notes:
+                    # The same transition sent again carries the same id: receivers that get
+                    # it twice (a retry after a slow answer, a resend) can tell.
+                    note["id"] = (
+                        f"{note['alarm']}|{note['subject']}|{note['state']}|{note['since']}"
+                    )
                     self.notifier.submit(note)
                 self.notifications += len(notes)
                 for event in written.events:

@@ -26,12 +26,13 @@ Design:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -81,17 +82,17 @@ def retry_delays(retries: int, base: float, cap: float) -> list[float]:
 
 
 def redact_url(url: str) -> str:
-    """``url`` as the console, the logs and the metrics show it: a password and the query
-    string's values (where tokens tend to travel) replaced by ``***``."""
+    """``url`` as the console, the logs and the metrics show it: scheme, host and port, and a
+    short hash of the whole URL to tell webhooks apart. The rest is hidden, since receivers
+    carry their secret in the password, the path (Slack, Teams) or the query string."""
     parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
-    query = "&".join(
-        f"{key}=***" if sep else key
-        for key, sep, _ in (item.partition("=") for item in parts.query.split("&") if item)
-    )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:8]
+    rest = "/…" if parts.path not in ("", "/") or parts.query else "/"
+    return f"{parts.scheme}://{host}{port}{rest} #{digest}"
 
 
 @attrs.frozen
@@ -127,12 +128,14 @@ class _Webhook:
         self.last_error_at: float | None = None
         self.last_ok_at: float | None = None
         self._bell_send, self.bell = trio.open_memory_channel[None](1)
+        #: Told of each notification this webhook gives up (see WebhookNotifier.on_give_up).
+        self.gave_up: Callable[[bytes], None] = lambda body: None
         self.drop_log = RateLimitedLog(log)
         self.fail_log = RateLimitedLog(log)
 
     def put(self, body: bytes) -> None:
         if len(self.pending) >= self.queue_size:
-            self.pending.popleft()
+            self.gave_up(self.pending.popleft())
             self.dropped += 1
             self.drop_log.warning(
                 "webhook %s: %d notifications waiting, dropped the oldest",
@@ -184,6 +187,15 @@ class WebhookNotifier:
         self.transport = transport
         self._hooks = [_Webhook(check_webhook_url(url), queue_size) for url in urls]
         self._running = False
+        #: Called with each notification given up (dropped from a full queue, or failed
+        #: after its last retry), decoded; the alarm engine sends the alarm's state again.
+        self.on_give_up: Callable[[dict[str, Any]], None] | None = None
+        for hook in self._hooks:
+            hook.gave_up = self._gave_up
+
+    def _gave_up(self, body: bytes) -> None:
+        if self.on_give_up is not None:
+            self.on_give_up(json.loads(body))
 
     def submit(self, event: Mapping[str, Any]) -> None:
         """Queue ``event`` for every URL, and return at once. The event is encoded here, so
@@ -250,6 +262,7 @@ class WebhookNotifier:
             hook.last_error_at = time.time()
             if not retry or attempt >= self.retries:
                 hook.failed += 1
+                hook.gave_up(body)
                 attempts = "1 attempt" if attempt == 0 else f"{attempt + 1} attempts"
                 hook.fail_log.warning(
                     "webhook %s: dropped a notification after %s: %s", hook.shown, attempts, error

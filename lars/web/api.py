@@ -363,15 +363,17 @@ async def module_history(request: Request) -> Response:
 
 
 async def list_alarms(request: Request) -> Response:
-    """``GET /api/v1/alarms?firing=``: every alarm's state (firing first), the rules in
-    force, stored rules that cannot be used, and the webhooks' delivery."""
+    """``GET /api/v1/alarms?firing=``: every firing alarm and the latest 1,000 resolved ones
+    (newest first), the rules in force, stored rules that cannot be used, and the webhooks'
+    delivery."""
     firing = parse_bool(request.query_params.get("firing"), "firing")
-    view = await console(request).monitor.alarms(events=0)
+    view = await console(request).monitor.alarms(events=0, resolved=PAGE_MAX)
     states = [s for s in view.states if firing is None or s.firing == firing]
     return ok(
         {
             "alarms": [s.as_json() for s in states],
             "firing": len(view.firing),
+            "resolved_not_listed": view.resolved_hidden,
             "rules": [rule_json(r, "config") for r in view.rules.configured]
             + [rule_json(r, "store") for r in view.rules.stored],
             "broken_rules": view.rules.broken,

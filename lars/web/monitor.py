@@ -32,8 +32,9 @@ HISTORY_PERIODS: dict[str, tuple[int, int]] = {"hour": (3600, 60), "day": (86400
 #: The overview's sparklines: the last hour, minute by minute.
 SPARKLINE_SPAN = 3600
 SPARKLINE_STEP = 60
-#: Alarm events on the alarms page.
+#: Alarm events on the alarms page, and resolved alarms (every firing one is shown).
 EVENTS_SHOWN = 50
+RESOLVED_SHOWN = 200
 #: A rule's form fields that hold whole numbers, and those that hold decimals.
 _INT_FIELDS = ("window", "min_calls", "callers", "silent", "forget")
 _FLOAT_FIELDS = ("threshold",)
@@ -76,6 +77,8 @@ class AlarmsView:
     """The alarms page: states (firing first), rules, webhooks, the lease, recent events."""
 
     states: list[AlarmState]
+    #: Resolved alarms older than those shown.
+    resolved_hidden: int
     rules: RuleSet
     webhooks: list[WebhookStatus]
     lease: Lease | None
@@ -181,13 +184,19 @@ class MonitorService:
         """The rules in force and the stored ones that cannot be used."""
         return await load_rules(self.config, self.store)
 
-    async def alarms(self, *, events: int = EVENTS_SHOWN) -> AlarmsView:
-        """Everything the alarms page shows."""
-        states = await self.store.list_alarm_states()
-        states.sort(key=lambda s: (not s.firing, -s.since, s.rule, s.subject))
+    async def alarms(
+        self, *, events: int = EVENTS_SHOWN, resolved: int = RESOLVED_SHOWN
+    ) -> AlarmsView:
+        """Everything the alarms page shows: every firing alarm, the ``resolved`` latest
+        resolved ones, the ``events`` latest transitions."""
+        firing = await self.store.list_alarm_states(firing=True)
+        settled = await self.store.list_alarm_states(firing=False)
+        firing.sort(key=lambda s: (-s.since, s.rule, s.subject))
+        settled.sort(key=lambda s: (-s.since, s.rule, s.subject))
         engine = self.engine
         return AlarmsView(
-            states=states,
+            states=firing + settled[:resolved],
+            resolved_hidden=max(0, len(settled) - resolved),
             rules=await self.rules(),
             webhooks=engine.notifier.status() if engine else [],
             lease=await self.store.alarm_lease(),

@@ -135,3 +135,19 @@ async def test_a_store_error_is_counted_and_the_next_round_goes_on(store: RouteS
 @pytest.mark.parametrize("interval", [0.5, 10.0])
 async def test_the_lease_lasts_three_intervals(store: RouteStore, interval: float) -> None:
     assert engine(store, "a", interval=interval).lease_ttl == 3 * interval
+
+
+async def test_a_notification_a_webhook_gave_up_is_sent_again_next_round(
+    store: RouteStore,
+) -> None:
+    await store.add_hosts((1, 1), [H1])
+    await report(store, H1, overload=True)
+    e = engine(store, "a")
+    (first,) = await e.round()
+    assert first["id"] == f"overloaded|{first['subject']}|firing|{first['since']}"
+    assert await e.round() == []
+    assert e.notifier.on_give_up is not None
+    e.notifier.on_give_up(first)  # what a webhook does after its last retry
+    (again,) = await e.round()
+    assert again["state"] == "firing" and again["id"] == first["id"]
+    assert await e.round() == []  # once

@@ -407,3 +407,14 @@ async def test_an_unexpected_error_costs_one_notification_not_the_worker(
     assert seen == [{"n": 1}, {"n": 2}]  # the bug is not retried
     assert status.failed == 1
     assert status.last_error == "RuntimeError: a bug in the transport"
+
+
+def test_urls_are_shown_without_their_secrets() -> None:
+    from lars.alarms.notify import redact_url
+
+    slack = redact_url("https://hooks.slack.com/services/T0001/B0002/XXXXSECRET")
+    assert "XXXXSECRET" not in slack and slack.startswith("https://hooks.slack.com/…")
+    assert "s3cret" not in redact_url("http://bot:s3cret@10.0.0.5:8080/hook?token=abc")
+    assert redact_url("http://10.0.0.5:8080/").startswith("http://10.0.0.5:8080/ #")
+    # Two webhooks on one host stay apart.
+    assert redact_url("http://h/a") != redact_url("http://h/b")

@@ -421,7 +421,6 @@ def operator(stack: Stack, page: Any, expect: Any) -> None:
     ]
     stack.shot(page, "alarms-resolved")
 
-
     # Removing a module asks first; cancelling keeps it.
     page.goto(f"{stack.url}/modules/{modid}/{cmdid}")
     page.get_by_role("link", name="Remove module…").click()
