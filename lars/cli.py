@@ -29,7 +29,7 @@ from lars.client import AsyncLarsClient
 from lars.config import Config, load_config, parse_address, store_url
 from lars.core.model import UINT32_MAX, Host, HostKey, ModuleKey, format_host
 from lars.errors import AgentUnavailable, LarsError
-from lars.roles.common import RECEIVE_SIZE, ask, notify_dns
+from lars.roles.common import RECEIVE_SIZE, ask, connect_tls, notify_dns
 from lars.roles.run import ROLES
 from lars.store import (
     ACTOR_NAME_MAX,
@@ -40,6 +40,8 @@ from lars.store import (
     RouteWrite,
     open_store,
 )
+from lars.tls import TlsContexts, TlsRefused, contexts_for, refusal_hint
+from lars.tls_cli import tls as tls_group
 from lars.web.cli import web as web_group
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -298,9 +300,18 @@ def cli_actor() -> Actor:
     return Actor(f"cli:{user}@{socket.gethostname()}"[:ACTOR_NAME_MAX], "cli")
 
 
+def admin_tls(config: Config) -> TlsContexts | None:
+    """The CLI's TLS identity (an ``admin`` certificate) under ``[tls] mode = "on"``."""
+    try:
+        return contexts_for(config.tls, "admin")
+    except LarsError as exc:
+        fail(str(exc))
+
+
 def notify_after_write(config: Config, version: int) -> None:
     """Tell the DNS instances of a committed write (best effort: DNS polls as a fallback)."""
-    for failure in trio.run(notify_dns, config.agent.dns, version):
+    notify = functools.partial(notify_dns, tls=admin_tls(config))
+    for failure in trio.run(notify, config.agent.dns, version):
         click.echo(f"warning: could not notify DNS {failure}; it will notice by polling", err=True)
 
 
@@ -646,20 +657,32 @@ def _route_line(msg: wire.GetRouteResponse, as_json: bool) -> str:
     return f"{stamp} {msg.modid}/{msg.cmdid} {' '.join(hosts) if hosts else '(no hosts)'}"
 
 
-async def query_dns(address: str, module: ModuleKey, watch: bool, as_json: bool) -> None:
+async def query_dns(
+    address: str,
+    module: ModuleKey,
+    watch: bool,
+    as_json: bool,
+    tls: TlsContexts | None = None,
+) -> None:
     """Ask a DNS for a module's route; with ``watch``, print every push until interrupted."""
     host, port = parse_address(address)
     try:
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await connect_tls(await trio.open_tcp_stream(host, port), tls, "dns")
     except OSError as exc:
         fail(f"cannot reach DNS at {address}: {exc}")
+    except TlsRefused as exc:
+        fail(f"DNS at {address} refused TLS: {exc.reason}")
     async with stream:
         await stream.send_all(wire.encode_frame(wire.GetRouteRequest(*module)))
         decoder = wire.FrameDecoder()
         while True:
-            data = await stream.receive_some(RECEIVE_SIZE)
+            try:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            except trio.BrokenResourceError as exc:
+                fail(f"DNS at {address} closed the connection: {refusal_hint(exc)}")
             if not data:
-                fail(f"DNS at {address} closed the connection")
+                hint = f": {refusal_hint(None)}" if tls is not None else ""
+                fail(f"DNS at {address} closed the connection{hint}")
             decoder.feed(data)
             for msg in decoder:
                 if isinstance(msg, wire.ErrorReply):
@@ -731,7 +754,8 @@ def query_command(
             parse_address(dns_address)
         except LarsError as exc:
             raise click.BadParameter(str(exc), param_hint="--dns") from None
-        run_async(functools.partial(query_dns, dns_address, (modid, cmdid), watch, as_json))
+        tls = admin_tls(get_config(config_path))
+        run_async(functools.partial(query_dns, dns_address, (modid, cmdid), watch, as_json, tls))
         return
     config = get_config(config_path)
     run_async(functools.partial(query_agent, config, (modid, cmdid), as_json))
@@ -851,7 +875,8 @@ def stats_command(
                 return await client.agent_stats()
         address = dns_address or reporter_address
         assert address is not None
-        reply = await ask(address, wire.StatsRequest(1))
+        expect = "dns" if dns_address else "reporter"
+        reply = await ask(address, wire.StatsRequest(1), tls=admin_tls(config), expect=expect)
         if not isinstance(reply, wire.StatsResponse):
             raise LarsError(f"{address} answered {type(reply).__name__}, not its counters")
         return dict(reply.counters)
@@ -1092,6 +1117,7 @@ def _number(value: float | None) -> str:
 
 
 cli.add_command(web_group)
+cli.add_command(tls_group)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

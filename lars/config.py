@@ -140,6 +140,8 @@ class AgentConfig:
     max_frame: int = attrs.field(default=1 << 20, validator=_positive)
     ip: str = attrs.field(default="", validator=_ipv4_or_empty)
     http_listen: str = attrs.field(default="127.0.0.1:7783", validator=_http_listen)
+    #: The API (get_host, report) answers only on loopback unless this says otherwise.
+    allow_remote_api: bool = False
     loadbalance: BalancerParams = attrs.field(factory=BalancerParams)
 
     def __attrs_post_init__(self) -> None:
@@ -262,6 +264,29 @@ class AlarmsConfig:
 
 
 @attrs.frozen
+class TlsConfig:
+    """``[tls]``: mutual TLS between the roles (see lars.tls and ``lars tls init``)."""
+
+    #: "on": every TCP link between roles is mutual TLS; "off": plaintext, on purpose (a
+    #: warning at every start when a role listens beyond loopback); "" (the default):
+    #: plaintext, and only loopback listen addresses are allowed.
+    mode: str = attrs.field(default="", validator=attrs.validators.in_(("", "on", "off")))
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    #: Seconds a TLS handshake may take before the connection is dropped.
+    handshake_timeout: float = attrs.field(default=5.0, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.mode == "on":
+            missing = [k for k in ("ca", "cert", "key") if not getattr(self, k)]
+            if missing:
+                raise InvalidValue(
+                    f'mode = "on" needs {", ".join(missing)} (files from `lars tls init DIR`)'
+                )
+
+
+@attrs.frozen
 class Config:
     """The whole ``lars.toml``."""
 
@@ -274,6 +299,7 @@ class Config:
     client: ClientConfig = attrs.field(factory=ClientConfig)
     web: WebConfig = attrs.field(factory=WebConfig)
     alarms: AlarmsConfig = attrs.field(factory=AlarmsConfig)
+    tls: TlsConfig = attrs.field(factory=TlsConfig)
     #: Where this config came from (not a key of the file).
     source: str = attrs.field(default="<defaults>", kw_only=True)
 

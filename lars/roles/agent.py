@@ -67,8 +67,10 @@ from lars.roles.common import (
     RateLimitedLog,
     Reconnector,
     receive_messages,
+    socket_of,
 )
 from lars.roles.http import Observed
+from lars.tls import TlsContexts
 
 log = logging.getLogger("lars.agent")
 
@@ -101,8 +103,10 @@ def port_for(module: ModuleKey, base_port: int, ports: int) -> int:
 class Agent:
     """One agent process: the API ports, the module table, the DNS and reporter clients."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, tls: TlsContexts | None = None) -> None:
         self.config = config
+        #: Mutual TLS to the DNS and the reporter (None: plaintext; see lars.tls).
+        self.tls = tls
         self.table = ModuleTable(config.loadbalance, config.route_wait)
         self.metrics = Metrics("agent")
         self.dns_address: str | None = None
@@ -521,6 +525,7 @@ class Agent:
             metrics=self.metrics,
             retry_max=self.config.retry_max,
             connect_timeout=CONNECT_TIMEOUT,
+            tls=self.tls,
         )
         while True:
             self.dns_address, stream = await dns.connect()
@@ -533,14 +538,14 @@ class Agent:
                 await trio.aclose_forcefully(stream)
             self._session_log.warning("lost dns; serving from cache, failing over")
 
-    async def _dns_session(self, stream: trio.SocketStream) -> None:
+    async def _dns_session(self, stream: trio.abc.Stream) -> None:
         """Request every known module, then exchange requests and routes until the end."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._dns_writer, stream, nursery.cancel_scope)
             await self._dns_reader(stream)
             nursery.cancel_scope.cancel()
 
-    async def _dns_writer(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    async def _dns_writer(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
         table = self.table
         with self._lock:
             table.want.update(table.known())
@@ -558,7 +563,7 @@ class Agent:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             scope.cancel()
 
-    async def _dns_reader(self, stream: trio.SocketStream) -> None:
+    async def _dns_reader(self, stream: trio.abc.Stream) -> None:
         decoder = wire.FrameDecoder(self.config.max_frame)
         while (items := await receive_messages(stream, decoder)) is not None:
             for item in items:
@@ -601,6 +606,7 @@ class Agent:
             metrics=self.metrics,
             retry_max=self.config.retry_max,
             connect_timeout=CONNECT_TIMEOUT,
+            tls=self.tls,
         )
         while True:
             _, stream = await reporter.connect()
@@ -618,12 +624,15 @@ class Agent:
                 await trio.aclose_forcefully(stream)
             self._session_log.warning("lost the reporter; keeping the counts, reconnecting")
 
-    def _caller(self, stream: trio.SocketStream) -> int | None:
+    def _caller(self, stream: trio.abc.Stream) -> int | None:
         """This host's IPv4 as an integer, which names it in the statistics: ``[agent] ip``,
         else the address used to reach the reporter. None (logged) when neither is IPv4."""
         if self.config.ip:
             return ip_to_int(self.config.ip)
-        local = stream.socket.getsockname()[0]
+        sock = socket_of(stream)
+        if sock is None:
+            return None
+        local = sock.getsockname()[0]
         try:
             return ip_to_int(local.removeprefix("::ffff:"))  # IPv4 or IPv4-mapped
         except InvalidValue:
@@ -635,7 +644,7 @@ class Agent:
             )
             return None
 
-    async def _report_session(self, stream: trio.SocketStream, caller: int) -> None:
+    async def _report_session(self, stream: trio.abc.Stream, caller: int) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._report_acks, stream, nursery.cancel_scope)
             while True:
@@ -685,7 +694,7 @@ class Agent:
                     self.table.requeue(rest)
         return sent
 
-    async def _report_acks(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    async def _report_acks(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
         decoder = wire.FrameDecoder()
         while (items := await receive_messages(stream, decoder)) is not None:
             for item in items:

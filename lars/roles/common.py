@@ -17,6 +17,9 @@ import trio
 from lars import wire, wire_original
 from lars.config import parse_address
 from lars.errors import LarsError, ProtocolError
+from lars.tls import TlsContexts, TlsRefused, refusal_hint
+from lars.tls import accept as tls_accept
+from lars.tls import connect as tls_connect
 
 #: Bytes asked of the kernel per receive on a TCP stream.
 RECEIVE_SIZE = 65536
@@ -104,28 +107,42 @@ def bound_address(listener: trio.SocketListener) -> tuple[str, int]:
     return host, port
 
 
-async def ask(address: str, msg: wire.Message, wait: float = 2.0) -> wire.Message:
-    """Send one message to a role over TCP and return its first reply (StatsRequest and
-    the like). Raises LarsError when the role cannot be reached or does not answer."""
+async def ask(
+    address: str,
+    msg: wire.Message,
+    wait: float = 2.0,
+    *,
+    tls: TlsContexts | None = None,
+    expect: str = "dns",
+) -> wire.Message:
+    """Send one message to a role over TCP (mutual TLS to a peer of role ``expect`` with
+    ``tls``) and return its first reply (StatsRequest and the like). Raises LarsError when
+    the role cannot be reached, refuses us or does not answer."""
     try:
         host, port = parse_address(address)
         with trio.fail_after(wait):
-            async with await trio.open_tcp_stream(host, port) as stream:
+            tcp = await trio.open_tcp_stream(host, port)
+            async with await connect_tls(tcp, tls, expect) as stream:
                 await stream.send_all(wire.encode_frame(msg))
                 decoder = wire.FrameDecoder()
                 while (items := await receive_messages(stream, decoder)) == []:
                     pass  # part of a frame so far
+    except TlsRefused as exc:
+        raise LarsError(f"{address} refused TLS: {exc.reason}") from None
     except (OSError, trio.TooSlowError) as exc:
         raise LarsError(f"no answer from {address}: {exc or 'timed out'}") from None
     if not items:
-        raise LarsError(f"{address} closed the connection without answering")
+        hint = f" ({refusal_hint(None)})" if tls is not None else ""
+        raise LarsError(f"{address} closed the connection without answering{hint}")
     reply = items[0]
     if isinstance(reply, ProtocolError):
         raise LarsError(f"bad answer from {address}: {reply}")
     return reply
 
 
-async def notify_dns(addresses: list[str], version: int, wait: float = 0.5) -> list[str]:
+async def notify_dns(
+    addresses: list[str], version: int, wait: float = 0.5, *, tls: TlsContexts | None = None
+) -> list[str]:
     """Tell DNS instances the routes changed (``RouteChangeNotice``). Returns the failures.
 
     Best effort by design: the DNS poll is the fallback, so a DNS that is down or slow
@@ -138,8 +155,8 @@ async def notify_dns(addresses: list[str], version: int, wait: float = 0.5) -> l
         try:
             host, port = parse_address(address)
             with trio.fail_after(wait):
-                stream = await trio.open_tcp_stream(host, port)
-                async with stream:
+                tcp = await trio.open_tcp_stream(host, port)
+                async with await connect_tls(tcp, tls, "dns") as stream:
                     await stream.send_all(frame)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, LarsError) as exc:
             failures.append(f"{address}: {exc or type(exc).__name__}")
@@ -260,13 +277,21 @@ def refuse(
     return wire.ErrorReply(error.seq or 0, wire.RetCode.BAD_REQUEST, str(error))
 
 
+def socket_of(stream: object) -> trio.socket.SocketType | None:
+    """The socket under a socket stream, or under a TLS stream over one."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
 def peer_name(stream: object) -> str:
     """``host:port`` of a socket stream's peer, for logs."""
+    sock = socket_of(stream)
     try:
-        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
+        host, port = sock.getpeername()[:2] if sock is not None else ("", 0)
+    except OSError:
         return "<stream>"
-    return f"{host}:{port}"
+    return f"{host}:{port}" if host else "<stream>"
 
 
 #: Seconds a session must have lasted for the reconnect backoff to start afresh.
@@ -293,8 +318,11 @@ class Reconnector:
         metrics: Metrics,
         retry_max: float,
         connect_timeout: float = 2.0,
+        tls: TlsContexts | None = None,
     ) -> None:
         self.what = what
+        #: Mutual TLS to a peer whose certificate names the role ``what`` (None: plaintext).
+        self.tls = tls
         self.addresses = addresses
         self.log = log
         self.metrics = metrics
@@ -306,7 +334,7 @@ class Reconnector:
         self._session_started: float | None = None
         self._connected_log = RateLimitedLog(log)
 
-    async def connect(self) -> tuple[str, trio.SocketStream]:
+    async def connect(self) -> tuple[str, trio.abc.Stream]:
         """The next working connection, as ``(address, stream)``. Call it again when the
         session on the previous one has ended."""
         short = False
@@ -324,8 +352,10 @@ class Reconnector:
             try:
                 host, port = parse_address(address)
                 with trio.fail_after(self.connect_timeout):
-                    stream = await trio.open_tcp_stream(host, port)
-            except (OSError, trio.TooSlowError) as exc:
+                    tcp = await trio.open_tcp_stream(host, port)
+                keepalive(tcp)
+                stream = await connect_tls(tcp, self.tls, self.what)
+            except (OSError, trio.TooSlowError, TlsRefused) as exc:
                 self.metrics.incr(f"{self.what}_connect_failures")
                 if not self._reported_down:
                     self.log.warning(
@@ -337,7 +367,6 @@ class Reconnector:
                 continue
             self._reported_down = False
             self._session_started = trio.current_time()
-            keepalive(stream)
             self.metrics.incr(f"{self.what}_connects")
             if short:  # maybe one of many: at a rate limit
                 self._connected_log.log(logging.INFO, "connected to %s %s", self.what, address)
@@ -353,3 +382,64 @@ def keepalive(stream: trio.SocketStream) -> None:
     for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 2)):
         if hasattr(socket, name):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+# --- TLS between the roles (issue 13) ----------------------------------------------------------
+
+#: Message type -> the peer roles (lars.tls.ROLES) that may send it, per serving role.
+PERMISSIONS: dict[str, dict[type[wire.Message], tuple[str, ...]]] = {
+    # Agents read routes; admins (the CLI, the console) read them too (`lars query --dns`),
+    # send change notices and ask for counters.
+    "dns": {
+        wire.GetRouteRequest: ("agent", "admin"),
+        wire.RouteChangeNotice: ("admin",),
+        wire.StatsRequest: ("admin",),
+    },
+    # Only agents write statistics.
+    "reporter": {
+        wire.ReportStatusRequest: ("agent",),
+        wire.StatsRequest: ("admin",),
+    },
+}
+
+
+def permitted(serving: str, peer_role: str | None, msg: wire.Message) -> bool:
+    """True if a peer of ``peer_role`` may send ``msg`` to the ``serving`` role (a peer
+    without a role, i.e. TLS off, may send anything)."""
+    if peer_role is None:
+        return True
+    return peer_role in PERMISSIONS[serving].get(type(msg), ())
+
+
+def may_connect(serving: str) -> tuple[str, ...]:
+    """The roles that may connect to ``serving`` at all."""
+    return tuple(sorted({r for roles in PERMISSIONS[serving].values() for r in roles}))
+
+
+async def accept_tls(
+    stream: trio.abc.Stream,
+    contexts: TlsContexts,
+    serving: str,
+    peer: str,
+    metrics: Metrics,
+    refusals: RateLimitedLog,
+) -> tuple[trio.abc.Stream, str] | None:
+    """The server side of mutual TLS on an accepted connection: ``(TLS stream, peer role)``,
+    or None when the peer was refused (logged at a rate limit, counted in ``tls_refused``;
+    the connection is closed and nothing else is affected)."""
+    try:
+        return await tls_accept(stream, contexts, may_connect(serving))
+    except TlsRefused as exc:
+        metrics.incr("tls_refused")
+        refusals.warning("refused a TLS connection from %s: %s", peer, exc.reason)
+        return None
+
+
+async def connect_tls(
+    stream: trio.abc.Stream, contexts: TlsContexts | None, expect: str
+) -> trio.abc.Stream:
+    """The client side of mutual TLS to a role ``expect`` (the stream itself when TLS is
+    off). Raises LarsError (TlsRefused) with the reason when refused."""
+    if contexts is None:
+        return stream
+    return await tls_connect(stream, contexts, expect)

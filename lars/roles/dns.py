@@ -58,10 +58,12 @@ from lars.roles.common import (
     Metrics,
     Outbox,
     RateLimitedLog,
+    accept_tls,
     backoff,
     bound_address,
     open_listener,
     peer_name,
+    permitted,
     receive_messages,
     refuse,
     sniff_protocol,
@@ -71,6 +73,7 @@ from lars.roles.common import (
 )
 from lars.roles.http import Observed
 from lars.store import RouteDelta, RouteMap, RouteSnapshot, RouteStore
+from lars.tls import TlsContexts
 from lars.wire_original import GET_ROUTE_REQUEST
 
 log = logging.getLogger("lars.dns")
@@ -104,6 +107,8 @@ class Subscriber(Outbox):
         #: True for an original Lars agent: its routes are encoded in its format, and it
         #: gets no other replies (the original protocol has none).
         self.original = original
+        #: The peer's role under TLS (lars.tls.ROLES); None without TLS.
+        self.role: str | None = None
         self.modules: set[ModuleKey] = set()
         #: Encoded route frames by module; a newer frame replaces an unsent one.
         self.pending: dict[ModuleKey, bytes] = {}
@@ -148,9 +153,15 @@ class Subscriber(Outbox):
 class DnsServer:
     """The route service. ``await nursery.start(server.serve)`` returns its bound address."""
 
-    def __init__(self, config: DnsConfig, store: RouteStore) -> None:
+    def __init__(
+        self, config: DnsConfig, store: RouteStore, *, tls: TlsContexts | None = None
+    ) -> None:
         self.config = config
         self.store = store
+        #: Mutual TLS with agents and admins (None: plaintext; see lars.tls).
+        self.tls = tls
+        self._tls_log = RateLimitedLog(log)
+        self._forbidden_log = RateLimitedLog(log)
         #: The map being served; ``None`` until the first successful load.
         self.routes: RouteMap | None = None
         #: Store version of ``routes``.
@@ -209,7 +220,15 @@ class DnsServer:
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one agent connection until it closes or sends a malformed frame."""
-        sub = Subscriber(peer_name(stream))
+        peer = peer_name(stream)
+        role = None
+        if self.tls is not None:
+            accepted = await accept_tls(stream, self.tls, "dns", peer, self.metrics, self._tls_log)
+            if accepted is None:
+                return
+            stream, role = accepted
+        sub = Subscriber(peer)
+        sub.role = role
         self.connections.add(sub)
         self.metrics.incr("connections_accepted")
         self.metrics.set("connections", len(self.connections))
@@ -302,6 +321,15 @@ class DnsServer:
             items = await receive_messages(stream, decoder)
 
     def _dispatch(self, sub: Subscriber, msg: wire.Message) -> bool:
+        if not permitted("dns", sub.role, msg):
+            self.metrics.incr("forbidden_requests")
+            self._forbidden_log.warning(
+                "%s (lars://%s) may not send %s; closing", sub.peer, sub.role, type(msg).__name__
+            )
+            seq = getattr(msg, "seq", 0)
+            reason = f"lars://{sub.role} may not send {type(msg).__name__} to the dns role"
+            sub.queue_reply(wire.ErrorReply(seq, wire.RetCode.BAD_REQUEST, reason))
+            return False
         if isinstance(msg, wire.GetRouteRequest):
             self.metrics.incr("route_requests")
             module = (msg.modid, msg.cmdid)

@@ -63,10 +63,12 @@ from lars.roles.common import (
     Metrics,
     Outbox,
     RateLimitedLog,
+    accept_tls,
     backoff,
     bound_address,
     open_listener,
     peer_name,
+    permitted,
     receive_messages,
     refuse,
     sniff_protocol,
@@ -77,6 +79,7 @@ from lars.roles.common import (
 from lars.roles.http import Observed, store_readiness
 from lars.store import HISTORY_STEP, CallStatus, ColumnLimits, HistoryRow, RouteStore
 from lars.store.sql import HISTORY_COUNT_MAX
+from lars.tls import TlsContexts
 from lars.wire_original import REPORT_STATUS_REQUEST
 
 log = logging.getLogger("lars.reporter")
@@ -113,6 +116,8 @@ class ReplyOutbox(Outbox):
         super().__init__(peer)
         #: True for an original Lars agent (no acknowledgements: its protocol has none).
         self.original = False
+        #: The peer's role under TLS (lars.tls.ROLES); None without TLS.
+        self.role: str | None = None
         self.queued_bytes = 0
         self._frames: list[bytes] = []
         self._scope: trio.CancelScope | None = None
@@ -378,9 +383,18 @@ class Reporter:
     """The statistics sink. ``await nursery.start(reporter.serve)`` returns its address."""
 
     def __init__(
-        self, config: ReporterConfig, store: RouteStore, *, clock: Callable[[], float] = time.time
+        self,
+        config: ReporterConfig,
+        store: RouteStore,
+        *,
+        clock: Callable[[], float] = time.time,
+        tls: TlsContexts | None = None,
     ) -> None:
         self.config = config
+        #: Mutual TLS with agents and admins (None: plaintext; see lars.tls).
+        self.tls = tls
+        self._tls_log = RateLimitedLog(log)
+        self._forbidden_log = RateLimitedLog(log)
         self.store = store
         #: The wall clock (epoch seconds): the minutes of CallHistory.
         self.clock = clock
@@ -442,7 +456,17 @@ class Reporter:
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Read reports from one agent and write back their acknowledgements."""
-        conn = ReplyOutbox(peer_name(stream))
+        peer = peer_name(stream)
+        role = None
+        if self.tls is not None:
+            accepted = await accept_tls(
+                stream, self.tls, "reporter", peer, self.metrics, self._tls_log
+            )
+            if accepted is None:
+                return
+            stream, role = accepted
+        conn = ReplyOutbox(peer)
+        conn.role = role
         self.connections.add(conn)
         self.metrics.incr("connections_accepted")
         self.metrics.set("connections", len(self.connections))
@@ -558,6 +582,13 @@ class Reporter:
             await trio.sleep(HISTORY_PURGE_INTERVAL)
 
     async def _dispatch(self, msg: wire.Message, conn: ReplyOutbox) -> None:
+        if not permitted("reporter", conn.role, msg):
+            self.metrics.incr("forbidden_requests")
+            self._forbidden_log.warning(
+                "%s (lars://%s) may not send %s; closing", conn.peer, conn.role, type(msg).__name__
+            )
+            conn.close()
+            return
         if isinstance(msg, wire.ReportStatusRequest):
             self.metrics.incr("reports_received")
             self.metrics.incr("results_received", len(msg.results))

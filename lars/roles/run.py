@@ -14,6 +14,7 @@ answers. An outage after a good start is the roles' to ride out, as they always 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import resource
 import signal
@@ -23,7 +24,7 @@ from contextlib import AsyncExitStack
 import trio
 
 from lars._version import __version__
-from lars.config import Config, store_url
+from lars.config import Config, parse_address, store_url
 from lars.errors import ConfigError, SchemaMissing, StoreUnavailable
 from lars.roles.common import RateLimitedLog, backoff
 from lars.roles.http import Observed, serve_http
@@ -38,6 +39,7 @@ from lars.store.sql import (
     STATUS_COLUMNS,
     STATUS_TABLE,
 )
+from lars.tls import contexts_for, reload_on_sighup, role_uri
 
 log = logging.getLogger("lars")
 
@@ -152,6 +154,8 @@ async def run_roles(
         from lars.web.role import check_web_config
 
         check_web_config(config)  # a config that cannot work fails before anything starts
+    check_transport(config, roles)
+    tls = contexts_for(config.tls, tls_role(config, roles)) if config.tls.mode == "on" else None
     raise_fd_limit()
     addresses: dict[str, object] = {}
     drains: list[Callable[[], Awaitable[None]]] = []
@@ -163,25 +167,32 @@ async def run_roles(
             stack.push_async_callback(store.aclose)
             await check_role_store(store, roles)
         async with trio.open_nursery() as nursery:
+            if tls is not None:
+                nursery.start_soon(reload_on_sighup, tls)
+                log.info(
+                    "TLS on: this process is %s, its certificate valid until %s",
+                    role_uri(tls.role),
+                    tls.not_after.isoformat(timespec="seconds"),
+                )
             if "dns" in roles:
                 from lars.roles.dns import DnsServer
 
                 assert store is not None
-                dns = DnsServer(config.dns, store)
+                dns = DnsServer(config.dns, store, tls=tls)
                 addresses["dns"] = await nursery.start(dns.serve)
                 observed.append(dns.observed())
             if "reporter" in roles:
                 from lars.roles.reporter import Reporter
 
                 assert store is not None
-                reporter = Reporter(config.reporter, store)
+                reporter = Reporter(config.reporter, store, tls=tls)
                 addresses["reporter"] = await nursery.start(reporter.serve)
                 observed.append(reporter.observed())
                 drains.append(reporter.drain)
             if "agent" in roles:
                 from lars.roles.agent import Agent
 
-                agent = Agent(config.agent)
+                agent = Agent(config.agent, tls=tls)
                 ports = await nursery.start(agent.serve)
                 addresses["agent"] = f"udp {config.agent.host}:{','.join(map(str, ports))}"
                 drains.insert(0, agent.drain)  # its last reports go to the reporter first
@@ -190,7 +201,7 @@ async def run_roles(
                 from lars.web.role import WebServer
 
                 assert store is not None
-                web = WebServer(config, store)
+                web = WebServer(config, store, tls=tls)
                 addresses["web"] = await nursery.start(web.serve)
                 observed.append(web.observed())
             http_listen = http_address(config, roles)
@@ -200,6 +211,62 @@ async def run_roles(
             listening = ", ".join(f"{role} on {_fmt(a)}" for role, a in addresses.items())
             log.info("lars %s running: %s", __version__, listening)
             task_status.started(addresses)
+
+
+def tls_role(config: Config, roles: Sequence[str]) -> str:
+    """The one identity a process with TLS on has: its role's (``admin`` for the console,
+    which sends change notices). One certificate names one role, so such a process runs one
+    role."""
+    if len(roles) != 1:
+        raise ConfigError(
+            f'[tls] mode = "on": run each role in its own process with its own certificate'
+            f" (asked for {', '.join(roles)} in one)"
+        )
+    return "admin" if roles[0] == "web" else roles[0]
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def check_transport(config: Config, roles: Sequence[str]) -> None:
+    """Refuse what would expose a role to the network unprotected: a DNS or reporter that
+    listens beyond loopback without TLS (unless ``[tls] mode = "off"`` says so on purpose,
+    then warned at every start), and an agent whose local API listens beyond loopback
+    without ``[agent] allow_remote_api``."""
+    listens = [
+        (role, section.listen)
+        for role, section in (("dns", config.dns), ("reporter", config.reporter))
+        if role in roles
+    ]
+    for role, listen in listens:
+        host, _ = parse_address(listen, listen=True)
+        if _loopback(host) or config.tls.mode == "on":
+            continue
+        if config.tls.mode == "off":
+            log.warning(
+                '%s listens on %s without TLS ([tls] mode = "off"): anyone who reaches it can'
+                " read routes or write statistics",
+                role,
+                listen,
+            )
+            continue
+        raise ConfigError(
+            f"{config.source}: [{role}] listen = {listen!r} is reachable from the network and"
+            f' [tls] is not on: set [tls] mode = "on" with certificates (`lars tls init DIR`),'
+            f' or mode = "off" to serve plaintext on purpose'
+        )
+    if "agent" in roles and not _loopback(config.agent.host) and not config.agent.allow_remote_api:
+        raise ConfigError(
+            f"{config.source}: [agent] host = {config.agent.host!r} would open the agent's API"
+            " (get_host, report) to the network; keep it on 127.0.0.1, or set [agent]"
+            " allow_remote_api = true on purpose"
+        )
 
 
 def http_address(config: Config, roles: Sequence[str]) -> str:

@@ -23,6 +23,7 @@ from lars.config import Config, parse_address
 from lars.roles.common import notify_dns
 from lars.roles.http import Observed, bind_listener, serve_asgi, store_readiness
 from lars.store import RouteStore
+from lars.tls import TlsContexts
 from lars.web.app import make_app, requests_counter
 from lars.web.auth import Accounts, check_listen
 from lars.web.monitor import MonitorService
@@ -54,14 +55,18 @@ def console_url(address: tuple[str, int]) -> str:
 class WebServer:
     """The console and its API over ``store``."""
 
-    def __init__(self, config: Config, store: RouteStore) -> None:
+    def __init__(
+        self, config: Config, store: RouteStore, *, tls: TlsContexts | None = None
+    ) -> None:
         self.config = config
+        #: The admin identity its change notices carry under TLS (None: plaintext).
+        self.tls = tls
         self.store = store
         self.accounts = check_web_config(config)
         self.registry = CollectorRegistry()
         self.counter = requests_counter(self.registry)
         dns = list(config.agent.dns)
-        self.service = ConsoleService(store, functools.partial(self._notify, dns))
+        self.service = ConsoleService(store, functools.partial(self._notify, dns, tls))
         alarms = config.alarms
         notifier = WebhookNotifier(
             alarms.webhooks,
@@ -79,8 +84,8 @@ class WebServer:
         )
 
     @staticmethod
-    async def _notify(addresses: list[str], version: int) -> list[str]:
-        return await notify_dns(addresses, version, NOTIFY_WAIT)
+    async def _notify(addresses: list[str], tls: TlsContexts | None, version: int) -> list[str]:
+        return await notify_dns(addresses, version, NOTIFY_WAIT, tls=tls)
 
     def observed(self) -> Observed:
         """The role's registry and readiness (the store answers) for /metrics and /readyz."""
