@@ -8,7 +8,11 @@ Starts ``lars run --role dns`` as a separate process on SQLite and on MariaDB an
 * the time for one change to reach all 2,000 subscribed connections;
 * the DNS process's resident memory.
 
+With ``--tls both`` (or ``on``) the same runs again with mutual TLS: certificates from
+``lars.tls.generate``, every connection an agent's, the writer an admin.
+
 Usage: python benchmarks/dns_bench.py [--store sqlite|mysql|both] [--routes N] [--connections N]
+       [--tls off|on|both]
 MariaDB: ``--mysql mysql://root@127.0.0.1:3306`` (a fresh database is created and dropped).
 """
 
@@ -32,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from reporter_bench import fresh_database
 
 from lars import wire
-from lars.roles.common import notify_dns
+from lars.config import TlsConfig
+from lars.roles.common import connect_tls, notify_dns
 from lars.roles.run import raise_fd_limit
 from lars.store import open_store
+from lars.tls import TlsContexts, contexts_for, generate
 from tests.e2e.procs import LARS, lars_process, memory_mb
 
 
@@ -51,8 +57,29 @@ async def fill(url: str, routes: int) -> None:
             await store.change_routes(add=add)
 
 
+#: With TLS: the certificates' directory, the agents' and the admin's contexts.
+CERTS: Path | None = None
+AGENT_TLS: TlsContexts | None = None
+ADMIN_TLS: TlsContexts | None = None
+
+
+def tls_section(role: str) -> dict[str, str]:
+    assert CERTS is not None
+    return {
+        "mode": "on",
+        "ca": str(CERTS / "ca.pem"),
+        "cert": str(CERTS / f"{role}.pem"),
+        "key": str(CERTS / f"{role}.key"),
+    }
+
+
+def tls_config(role: str) -> TlsConfig:
+    section = tls_section(role)
+    return TlsConfig(mode="on", ca=section["ca"], cert=section["cert"], key=section["key"])
+
+
 class Conn:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.decoder = wire.FrameDecoder()
         self.ready: list[wire.Message] = []
@@ -68,7 +95,7 @@ class Conn:
 
 
 async def connect(host: str, port: int) -> Conn:
-    return Conn(await trio.open_tcp_stream(host, port))
+    return Conn(await connect_tls(await trio.open_tcp_stream(host, port), AGENT_TLS, "dns"))
 
 
 async def get_route_rate(host: str, port: int, routes: int, seconds: float = 5.0) -> float:
@@ -105,7 +132,10 @@ async def push_delays(
     """Delays from `lars route add` exiting, and from its start, to the push arriving at a
     subscribed connection (a push may land before the command has finished exiting)."""
     config = workdir / "writer.toml"
-    config.write_text(f'[agent]\ndns = ["{host}:{port}"]\n')
+    text = f'[agent]\ndns = ["{host}:{port}"]\n'
+    if ADMIN_TLS is not None:
+        text += "[tls]\n" + "".join(f'{k} = "{v}"\n' for k, v in tls_section("admin").items())
+    config.write_text(text)
     delays = []
     totals = []
     conn = await connect(host, port)
@@ -161,7 +191,7 @@ async def subscribers(host: str, port: int, url: str, count: int) -> tuple[float
     async with open_store(url) as store:
         result = await store.add_hosts(shared, [(0x0B000001, 80)])
     assert result.version is not None
-    await notify_dns([f"{host}:{port}"], result.version)
+    await notify_dns([f"{host}:{port}"], result.version, tls=ADMIN_TLS)
     got = 0
 
     async def wait(conn: Conn) -> None:
@@ -190,7 +220,12 @@ async def bench(kind: str, url: str, args: argparse.Namespace, workdir: Path) ->
     t0 = time.monotonic()
     await fill(url, args.routes)
     print(f"[{kind}] filled {args.routes} routes in {time.monotonic() - t0:.1f}s", flush=True)
-    config = {"store": url, "dns": {"listen": "127.0.0.1:0", "check_interval": 1.0}}
+    config: dict[str, object] = {
+        "store": url,
+        "dns": {"listen": "127.0.0.1:0", "check_interval": 1.0},
+    }
+    if AGENT_TLS is not None:
+        config["tls"] = tls_section("dns")
     async with lars_process(workdir, f"dns-{kind}", ["dns"], config) as dns:
         host, port_text = dns.addresses["dns"].split(":")
         port = int(port_text)
@@ -212,6 +247,7 @@ async def bench(kind: str, url: str, args: argparse.Namespace, workdir: Path) ->
         print(f"[{kind}] DNS RSS with {args.routes} routes: {rss:.0f} MB", flush=True)
     return {
         "store": kind,
+        "tls": AGENT_TLS is not None,
         "routes": args.routes,
         "get_route_per_s": round(rate),
         "push_notified_median_ms": round(statistics.median(notified) * 1000, 1),
@@ -223,15 +259,27 @@ async def bench(kind: str, url: str, args: argparse.Namespace, workdir: Path) ->
 
 
 async def main(args: argparse.Namespace) -> None:
+    global CERTS, AGENT_TLS, ADMIN_TLS
     raise_fd_limit()
     results = []
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.tls]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        if args.store in ("sqlite", "both"):
-            results.append(await bench("sqlite", f"sqlite:///{workdir}/bench.db", args, workdir))
-        if args.store in ("mysql", "both"):
-            async with fresh_database(args.mysql) as url:
-                results.append(await bench("mysql", url, args, workdir))
+        CERTS = workdir / "certs"
+        generate(CERTS)
+        for tls in modes:
+            if tls:
+                AGENT_TLS = contexts_for(tls_config("agent"), "agent")
+                ADMIN_TLS = contexts_for(tls_config("admin"), "admin")
+            else:
+                AGENT_TLS = ADMIN_TLS = None
+            name = "+tls" if tls else ""
+            if args.store in ("sqlite", "both"):
+                url = f"sqlite:///{workdir}/bench{'-tls' if tls else ''}.db"
+                results.append(await bench(f"sqlite{name}", url, args, workdir))
+            if args.store in ("mysql", "both"):
+                async with fresh_database(args.mysql) as url:
+                    results.append(await bench(f"mysql{name}", url, args, workdir))
     print(json.dumps(results))
 
 
@@ -244,4 +292,5 @@ if __name__ == "__main__":
     parser.add_argument("--routes", type=int, default=100_000)
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--tls", choices=["off", "on", "both"], default="both")
     trio.run(main, parser.parse_args())
