@@ -4,6 +4,7 @@ checked on every link, refusals logged, and a network listener without TLS refus
 from __future__ import annotations
 
 import json
+import signal
 import ssl
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from lars import wire
 from lars.config import TlsConfig
 from lars.core.model import Host
 from lars.errors import LarsError
-from lars.roles.common import ask, notify_dns
+from lars.roles.common import ask, connect_tls, notify_dns
 from lars.tls import contexts_for, generate
 from tests.e2e.procs import lars_cli, lars_process
 from tests.netutil import free_tcp_port, free_udp_base
@@ -89,7 +90,7 @@ async def test_roles_talk_over_mutual_tls_and_refuse_the_wrong_peers(tmp_path: P
             rows = json.loads(
                 await lars_cli("query", "1", "1", "--stats", "--json", "--store", store)
             )
-            return sum(r["succ_total"] + r["err_total"] for r in rows) == 200
+            return bool(sum(r["succ_total"] + r["err_total"] for r in rows) == 200)
 
         await until(stored, "the statistics stored through the TLS reporter")
         routes = await lars_cli("query", "1", "1", "--dns", dns, "--config", str(admin))
@@ -137,7 +138,7 @@ async def stranger_answer(port: int, certs: Path, strangers: Path) -> bytes:
     try:
         await stream.do_handshake()
         await stream.send_all(wire.encode_frame(wire.StatsRequest(1)))
-        return await stream.receive_some(65536)
+        return bytes(await stream.receive_some(65536))
     except (trio.BrokenResourceError, ssl.SSLError):
         return b""
     finally:
@@ -166,3 +167,53 @@ async def test_a_listener_beyond_loopback_needs_tls_or_an_explicit_off(
         return
     async with lars_process(tmp_path, "dns", ["dns"], config) as proc:
         assert "without TLS" in proc.log
+
+
+async def test_sighup_rotates_the_certificate_without_a_restart(tmp_path: Path) -> None:
+    from tests.test_tls import reissue
+
+    certs = tmp_path / "certs"
+    generate(certs)
+    store = f"sqlite:///{tmp_path}/lars.db"
+    await lars_cli("db", "init", "--store", store)
+    port = free_tcp_port()
+    config = {"store": store, "dns": {"listen": f"127.0.0.1:{port}"}, "tls": tls(certs, "dns")}
+    admin = contexts(certs, "admin")
+
+    async def served_serial() -> int:
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = await connect_tls(tcp, admin, "dns")
+        try:
+            assert isinstance(stream, trio.SSLStream)
+            return int(stream.getpeercert()["serialNumber"], 16)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async with lars_process(tmp_path, "dns", ["dns"], config) as dns:
+        before = await served_serial()
+        # A connection made before the rotation keeps working after it.
+        kept = await connect_tls(await trio.open_tcp_stream("127.0.0.1", port), admin, "dns")
+        new = reissue(certs, "dns", tmp_path / "scratch")
+        assert new.serial_number != before
+        assert dns.process is not None
+        dns.process.send_signal(signal.SIGHUP)
+
+        async def rotated() -> bool:
+            return await served_serial() == new.serial_number
+
+        await until(rotated, "the new certificate served after SIGHUP")
+        await kept.send_all(wire.encode_frame(wire.StatsRequest(7)))
+        decoder = wire.FrameDecoder()
+        with trio.fail_after(DEADLINE):
+            while not (replies := list(_feed(decoder, await kept.receive_some(65536)))):
+                pass
+        assert isinstance(replies[0], wire.StatsResponse) and replies[0].seq == 7
+        await kept.aclose()
+        assert dns.process.poll() is None  # never restarted
+        assert "Traceback" not in dns.log
+
+
+def _feed(decoder: wire.FrameDecoder, data: bytes | bytearray) -> list[wire.Message]:
+    assert data, "the connection made before the rotation was closed"
+    decoder.feed(data)
+    return list(decoder)
