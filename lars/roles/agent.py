@@ -100,6 +100,12 @@ def port_for(module: ModuleKey, base_port: int, ports: int) -> int:
     return base_port + (module[0] + module[1]) % ports
 
 
+def loopback_source(address: Any) -> bool:
+    """True if a socket address is on loopback (127/8, ::1, or 127/8 mapped in IPv6)."""
+    host = address[0]
+    return bool(host.startswith("127.") or host == "::1" or host.startswith("::ffff:127."))
+
+
 class Agent:
     """One agent process: the API ports, the module table, the DNS and reporter clients."""
 
@@ -243,6 +249,9 @@ class Agent:
     def _serve_datagrams(self, sock: socket.socket) -> None:
         """Receive and answer until told to stop; raises OSError if the socket fails."""
         recvfrom, sendto, handle = sock.recvfrom, sock.sendto, self.handle_datagram
+        # On loopback, only this host may ask (the kernel already drops other sources sent
+        # to 127/8; this holds even where it is told not to, e.g. route_localnet).
+        local_only = loopback_source(sock.getsockname())
         stopping = self._stopping.is_set
         busy_poll = self.config.busy_poll
         perf, pause, dontwait = time.perf_counter, os.sched_yield, socket.MSG_DONTWAIT
@@ -256,7 +265,11 @@ class Agent:
                     continue
                 raise
             while True:
-                reply = handle(data, address, sock)
+                if local_only and not loopback_source(address):
+                    self._foreign_datagram(address)
+                    reply = None
+                else:
+                    reply = handle(data, address, sock)
                 if reply is not None:
                     try:
                         sendto(reply, address)
@@ -280,6 +293,13 @@ class Agent:
                             raise
                 if not data:
                     break
+
+    def _foreign_datagram(self, address: Any) -> None:
+        with self._lock:
+            self.metrics.incr("foreign_datagrams")
+        self._bad_input_log.warning(
+            "dropped a datagram from %s: the API on loopback answers this host only", address[0]
+        )
 
     def _wake_trio(self, action: Callable[[], None]) -> None:
         """Run ``action`` in the trio thread soon (from an API thread; a no-op in tests

@@ -322,3 +322,41 @@ async def test_a_reply_that_waited_for_its_route_leaves_from_the_arrival_socket(
         async with client:
             assert (await client.get_host(*M)).key in (A, B)  # waited for DNS
             assert [h.key for h in await client.get_route(*other)] == [A]  # waited too
+
+
+class _ForeignSocket:
+    """A socket bound to loopback that receives one GetHost datagram from another host,
+    then one from this host; the agent stops after the second."""
+
+    def __init__(self, a: Agent) -> None:
+        self.agent = a
+        self.datagrams = [
+            (wire.encode_datagram(wire.GetHostRequest(1, 1, 1)), ("10.0.0.5", 4000)),
+            (wire.encode_datagram(wire.GetHostRequest(2, 1, 1)), ("127.0.0.1", 4001)),
+        ]
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", 8888)
+
+    def recvfrom(self, size: int, flags: int = 0) -> tuple[bytes, Any]:
+        if not self.datagrams:
+            self.agent._stopping.set()
+            raise BlockingIOError
+        return self.datagrams.pop(0)
+
+    def sendto(self, data: bytes, address: Any) -> None:
+        self.sent.append((data, address))
+
+
+def test_an_api_on_loopback_answers_this_host_only() -> None:
+    from lars.roles.agent import loopback_source
+
+    assert loopback_source(("127.0.0.1", 1)) and loopback_source(("127.9.9.9", 1))
+    assert loopback_source(("::1", 1, 0, 0)) and loopback_source(("::ffff:127.0.0.1", 1, 0, 0))
+    assert not loopback_source(("10.0.0.5", 1)) and not loopback_source(("::ffff:10.0.0.5", 1))
+    a = agent(busy_poll=0.0, route_wait=0.0)  # an unknown module is answered at once
+    sock = _ForeignSocket(a)
+    a._serve_datagrams(sock)  # type: ignore[arg-type]
+    assert [address for _, address in sock.sent] == [("127.0.0.1", 4001)]
+    assert a.metrics.counters["foreign_datagrams"] == 1
