@@ -70,12 +70,14 @@ from lars.roles.common import (
     socket_of,
 )
 from lars.roles.http import Observed
-from lars.tls import TlsContexts
+from lars.tls import TlsContexts, refusal_hint
 
 log = logging.getLogger("lars.agent")
 
 #: Seconds to wait for a TCP connection to a DNS or the reporter.
 CONNECT_TIMEOUT = 2.0
+#: A TLS session that ends within this many seconds of its handshake was likely refused.
+TLS_REFUSAL_WINDOW = 1.0
 #: Receive buffer asked of the kernel for each API socket.
 SOCKET_BUFFER = 4 << 20
 #: Seconds an API thread's receive may block before it checks whether to stop.
@@ -293,6 +295,14 @@ class Agent:
                             raise
                 if not data:
                     break
+
+    def _refused_hint(self, started: float) -> str:
+        """Why a TLS session that ended at once probably ended: under TLS 1.3 a server that
+        refuses our certificate (wrong CA, expired, a role it does not take) closes the
+        session after the handshake has succeeded on our side."""
+        if self.tls is None or trio.current_time() - started > TLS_REFUSAL_WINDOW:
+            return ""
+        return f" ({refusal_hint(None)})"
 
     def _foreign_datagram(self, address: Any) -> None:
         with self._lock:
@@ -549,6 +559,7 @@ class Agent:
         )
         while True:
             self.dns_address, stream = await dns.connect()
+            started = trio.current_time()
             try:
                 await self._dns_session(stream)
             finally:
@@ -556,7 +567,9 @@ class Agent:
                 with self._lock:
                     self.table.dns_unavailable()
                 await trio.aclose_forcefully(stream)
-            self._session_log.warning("lost dns; serving from cache, failing over")
+            self._session_log.warning(
+                "lost dns%s; serving from cache, failing over", self._refused_hint(started)
+            )
 
     async def _dns_session(self, stream: trio.abc.Stream) -> None:
         """Request every known module, then exchange requests and routes until the end."""
@@ -630,6 +643,7 @@ class Agent:
         )
         while True:
             _, stream = await reporter.connect()
+            started = trio.current_time()
             try:
                 caller = self._caller(stream)
                 if caller is not None:
@@ -642,7 +656,10 @@ class Agent:
                         self.table.stats_done(key, lb, stored=False)  # send them again later
                 self._in_flight.clear()
                 await trio.aclose_forcefully(stream)
-            self._session_log.warning("lost the reporter; keeping the counts, reconnecting")
+            self._session_log.warning(
+                "lost the reporter%s; keeping the counts, reconnecting",
+                self._refused_hint(started),
+            )
 
     def _caller(self, stream: trio.abc.Stream) -> int | None:
         """This host's IPv4 as an integer, which names it in the statistics: ``[agent] ip``,

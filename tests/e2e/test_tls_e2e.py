@@ -217,3 +217,39 @@ def _feed(decoder: wire.FrameDecoder, data: bytes | bytearray) -> list[wire.Mess
     assert data, "the connection made before the rotation was closed"
     decoder.feed(data)
     return list(decoder)
+
+
+async def test_an_agent_whose_certificate_the_dns_refuses_says_so(tmp_path: Path) -> None:
+    """An agent with a certificate from a new CA that the DNS does not trust yet: its own
+    handshake succeeds (it trusts both CAs), then the DNS closes the session; the agent logs
+    that its certificate was probably refused, and the DNS logs why."""
+    certs, newer = tmp_path / "certs", tmp_path / "newer"
+    generate(certs)
+    generate(newer)
+    both = tmp_path / "both-cas.pem"
+    both.write_bytes((certs / "ca.pem").read_bytes() + (newer / "ca.pem").read_bytes())
+    store = f"sqlite:///{tmp_path}/lars.db"
+    await lars_cli("db", "init", "--store", store)
+    dns = f"127.0.0.1:{free_tcp_port()}"
+    agent_tls = {**tls(newer, "agent"), "ca": str(both)}
+    agent = {
+        "base_port": free_udp_base(3),
+        "dns": [dns],
+        "reporter": f"127.0.0.1:{free_tcp_port()}",
+    }
+    async with (
+        lars_process(
+            tmp_path,
+            "dns",
+            ["dns"],
+            {"store": store, "dns": {"listen": dns}, "tls": tls(certs, "dns")},
+        ) as dns_proc,
+        lars_process(
+            tmp_path, "agent", ["agent"], {"agent": agent, "tls": agent_tls}
+        ) as agent_proc,
+    ):
+        await until(
+            lambda: _contains(agent_proc, "likely our certificate was refused"),
+            "the agent's explanation",
+        )
+        await until(lambda: _contains(dns_proc, "not signed by our CA"), "the DNS's refusal")
