@@ -95,7 +95,24 @@ class MetricsConfig:
 
 
 @attrs.frozen
-class DnsConfig:
+class ListenerLimits:
+    """The connection limits of ``[dns]`` and ``[reporter]`` (see lars.toml)."""
+
+    #: Connections served at once (agents, admins, handshakes in progress); beyond it new
+    #: ones are refused at once, save ``admin_reserve`` more for admins (see lars.toml).
+    max_connections: int = attrs.field(default=10_000, validator=_positive)
+    admin_reserve: int = attrs.field(default=16, validator=attrs.validators.ge(0))
+    #: Seconds a connection accepted in a crowd may take to send its first frame.
+    first_frame_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: Seconds the rest of a frame may take once its first bytes arrived.
+    frame_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: Change notices and StatsRequests per second and connection, and the burst allowed.
+    control_rate: float = attrs.field(default=20.0, validator=_positive)
+    control_burst: int = attrs.field(default=50, validator=_positive)
+
+
+@attrs.frozen
+class DnsConfig(ListenerLimits):
     """``[dns]``: the route service."""
 
     listen: str = attrs.field(default="127.0.0.1:7778", validator=_listen_address)
@@ -108,7 +125,7 @@ class DnsConfig:
 
 
 @attrs.frozen
-class ReporterConfig:
+class ReporterConfig(ListenerLimits):
     """``[reporter]``: the statistics sink."""
 
     listen: str = attrs.field(default="127.0.0.1:7779", validator=_listen_address)

@@ -652,6 +652,12 @@ class FrameDecoder:
         """Bytes received but not yet decoded."""
         return len(self._buf)
 
+    @property
+    def in_frame(self) -> bool:
+        """True while part of a frame has arrived (the length header alone counts: it is
+        consumed before its body comes)."""
+        return bool(self._buf) or self._need is not None
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add received bytes."""
         self._buf += data

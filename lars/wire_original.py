@@ -719,6 +719,11 @@ class FrameDecoder:
         """Bytes received but not yet decoded."""
         return len(self._buf) - self._pos
 
+    @property
+    def in_frame(self) -> bool:
+        """True while part of a frame has arrived."""
+        return len(self._buf) > self._pos
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add received bytes."""
         if self._pos:

@@ -310,3 +310,15 @@ def test_an_error_reply_echoes_a_64_bit_seq() -> None:
     # A ReportStatusAck (64-bit seq) sent where it is not served is answered with its seq.
     reply = ErrorReply(2**64 - 1, 4, "not served")
     assert wire.decode_datagram(wire.encode_datagram(reply)) == reply
+
+
+def test_the_decoder_says_when_a_frame_has_started() -> None:
+    frame = wire.encode_frame(wire.StatsRequest(3))
+    decoder = wire.FrameDecoder()
+    assert not decoder.in_frame
+    decoder.feed(frame[:4])  # the length header alone
+    assert decoder.in_frame
+    assert list(decoder) == [] and decoder.in_frame  # header consumed, body due
+    decoder.feed(frame[4:])
+    assert list(decoder) == [wire.StatsRequest(3)]
+    assert not decoder.in_frame

@@ -35,6 +35,12 @@ a Lars agent and an original one on the same module see the same changes at the 
 The original protocol has no error reply: a frame in it that does not decode, or is not a
 GetRouteRequest, is counted and skipped (its framing is intact), and only a broken framing
 closes the connection.
+
+Connections come through a :class:`lars.roles.common.ConnectionGate` (DESIGN §16): at most
+``max_connections`` with a reserve for admins, a deadline on a frame once started (and on the
+first frame of a plaintext connection arriving in a crowd), and change notices and
+StatsRequests at most ``control_rate`` a second per connection. Notices also coalesce: a
+burst of them arriving during a check costs one more check.
 """
 
 from __future__ import annotations
@@ -55,20 +61,19 @@ from lars.config import DnsConfig
 from lars.core.model import HostKey, ModuleKey
 from lars.errors import ProtocolError, StoreError
 from lars.roles.common import (
+    ConnectionGate,
+    Limits,
     Metrics,
     Outbox,
     RateLimitedLog,
-    accept_tls,
+    Session,
     backoff,
     bound_address,
+    gate_metrics,
     open_listener,
-    peer_name,
     permitted,
-    receive_messages,
     refuse,
-    sniff_protocol,
     stream_decoder,
-    take_messages,
     write_loop,
 )
 from lars.roles.http import Observed
@@ -160,7 +165,6 @@ class DnsServer:
         self.store = store
         #: Mutual TLS with agents and admins (None: plaintext; see lars.tls).
         self.tls = tls
-        self._tls_log = RateLimitedLog(log)
         self._forbidden_log = RateLimitedLog(log)
         #: The map being served; ``None`` until the first successful load.
         self.routes: RouteMap | None = None
@@ -169,6 +173,8 @@ class DnsServer:
         self.subscribers: dict[ModuleKey, set[Subscriber]] = {}
         self.connections: set[Subscriber] = set()
         self.metrics = Metrics("dns")
+        #: Connection limits, deadlines and the control rate (see ConnectionGate).
+        self.gate = ConnectionGate("dns", Limits.of(config), metrics=self.metrics, log=log, tls=tls)
         self.store_ok: bool | None = None
         #: Set after each successful check of the store (tests wait on it).
         self.checked = trio.Event()
@@ -204,7 +210,7 @@ class DnsServer:
         address = bound_address(listener)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.track_changes)
-            await nursery.start(trio.serve_listeners, self.handle_connection, [listener])
+            await nursery.start(self.gate.serve, listener, self.handle_connection)
             log.info("dns listening on %s:%d, store %s", *address, self.store.display_url)
             task_status.started(address)
 
@@ -219,27 +225,24 @@ class DnsServer:
         self._poke.set()
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
-        """Serve one agent connection until it closes or sends a malformed frame."""
-        peer = peer_name(stream)
-        role = None
-        if self.tls is not None:
-            accepted = await accept_tls(stream, self.tls, "dns", peer, self.metrics, self._tls_log)
-            if accepted is None:
-                return
-            stream, role = accepted
-        sub = Subscriber(peer)
-        sub.role = role
+        """Serve one agent connection until it closes, sends a malformed frame or misses a
+        deadline (see ConnectionGate)."""
+        session = await self.gate.open(stream)
+        if session is None:
+            return
+        sub = Subscriber(session.peer)
+        sub.role = session.role
         self.connections.add(sub)
         self.metrics.incr("connections_accepted")
         self.metrics.set("connections", len(self.connections))
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(write_loop, stream, sub, nursery.cancel_scope)
-                await self._read_loop(stream, sub)
+                nursery.start_soon(write_loop, session.stream, sub, nursery.cancel_scope)
+                await self._read_loop(session, sub)
                 nursery.cancel_scope.cancel()
         finally:
             self._drop(sub)
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(session.stream)
 
     def _drop(self, sub: Subscriber) -> None:
         sub.closed = True
@@ -291,16 +294,15 @@ class DnsServer:
             self.metrics.set("subscribed_modules", len(self.subscribers))
         return lapsed
 
-    async def _read_loop(self, stream: trio.abc.Stream, sub: Subscriber) -> None:
-        sniffed = await sniff_protocol(stream)
-        if sniffed is None:
+    async def _read_loop(self, session: Session, sub: Subscriber) -> None:
+        original = await session.sniff()
+        if original is None:
             return
-        sub.original, received = sniffed
-        if sub.original:
+        sub.original = original
+        if original:
             self.metrics.incr("original_connections_accepted")
-        decoder = stream_decoder(sub.original, self.config.max_frame, GET_ROUTE_REQUEST)
-        decoder.feed(received)
-        items: list[wire.Message | ProtocolError] | None = take_messages(decoder)
+        decoder = stream_decoder(original, self.config.max_frame, GET_ROUTE_REQUEST)
+        items: list[wire.Message | ProtocolError] | None = session.start(decoder)
         while items is not None:
             for item in items:
                 if isinstance(item, ProtocolError):
@@ -314,13 +316,13 @@ class DnsServer:
                     reply = refuse(item, sub.peer, self.metrics, self._bad_input_log)
                     if reply is None or not sub.queue_reply(reply):
                         return
-                elif not self._dispatch(sub, item):
+                elif not self._dispatch(sub, item, session):
                     return
                 if sub.pending_bytes > MAX_BACKLOG:
                     await sub.wait_for_room()
-            items = await receive_messages(stream, decoder)
+            items = await session.receive()
 
-    def _dispatch(self, sub: Subscriber, msg: wire.Message) -> bool:
+    def _dispatch(self, sub: Subscriber, msg: wire.Message, session: Session) -> bool:
         if not permitted("dns", sub.role, msg):
             self.metrics.incr("forbidden_requests")
             self._forbidden_log.warning(
@@ -365,10 +367,13 @@ class DnsServer:
                     self._absent_for(sub, module)
             return True
         if isinstance(msg, wire.RouteChangeNotice):
-            self.metrics.incr("change_notices")
-            self.poke()
+            if session.allow_control():  # else dropped, and the connection read slowly
+                self.metrics.incr("change_notices")
+                self.poke()
             return True
         if isinstance(msg, wire.StatsRequest):
+            if not session.allow_control():
+                return True
             self._update_gauges()
             return sub.queue_reply(self.metrics.response(msg.seq))
         self.metrics.incr("invalid_requests")
@@ -587,3 +592,6 @@ class DnsCollector(Collector):
         yield counter("malformed_frames", "Frames that did not decode (connection closed).")
         yield counter("invalid_requests", "Requests with invalid values.")
         yield counter("subscriptions_lapsed", "Subscriptions to absent modules that lapsed.")
+        yield from gate_metrics(
+            counter, gauge, dns.gate, "Change notices and StatsRequests dropped over control_rate."
+        )

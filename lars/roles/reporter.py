@@ -40,6 +40,11 @@ see :class:`OriginalStatsLedger`, which turns them into the rows a Lars agent wo
 for the same calls (the counts of the latest interval, added to the totals) before they join
 the same queue and writers. A frame in the original format that does not decode is counted
 and skipped; only a broken framing closes the connection.
+
+Connections come through a :class:`lars.roles.common.ConnectionGate`, as the DNS's: at most
+``max_connections`` with a reserve for admins, frame deadlines, and StatsRequests at most
+``control_rate`` a second per connection. The time a reader waits for a full queue does not
+count against its connection's frame deadline.
 """
 
 from __future__ import annotations
@@ -60,20 +65,19 @@ from lars.config import ReporterConfig
 from lars.core.model import UINT32_MAX, format_host, int_to_ip
 from lars.errors import ProtocolError, SchemaMissing, StoreError, StoreUnavailable
 from lars.roles.common import (
+    ConnectionGate,
+    Limits,
     Metrics,
     Outbox,
     RateLimitedLog,
-    accept_tls,
+    Session,
     backoff,
     bound_address,
+    gate_metrics,
     open_listener,
-    peer_name,
     permitted,
-    receive_messages,
     refuse,
-    sniff_protocol,
     stream_decoder,
-    take_messages,
     write_loop,
 )
 from lars.roles.http import Observed, store_readiness
@@ -393,12 +397,15 @@ class Reporter:
         self.config = config
         #: Mutual TLS with agents and admins (None: plaintext; see lars.tls).
         self.tls = tls
-        self._tls_log = RateLimitedLog(log)
         self._forbidden_log = RateLimitedLog(log)
         self.store = store
         #: The wall clock (epoch seconds): the minutes of CallHistory.
         self.clock = clock
         self.metrics = Metrics("reporter")
+        #: Connection limits, deadlines and the control rate (see ConnectionGate).
+        self.gate = ConnectionGate(
+            "reporter", Limits.of(config), metrics=self.metrics, log=log, tls=tls
+        )
         self._send, self._receive = trio.open_memory_channel[Item](config.queue_size)
         #: Reports put on the queue and not yet written (queued, or in a writer's hands).
         self._unwritten = 0
@@ -441,7 +448,7 @@ class Reporter:
                 nursery.start_soon(self._writer)
             nursery.start_soon(self._original_flusher)
             nursery.start_soon(self._history_purger)
-            await nursery.start(trio.serve_listeners, self.handle_connection, [listener])
+            await nursery.start(self.gate.serve, listener, self.handle_connection)
             log.info("reporter listening on %s:%d, store %s", *address, self.store.display_url)
             task_status.started(address)
 
@@ -455,32 +462,27 @@ class Reporter:
     # --- connections -----------------------------------------------------------------------
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
-        """Read reports from one agent and write back their acknowledgements."""
-        peer = peer_name(stream)
-        role = None
-        if self.tls is not None:
-            accepted = await accept_tls(
-                stream, self.tls, "reporter", peer, self.metrics, self._tls_log
-            )
-            if accepted is None:
-                return
-            stream, role = accepted
-        conn = ReplyOutbox(peer)
-        conn.role = role
+        """Read reports from one agent and write back their acknowledgements, until it
+        closes, sends a malformed frame or misses a deadline (see ConnectionGate)."""
+        session = await self.gate.open(stream)
+        if session is None:
+            return
+        conn = ReplyOutbox(session.peer)
+        conn.role = session.role
         self.connections.add(conn)
         self.metrics.incr("connections_accepted")
         self.metrics.set("connections", len(self.connections))
         try:
             async with trio.open_nursery() as nursery:
                 conn.attach(nursery.cancel_scope)
-                nursery.start_soon(write_loop, stream, conn, nursery.cancel_scope)
-                await self._read(stream, conn)
+                nursery.start_soon(write_loop, session.stream, conn, nursery.cancel_scope)
+                await self._read(session, conn)
                 nursery.cancel_scope.cancel()
         finally:
             conn.close()
             self.connections.discard(conn)
             self.metrics.set("connections", len(self.connections))
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(session.stream)
 
     def _reply(self, conn: ReplyOutbox, msg: wire.Message) -> None:
         """Queue a reply; close the connection of a peer that leaves too many unread."""
@@ -493,17 +495,15 @@ class Reporter:
             )
             conn.close()
 
-    async def _read(self, stream: trio.abc.Stream, conn: ReplyOutbox) -> None:
-        sniffed = await sniff_protocol(stream)
-        if sniffed is None:
+    async def _read(self, session: Session, conn: ReplyOutbox) -> None:
+        original = await session.sniff()
+        if original is None:
             return
-        original, received = sniffed
         if original:
             self.metrics.incr("original_connections_accepted")
         conn.original = original
         decoder = stream_decoder(original, self.config.max_frame, REPORT_STATUS_REQUEST)
-        decoder.feed(received)
-        items: list[wire.Message | ProtocolError] | None = take_messages(decoder)
+        items: list[wire.Message | ProtocolError] | None = session.start(decoder)
         while items is not None:
             for item in items:
                 if conn.closed:
@@ -521,8 +521,8 @@ class Reporter:
                     assert isinstance(item, wire.ReportStatusRequest)  # all the decoder takes
                     await self._original_report(item)
                 else:
-                    await self._dispatch(item, conn)
-            items = await receive_messages(stream, decoder)
+                    await self._dispatch(item, conn, session)
+            items = await session.receive()
 
     async def _original_report(self, report: wire.ReportStatusRequest) -> None:
         self.metrics.incr("reports_received")
@@ -581,7 +581,7 @@ class Reporter:
             await self.purge_history()
             await trio.sleep(HISTORY_PURGE_INTERVAL)
 
-    async def _dispatch(self, msg: wire.Message, conn: ReplyOutbox) -> None:
+    async def _dispatch(self, msg: wire.Message, conn: ReplyOutbox, session: Session) -> None:
         if not permitted("reporter", conn.role, msg):
             self.metrics.incr("forbidden_requests")
             self._forbidden_log.warning(
@@ -594,8 +594,9 @@ class Reporter:
             self.metrics.incr("results_received", len(msg.results))
             await self._queue(msg, conn)
         elif isinstance(msg, wire.StatsRequest):
-            self.metrics.set("queued", self._receive.statistics().current_buffer_used)
-            self._reply(conn, self.metrics.response(msg.seq))
+            if session.allow_control():  # else dropped
+                self.metrics.set("queued", self._receive.statistics().current_buffer_used)
+                self._reply(conn, self.metrics.response(msg.seq))
         else:
             self.metrics.incr("invalid_requests")
             reason = f"the reporter does not serve {type(msg).__name__}"
@@ -820,3 +821,4 @@ class ReporterCollector(Collector):
         yield counter("malformed_frames", "Frames that did not decode (connection closed).")
         yield counter("invalid_requests", "Requests with invalid values.")
         yield counter("reply_overflows", "Connections closed for not reading their replies.")
+        yield from gate_metrics(counter, gauge, r.gate, "StatsRequests dropped over control_rate.")
