@@ -121,6 +121,17 @@ async def test_roles_talk_over_mutual_tls_and_refuse_the_wrong_peers(tmp_path: P
         await until(
             lambda: _contains(reporter_proc, "peer is lars://dns"), "the reporter's refusal"
         )
+        # Nobody but an agent writes statistics: a forged report in plaintext, or with an
+        # admin's certificate, is refused and stores nothing.
+        forged = wire.ReportStatusRequest(
+            1, 1, 0x0A0000FE, (wire.HostResult(H1.key[0], H1.key[1], 0, 999_999, False),), 1, 1
+        )
+        for who in (None, contexts(certs, "admin")):
+            with pytest.raises(LarsError):
+                await ask(reporter, forged, wait=3.0, tls=who, expect="reporter")
+        rows = json.loads(await lars_cli("query", "1", "1", "--stats", "--json", "--store", store))
+        assert all(r["caller"] != "10.0.0.254" for r in rows)
+        assert sum(r["err_total"] for r in rows) < 999_999
         # The good clients were never affected.
         counters = json.loads(
             await lars_cli("stats", "--reporter", reporter, "--json", "--config", str(admin))

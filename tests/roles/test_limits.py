@@ -646,3 +646,19 @@ async def test_other_accept_errors_are_not_swallowed(store: FlakyStore) -> None:
     with pytest.raises(ExceptionGroup) as raised:
         await server.gate.serve(listener, server.handle_connection)
     assert raised.group_contains(OSError, match="Bad file descriptor")
+
+
+def test_an_agent_api_beyond_loopback_needs_allow_remote_api() -> None:
+    import attrs as _attrs
+
+    from lars.config import AgentConfig, Config
+    from lars.errors import ConfigError
+    from lars.roles.run import check_transport
+
+    public = Config(agent=AgentConfig(host="0.0.0.0"))
+    with pytest.raises(ConfigError, match="allow_remote_api"):
+        check_transport(public, ["agent"])
+    check_transport(
+        _attrs.evolve(public, agent=AgentConfig(host="0.0.0.0", allow_remote_api=True)), ["agent"]
+    )
+    check_transport(Config(), ["agent", "dns", "reporter"])  # loopback: nothing to refuse
