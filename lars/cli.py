@@ -310,7 +310,12 @@ def admin_tls(config: Config) -> TlsContexts | None:
 
 def notify_after_write(config: Config, version: int) -> None:
     """Tell the DNS instances of a committed write (best effort: DNS polls as a fallback)."""
-    notify = functools.partial(notify_dns, tls=admin_tls(config))
+    try:
+        tls = contexts_for(config.tls, "admin")
+    except LarsError as exc:  # the write is committed: say so, and that DNS will poll
+        click.echo(f"warning: cannot notify DNS ({exc}); it will notice by polling", err=True)
+        return
+    notify = functools.partial(notify_dns, tls=tls)
     for failure in trio.run(notify, config.agent.dns, version):
         click.echo(f"warning: could not notify DNS {failure}; it will notice by polling", err=True)
 

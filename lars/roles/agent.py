@@ -835,6 +835,11 @@ class AgentCollector(Collector):
         )
         yield counter("replies_dropped", "Replies the kernel refused to send.", "replies_dropped")
         yield counter(
+            "foreign_datagrams",
+            "Datagrams from another host to an API on loopback (dropped).",
+            "foreign_datagrams",
+        )
+        yield counter(
             "original_requests",
             "API requests in the original Lars format (counted in requests_total too).",
             "original_requests",

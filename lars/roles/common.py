@@ -3,6 +3,7 @@ connection limits of the DNS and the reporter (:class:`ConnectionGate`, :class:`
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -359,8 +360,12 @@ class Reconnector:
                 host, port = parse_address(address)
                 with trio.fail_after(self.connect_timeout):
                     tcp = await trio.open_tcp_stream(host, port)
-                keepalive(tcp)
-                stream = await connect_tls(tcp, self.tls, self.what)
+                try:
+                    keepalive(tcp)
+                    stream = await connect_tls(tcp, self.tls, self.what)
+                except OSError:
+                    await trio.aclose_forcefully(tcp)
+                    raise
             except (OSError, trio.TooSlowError, TlsRefused) as exc:
                 self.metrics.incr(f"{self.what}_connect_failures")
                 if not self._reported_down:
@@ -656,8 +661,27 @@ class ConnectionGate:
         self._tls_log = RateLimitedLog(log)
         self._timeout_log = RateLimitedLog(log)
         self._rate_log = RateLimitedLog(log)
+        #: The control-rate buckets by peer address (not by connection: a peer opening a
+        #: connection per notice gets no fresh burst), least recently used first.
+        self._buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
         self._release_due = trio.Event()
         metrics.set("max_connections", self.max_connections)
+
+    def control_bucket(self, peer: str, now: float) -> TokenBucket:
+        """The control-rate bucket of the peer address ``peer`` (host, without the port).
+        At most max_connections + admin_reserve peers are remembered; the one unheard of
+        longest goes first (its bucket is as good as full by then, or nearly)."""
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            limits = self.limits
+            bucket = self._buckets[peer] = TokenBucket(
+                limits.control_rate, limits.control_burst, now
+            )
+            if len(self._buckets) > self.max_connections + limits.admin_reserve:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(peer)
+        return bucket
 
     @property
     def open_connections(self) -> int:
@@ -898,7 +922,6 @@ class Session:
         self._frame_due: float | None = None
         self._decoder: Decoder | None = None
         self._sniffed = b""
-        self._bucket: TokenBucket | None = None  # made at the first control message
         #: Until when the reading pauses, once over the control rate.
         self._resume_at: float | None = None
         self._receive_size = RECEIVE_SIZE
@@ -972,10 +995,7 @@ class Session:
         (counted, logged at a rate limit) when the message is to be dropped: then this
         connection is not read until its bucket is full again."""
         now = trio.current_time()
-        bucket = self._bucket
-        if bucket is None:
-            limits = self._gate.limits
-            bucket = self._bucket = TokenBucket(limits.control_rate, limits.control_burst, now)
+        bucket = self._gate.control_bucket(self.peer.rpartition(":")[0] or self.peer, now)
         if bucket.take(now):
             return True
         self._resume_at = now + bucket.full_in(now)
@@ -1002,6 +1022,10 @@ def gate_metrics(
         " frame within first_frame_timeout.",
     )
     yield counter("rate_limited", rate_limited)
+    yield counter("tls_refused", "TLS connections refused: handshake failed, or a role not let in.")
+    yield counter(
+        "forbidden_requests", "Requests a peer's role may not make (the connection is closed)."
+    )
     yield counter("accept_errors", "Failed accepts (EMFILE and the like), retried.")
     yield gauge(
         "connections_open",

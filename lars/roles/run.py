@@ -14,11 +14,10 @@ answers. An outage after a good start is the roles' to ride out, as they always 
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import resource
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 
 import trio
@@ -26,7 +25,7 @@ import trio
 from lars._version import __version__
 from lars.config import Config, parse_address, store_url
 from lars.errors import ConfigError, SchemaMissing, StoreUnavailable
-from lars.roles.common import RateLimitedLog, backoff
+from lars.roles.common import RateLimitedLog, backoff, is_loopback
 from lars.roles.http import Observed, serve_http
 from lars.store import RouteStore, open_store
 from lars.store.sql import (
@@ -39,7 +38,7 @@ from lars.store.sql import (
     STATUS_COLUMNS,
     STATUS_TABLE,
 )
-from lars.tls import contexts_for, reload_on_sighup, role_uri
+from lars.tls import TlsContexts, contexts_for, role_uri
 
 log = logging.getLogger("lars")
 
@@ -157,6 +156,20 @@ async def run_roles(
     check_transport(config, roles)
     tls = contexts_for(config.tls, tls_role(config, roles)) if config.tls.mode == "on" else None
     raise_fd_limit()
+    # SIGHUP re-reads the certificates; caught from the start (a process still waiting for
+    # its store, or one without TLS, must not die of it), handled once the roles run.
+    with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+        await _run_roles(config, roles, store_override, tls, hangups, task_status)
+
+
+async def _run_roles(
+    config: Config,
+    roles: Sequence[str],
+    store_override: str | None,
+    tls: TlsContexts | None,
+    hangups: AsyncIterator[int],
+    task_status: trio.TaskStatus[dict[str, object]],
+) -> None:
     addresses: dict[str, object] = {}
     drains: list[Callable[[], Awaitable[None]]] = []
     observed: list[Observed] = []
@@ -167,8 +180,8 @@ async def run_roles(
             stack.push_async_callback(store.aclose)
             await check_role_store(store, roles)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_reload_on_hangup, hangups, tls)
             if tls is not None:
-                nursery.start_soon(reload_on_sighup, tls)
                 log.info(
                     "TLS on: this process is %s, its certificate valid until %s",
                     role_uri(tls.role),
@@ -213,6 +226,15 @@ async def run_roles(
             task_status.started(addresses)
 
 
+async def _reload_on_hangup(hangups: AsyncIterator[int], tls: TlsContexts | None) -> None:
+    async for _ in hangups:
+        if tls is None:
+            log.info("SIGHUP: nothing to re-read ([tls] is not on)")
+        else:
+            log.info("SIGHUP: re-reading the TLS certificates")
+            tls.reload()
+
+
 def tls_role(config: Config, roles: Sequence[str]) -> str:
     """The one identity a process with TLS on has: its role's (``admin`` for the console,
     which sends change notices). One certificate names one role, so such a process runs one
@@ -226,12 +248,7 @@ def tls_role(config: Config, roles: Sequence[str]) -> str:
 
 
 def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
+    return host == "localhost" or is_loopback(host)  # another name may resolve to anything
 
 
 def check_transport(config: Config, roles: Sequence[str]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from lars import wire
+from lars import wire, wire_original
 from lars.config import TlsConfig
 from lars.core.model import Host
 from lars.errors import LarsError
@@ -129,6 +129,21 @@ async def test_roles_talk_over_mutual_tls_and_refuse_the_wrong_peers(tmp_path: P
         for who in (None, contexts(certs, "admin")):
             with pytest.raises(LarsError):
                 await ask(reporter, forged, wait=3.0, tls=who, expect="reporter")
+        # Nor in the original's framing, which only plaintext original agents speak.
+        original = await connect_tls(
+            await trio.open_tcp_stream("127.0.0.1", reporter_port),
+            contexts(certs, "admin"),
+            "reporter",
+        )
+        async with original:
+            await original.send_all(wire_original.encode(forged))
+            with trio.fail_after(DEADLINE):
+                assert await _read_quietly(original) == b""
+        refusals = json.loads(
+            await lars_cli("stats", "--reporter", reporter, "--json", "--config", str(admin))
+        )
+        assert refusals["forbidden_requests"] == 2  # the admin's two forged reports
+        assert refusals.get("original_reports_received", 0) == 0
         rows = json.loads(await lars_cli("query", "1", "1", "--stats", "--json", "--store", store))
         assert all(r["caller"] != "10.0.0.254" for r in rows)
         assert sum(r["err_total"] for r in rows) < 999_999
@@ -154,6 +169,13 @@ async def stranger_answer(port: int, certs: Path, strangers: Path) -> bytes:
         return b""
     finally:
         await trio.aclose_forcefully(stream)
+
+
+async def _read_quietly(stream: trio.abc.Stream) -> bytes:
+    try:
+        return bytes(await stream.receive_some(65536))
+    except trio.BrokenResourceError:
+        return b""
 
 
 async def _contains(proc: Any, text: str) -> bool:
@@ -264,3 +286,14 @@ async def test_an_agent_whose_certificate_the_dns_refuses_says_so(tmp_path: Path
             "the agent's explanation",
         )
         await until(lambda: _contains(dns_proc, "not signed by our CA"), "the DNS's refusal")
+
+
+async def test_sighup_without_tls_is_logged_not_fatal(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/lars.db"
+    await lars_cli("db", "init", "--store", store)
+    config = {"store": store, "dns": {"listen": f"127.0.0.1:{free_tcp_port()}"}}
+    async with lars_process(tmp_path, "dns", ["dns"], config) as dns:
+        assert dns.process is not None
+        dns.process.send_signal(signal.SIGHUP)
+        await until(lambda: _contains(dns, "SIGHUP: nothing to re-read"), "the SIGHUP logged")
+        assert dns.process.poll() is None

@@ -662,3 +662,16 @@ def test_an_agent_api_beyond_loopback_needs_allow_remote_api() -> None:
         _attrs.evolve(public, agent=AgentConfig(host="0.0.0.0", allow_remote_api=True)), ["agent"]
     )
     check_transport(Config(), ["agent", "dns", "reporter"])  # loopback: nothing to refuse
+
+
+async def test_the_control_rate_is_per_peer_not_per_connection(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A peer that opens a connection per notice gets no fresh burst with each."""
+    async with dns_behind(store, control_rate=20.0, control_burst=50) as (server, listener):
+        for _ in range(4):
+            conn = listener.connect()  # every test connection is the same peer
+            await conn.send(*(wire.RouteChangeNotice(1) for _ in range(20)))
+            await trio.testing.wait_all_tasks_blocked()
+        assert server.metrics.counters["change_notices"] == 50
+        assert server.metrics.counters["rate_limited"] == 30
