@@ -267,7 +267,8 @@ class Agent:
                     continue
                 raise
             while True:
-                if local_only and not loopback_source(address):
+                # (127/8 first, inline: the hot path pays one slice and compare)
+                if local_only and address[0][:4] != "127." and not loopback_source(address):
                     self._foreign_datagram(address)
                     reply = None
                 else:
