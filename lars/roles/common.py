@@ -925,6 +925,9 @@ class Session:
         #: Until when the reading pauses, once over the control rate.
         self._resume_at: float | None = None
         self._receive_size = RECEIVE_SIZE
+        #: The control-rate bucket: the peer address's (see ConnectionGate.control_bucket),
+        #: or this connection's own for a loopback peer. Found at the first control message.
+        self._bucket: TokenBucket | None = None
 
     async def sniff(self) -> bool | None:
         """Receive until the first bytes tell the protocol (see
@@ -995,7 +998,17 @@ class Session:
         (counted, logged at a rate limit) when the message is to be dropped: then this
         connection is not read until its bucket is full again."""
         now = trio.current_time()
-        bucket = self._gate.control_bucket(self.peer.rpartition(":")[0] or self.peer, now)
+        bucket = self._bucket
+        if bucket is None:
+            host = self.peer.rpartition(":")[0] or self.peer
+            if is_loopback(host):
+                # This host's own tools (the CLI, the console, health checks): one bucket per
+                # connection, so that a local flood cannot starve them of their counters.
+                limits = self._gate.limits
+                bucket = TokenBucket(limits.control_rate, limits.control_burst, now)
+            else:
+                bucket = self._gate.control_bucket(host, now)
+            self._bucket = bucket
         if bucket.take(now):
             return True
         self._resume_at = now + bucket.full_in(now)
