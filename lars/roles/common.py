@@ -661,6 +661,7 @@ class ConnectionGate:
         self._tls_log = RateLimitedLog(log)
         self._timeout_log = RateLimitedLog(log)
         self._rate_log = RateLimitedLog(log)
+        self._forbidden_log = RateLimitedLog(log)
         #: The control-rate buckets by peer address (not by connection: a peer opening a
         #: connection per notice gets no fresh burst), least recently used first.
         self._buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
@@ -857,6 +858,11 @@ class ConnectionGate:
             self._release_due = trio.Event()
             malloc_trim()
 
+    def forbidden(self, session: Session, what: str) -> None:
+        """Count and log (at a rate limit) a connection closed for what its role may not do."""
+        self.metrics.incr("forbidden_requests")
+        self._forbidden_log.warning("%s (lars://%s) %s; closing", session.peer, session.role, what)
+
     def rate_limited(self, session: Session) -> None:
         """Count and log (at a rate limit) a control message dropped over the rate."""
         self.metrics.incr("rate_limited")
@@ -932,14 +938,20 @@ class Session:
     async def sniff(self) -> bool | None:
         """Receive until the first bytes tell the protocol (see
         :func:`lars.wire_original.sniff_stream`): True for the original's, False for Lars's,
-        None when the peer closed the stream (or missed its deadline) first. The DNS and the
-        reporter serve both on one port. Then call :meth:`start`."""
+        None when the peer closed the stream (or missed its deadline) first, or spoke the
+        original's protocol over TLS. The DNS and the reporter serve both on one port. Then
+        call :meth:`start`."""
         received = b""
         while (original := wire_original.sniff_stream(received)) is None:
             data = await self._receive_some(bool(received))
             if not data:
                 return None
             received += data
+        if original and self.role is not None:
+            # Original agents speak plaintext only: under TLS this is someone else (an admin
+            # writing statistics, say) in the original's framing, which no role may use.
+            self._gate.forbidden(self, "spoke the original protocol over TLS")
+            return None
         self._sniffed = received
         return original
 

@@ -298,14 +298,6 @@ class DnsServer:
         original = await session.sniff()
         if original is None:
             return
-        if original and sub.role is not None:
-            # Original agents speak plaintext only: under TLS this is someone else in the
-            # original's framing, which no role's permissions cover.
-            self.metrics.incr("forbidden_requests")
-            self._forbidden_log.warning(
-                "%s (lars://%s) spoke the original protocol over TLS; closing", sub.peer, sub.role
-            )
-            return
         sub.original = original
         if original:
             self.metrics.incr("original_connections_accepted")

@@ -499,16 +499,6 @@ class Reporter:
         original = await session.sniff()
         if original is None:
             return
-        if original and conn.role is not None:
-            # Original agents speak plaintext only: under TLS this is someone else (an admin,
-            # say) trying to write statistics in the original's framing.
-            self.metrics.incr("forbidden_requests")
-            self._forbidden_log.warning(
-                "%s (lars://%s) spoke the original protocol over TLS; closing",
-                conn.peer,
-                conn.role,
-            )
-            return
         if original:
             self.metrics.incr("original_connections_accepted")
         conn.original = original

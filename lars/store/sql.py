@@ -739,23 +739,33 @@ def _parse_host_list(text: object) -> tuple[HostKey, ...]:
         return ()
 
 
-def list_audit(
-    module: ModuleKey | None, actor: str | None, limit: int, before_id: int | None
-) -> Op[list[AuditEntry]]:
-    """RouteAudit rows, newest first, filtered by module, actor name and ``id < before_id``."""
-    where: list[str] = []
-    args: list[Any] = []
-    if module is not None:
-        where.append("modid = ? AND cmdid = ?")
-        args += module
-    if actor is not None:
-        where.append("actor = ?")
-        args.append(actor)
+def _newest_first(
+    select: str,
+    filters: Sequence[tuple[str, tuple[Any, ...]]],
+    before_id: int | None,
+    limit: int,
+) -> Query:
+    """``select`` (of a table with an ``id``) newest first: the rows matching every filter
+    (SQL, its arguments) and older than ``before_id``, at most ``limit`` of them."""
+    where = [condition for condition, _ in filters]
+    args = [value for _, values in filters for value in values]
     if before_id is not None:
         where.append("id < ?")
         args.append(before_id)
     clause = f" WHERE {' AND '.join(where)}" if where else ""
-    rows = (yield (f"{_AUDIT_SELECT}{clause} ORDER BY id DESC LIMIT ?", (*args, limit))).rows
+    return f"{select}{clause} ORDER BY id DESC LIMIT ?", (*args, limit)
+
+
+def list_audit(
+    module: ModuleKey | None, actor: str | None, limit: int, before_id: int | None
+) -> Op[list[AuditEntry]]:
+    """RouteAudit rows, newest first, filtered by module, actor name and ``id < before_id``."""
+    filters: list[tuple[str, tuple[Any, ...]]] = []
+    if module is not None:
+        filters.append(("modid = ? AND cmdid = ?", module))
+    if actor is not None:
+        filters.append(("actor = ?", (actor,)))
+    rows = (yield _newest_first(_AUDIT_SELECT, filters, before_id, limit)).rows
     return [
         AuditEntry(
             int(id_),
@@ -1453,16 +1463,8 @@ def list_alarm_states(firing: bool | None, lock: str = "") -> Op[list[AlarmState
 
 def list_alarm_events(rule: str | None, limit: int, before_id: int | None) -> Op[list[AlarmEvent]]:
     """AlarmEvent rows newest first, of one rule or all, older than ``before_id``."""
-    where: list[str] = []
-    args: list[Any] = []
-    if rule is not None:
-        where.append("rule = ?")
-        args.append(rule)
-    if before_id is not None:
-        where.append("id < ?")
-        args.append(before_id)
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
-    rows = (yield (f"{_EVENT_SELECT}{clause} ORDER BY id DESC LIMIT ?", (*args, limit))).rows
+    filters = [("rule = ?", (rule,))] if rule is not None else []
+    rows = (yield _newest_first(_EVENT_SELECT, filters, before_id, limit)).rows
     return [_event_row(row) for row in rows]
 
 
