@@ -27,6 +27,7 @@ from prometheus_client.core import Metric
 
 from lars import wire, wire_original
 from lars.config import DnsConfig, ReporterConfig, parse_address
+from lars.core.model import UINT32_MAX
 from lars.errors import LarsError, ProtocolError
 from lars.tls import TlsContexts, TlsRefused, refusal_hint
 from lars.tls import accept as tls_accept
@@ -858,10 +859,20 @@ class ConnectionGate:
             self._release_due = trio.Event()
             malloc_trim()
 
-    def forbidden(self, session: Session, what: str) -> None:
-        """Count and log (at a rate limit) a connection closed for what its role may not do."""
+    def forbidden(self, peer: str, role: str | None, what: str) -> None:
+        """Count and log (at a rate limit) what a peer's role may not do."""
         self.metrics.incr("forbidden_requests")
-        self._forbidden_log.warning("%s (lars://%s) %s; closing", session.peer, session.role, what)
+        self._forbidden_log.warning("%s (lars://%s) %s", peer, role, what)
+
+    def refuse_message(self, peer: str, role: str | None, msg: wire.Message) -> wire.ErrorReply:
+        """Count and log a message the peer's role may not send; the ErrorReply that tells
+        the peer why (the connection goes on: one message costs itself alone)."""
+        name = type(msg).__name__
+        self.forbidden(peer, role, f"may not send {name}; refused")
+        seq = getattr(msg, "seq", 0)
+        seq = seq if 0 <= seq <= UINT32_MAX else 0  # ErrorReply.seq is 32 bits
+        reason = f"lars://{role} may not send {name} to the {self.serving} role"
+        return wire.ErrorReply(seq, wire.RetCode.BAD_REQUEST, reason)
 
     def rate_limited(self, session: Session) -> None:
         """Count and log (at a rate limit) a control message dropped over the rate."""
@@ -950,7 +961,7 @@ class Session:
         if original and self.role is not None:
             # Original agents speak plaintext only: under TLS this is someone else (an admin
             # writing statistics, say) in the original's framing, which no role may use.
-            self._gate.forbidden(self, "spoke the original protocol over TLS")
+            self._gate.forbidden(self.peer, self.role, "spoke the original protocol over TLS")
             return None
         self._sniffed = received
         return original

@@ -165,7 +165,6 @@ class DnsServer:
         self.store = store
         #: Mutual TLS with agents and admins (None: plaintext; see lars.tls).
         self.tls = tls
-        self._forbidden_log = RateLimitedLog(log)
         #: The map being served; ``None`` until the first successful load.
         self.routes: RouteMap | None = None
         #: Store version of ``routes``.
@@ -324,14 +323,7 @@ class DnsServer:
 
     def _dispatch(self, sub: Subscriber, msg: wire.Message, session: Session) -> bool:
         if not permitted("dns", sub.role, msg):
-            self.metrics.incr("forbidden_requests")
-            self._forbidden_log.warning(
-                "%s (lars://%s) may not send %s; closing", sub.peer, sub.role, type(msg).__name__
-            )
-            seq = getattr(msg, "seq", 0)
-            reason = f"lars://{sub.role} may not send {type(msg).__name__} to the dns role"
-            sub.queue_reply(wire.ErrorReply(seq, wire.RetCode.BAD_REQUEST, reason))
-            return False
+            return sub.queue_reply(self.gate.refuse_message(sub.peer, sub.role, msg))
         if isinstance(msg, wire.GetRouteRequest):
             self.metrics.incr("route_requests")
             module = (msg.modid, msg.cmdid)

@@ -397,7 +397,6 @@ class Reporter:
         self.config = config
         #: Mutual TLS with agents and admins (None: plaintext; see lars.tls).
         self.tls = tls
-        self._forbidden_log = RateLimitedLog(log)
         self.store = store
         #: The wall clock (epoch seconds): the minutes of CallHistory.
         self.clock = clock
@@ -583,11 +582,7 @@ class Reporter:
 
     async def _dispatch(self, msg: wire.Message, conn: ReplyOutbox, session: Session) -> None:
         if not permitted("reporter", conn.role, msg):
-            self.metrics.incr("forbidden_requests")
-            self._forbidden_log.warning(
-                "%s (lars://%s) may not send %s; closing", conn.peer, conn.role, type(msg).__name__
-            )
-            conn.close()
+            self._reply(conn, self.gate.refuse_message(conn.peer, conn.role, msg))
             return
         if isinstance(msg, wire.ReportStatusRequest):
             self.metrics.incr("reports_received")

@@ -111,10 +111,19 @@ async def test_roles_talk_over_mutual_tls_and_refuse_the_wrong_peers(tmp_path: P
 
         # An agent's certificate may read routes but not send a change notice.
         agent_tls = contexts(certs, "agent")
+        answer = await ask(dns, wire.StatsRequest(5), tls=agent_tls)  # and it is told why
+        assert isinstance(answer, wire.ErrorReply) and answer.seq == 5
+        assert "lars://agent may not send StatsRequest" in answer.reason
         await notify_dns([dns], 10**9, tls=agent_tls)
-        await until(
-            lambda: _contains(dns_proc, "may not send RouteChangeNotice"), "the notice refused"
-        )
+
+        async def notice_refused() -> bool:
+            counters = json.loads(
+                await lars_cli("stats", "--dns", dns, "--json", "--config", str(admin))
+            )
+            return bool(counters["forbidden_requests"] == 2)  # the StatsRequest, the notice
+
+        await until(notice_refused, "the notice refused")
+        assert "(lars://agent) may not send StatsRequest; refused" in dns_proc.log
         # A DNS certificate may not talk to the reporter at all.
         with pytest.raises(LarsError, match=r"closed the connection|refused"):
             await ask(reporter, wire.StatsRequest(1), tls=contexts(certs, "dns"), expect="reporter")
@@ -126,9 +135,11 @@ async def test_roles_talk_over_mutual_tls_and_refuse_the_wrong_peers(tmp_path: P
         forged = wire.ReportStatusRequest(
             1, 1, 0x0A0000FE, (wire.HostResult(H1.key[0], H1.key[1], 0, 999_999, False),), 1, 1
         )
-        for who in (None, contexts(certs, "admin")):
-            with pytest.raises(LarsError):
-                await ask(reporter, forged, wait=3.0, tls=who, expect="reporter")
+        with pytest.raises(LarsError):
+            await ask(reporter, forged, wait=3.0, expect="reporter")
+        answer = await ask(reporter, forged, tls=contexts(certs, "admin"), expect="reporter")
+        assert isinstance(answer, wire.ErrorReply)
+        assert "lars://admin may not send ReportStatusRequest" in answer.reason
         # Nor in the original's framing, which only plaintext original agents speak.
         original = await connect_tls(
             await trio.open_tcp_stream("127.0.0.1", reporter_port),
