@@ -94,13 +94,17 @@ class MetricsConfig:
     max_module_labels: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
 
 
+#: ``max_connections`` unless configured.
+DEFAULT_MAX_CONNECTIONS = 10_000
+
+
 @attrs.frozen
 class ListenerLimits:
     """The connection limits of ``[dns]`` and ``[reporter]`` (see lars.toml)."""
 
     #: Connections served at once (agents, admins, handshakes in progress); beyond it new
     #: ones are refused at once, save ``admin_reserve`` more for admins (see lars.toml).
-    max_connections: int = attrs.field(default=10_000, validator=_positive)
+    max_connections: int = attrs.field(default=DEFAULT_MAX_CONNECTIONS, validator=_positive)
     admin_reserve: int = attrs.field(default=16, validator=attrs.validators.ge(0))
     #: Seconds a connection accepted in a crowd may take to send its first frame.
     first_frame_timeout: float = attrs.field(default=10.0, validator=_positive)

@@ -26,7 +26,7 @@ import trio
 from prometheus_client.core import Metric
 
 from lars import wire, wire_original
-from lars.config import DnsConfig, ReporterConfig, parse_address
+from lars.config import DEFAULT_MAX_CONNECTIONS, DnsConfig, ReporterConfig, parse_address
 from lars.core.model import UINT32_MAX
 from lars.errors import LarsError, ProtocolError
 from lars.tls import TlsContexts, TlsRefused, refusal_hint
@@ -651,6 +651,9 @@ class ConnectionGate:
         self.limits = limits
         #: The limit in force: ``limits.max_connections``, or less to fit the fd limit.
         self.max_connections = limits.max_connections
+        #: How many gates share this process's open-files limit (a DNS and a reporter in one
+        #: `lars run`): each fits its connections in its share.
+        self.fd_share = 1
         self.tls = tls
         self.metrics = metrics
         self.log = log
@@ -736,11 +739,14 @@ class ConnectionGate:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY:
             return
-        room = max(1, soft - FD_MARGIN - self.limits.admin_reserve)
+        room = max(1, (soft - FD_MARGIN) // self.fd_share - self.limits.admin_reserve)
         if self.limits.max_connections > room:
             self.max_connections = room
             self.metrics.set("max_connections", room)
-            self.log.warning(
+            # A limit the operator set is worth a warning; the default fitted is just news.
+            configured = self.limits.max_connections != DEFAULT_MAX_CONNECTIONS
+            self.log.log(
+                logging.WARNING if configured else logging.INFO,
                 "%s max_connections %d does not fit the open-files limit %d (with the admin"
                 " reserve of %d and %d descriptors kept free): serving at most %d; raise the"
                 " limit (ulimit -n, LimitNOFILE=) to serve more",

@@ -171,6 +171,8 @@ async def _run_roles(
     task_status: trio.TaskStatus[dict[str, object]],
 ) -> None:
     addresses: dict[str, object] = {}
+    #: The roles that accept connections here share the open-files limit.
+    listeners = max(1, len({"dns", "reporter"} & set(roles)))
     drains: list[Callable[[], Awaitable[None]]] = []
     observed: list[Observed] = []
     async with AsyncExitStack() as stack:
@@ -192,6 +194,7 @@ async def _run_roles(
 
                 assert store is not None
                 dns = DnsServer(config.dns, store, tls=tls)
+                dns.gate.fd_share = listeners
                 addresses["dns"] = await nursery.start(dns.serve)
                 observed.append(dns.observed())
             if "reporter" in roles:
@@ -199,6 +202,7 @@ async def _run_roles(
 
                 assert store is not None
                 reporter = Reporter(config.reporter, store, tls=tls)
+                reporter.gate.fd_share = listeners
                 addresses["reporter"] = await nursery.start(reporter.serve)
                 observed.append(reporter.observed())
                 drains.append(reporter.drain)

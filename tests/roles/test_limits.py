@@ -33,6 +33,7 @@ from lars.roles.common import (
     THROTTLED_RECEIVE_SIZE,
     Seat,
     TokenBucket,
+    ask,
     connect_tls,
     frame_started,
     is_loopback,
@@ -40,6 +41,7 @@ from lars.roles.common import (
 )
 from lars.roles.dns import DnsServer
 from lars.roles.reporter import Reporter
+from lars.store import open_store
 from lars.tls import TlsContexts, contexts_for, generate
 from tests.fakes import FlakyStore, FramedClient, memory_store
 
@@ -185,15 +187,56 @@ def test_a_length_header_alone_is_a_started_frame() -> None:
 def test_max_connections_is_lowered_to_fit_the_open_files_limit(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = DnsServer(DnsConfig(max_connections=10_000, admin_reserve=16), memory_store())
+    server = DnsServer(DnsConfig(max_connections=20_000, admin_reserve=16), memory_store())
     monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 4096))
-    with caplog.at_level(logging.WARNING, "lars.dns"):
+    with caplog.at_level(logging.INFO, "lars.dns"):
         server.gate.fit_fd_limit()
     assert server.gate.max_connections == 1024 - 16 - FD_MARGIN
-    assert "does not fit the open-files limit 1024" in caplog.text
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING  # a limit the operator set
+    assert "does not fit the open-files limit 1024" in record.getMessage()
+    caplog.clear()
+    default = DnsServer(DnsConfig(), memory_store())
+    with caplog.at_level(logging.INFO, "lars.dns"):
+        default.gate.fit_fd_limit()
+    assert default.gate.max_connections == 1024 - 16 - FD_MARGIN
+    assert [r.levelno for r in caplog.records] == [logging.INFO]  # the default, fitted
     roomy = DnsServer(DnsConfig(max_connections=100), memory_store())
     roomy.gate.fit_fd_limit()
     assert roomy.gate.max_connections == 100
+    # A DNS and a reporter in one process share the limit: each fits in its half.
+    shared = DnsServer(DnsConfig(max_connections=10_000, admin_reserve=16), memory_store())
+    shared.gate.fd_share = 2
+    shared.gate.fit_fd_limit()
+    assert shared.gate.max_connections == (1024 - FD_MARGIN) // 2 - 16
+
+
+async def test_run_shares_the_open_files_limit_between_its_listening_roles(
+    tmp_path: Path,
+) -> None:
+    from lars.config import Config
+    from lars.roles.run import run_roles
+
+    config = Config(
+        dns=DnsConfig(listen="127.0.0.1:0", http_listen=""),
+        reporter=ReporterConfig(listen="127.0.0.1:0", http_listen=""),
+    )
+    store = f"sqlite:///{tmp_path}/lars.db"
+    async with open_store(store, create=True) as opened:
+        await opened.init_schema()
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(
+            lambda task_status: run_roles(
+                config, ["dns", "reporter"], store_override=store, task_status=task_status
+            )
+        )
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)  # as run_roles raised it
+        for address in (addresses["dns"], addresses["reporter"]):
+            counters = await ask(f"{address[0]}:{address[1]}", wire.StatsRequest(1))
+            assert isinstance(counters, wire.StatsResponse)
+            limit = dict(counters.counters)["max_connections"]
+            assert limit == min(10_000, (soft - FD_MARGIN) // 2 - 16)
+        nursery.cancel_scope.cancel()
 
 
 # --- the limit ------------------------------------------------------------------------------
