@@ -257,14 +257,6 @@ def _webhooks(_inst: object, attr: "attrs.Attribute[Any]", value: list[str]) -> 
         raise InvalidValue("a webhook URL appears twice")
 
 
-def _rule_names(_inst: object, attr: "attrs.Attribute[Any]", value: list[Rule]) -> None:
-    seen: set[str] = set()
-    for rule in value:
-        if rule.name in seen:
-            raise InvalidValue(f"rule name {rule.name!r} appears twice")
-        seen.add(rule.name)
-
-
 @attrs.frozen
 class AlarmsConfig:
     """``[alarms]``: the alarm rules the web role evaluates (one instance at a time, under a
@@ -281,7 +273,7 @@ class AlarmsConfig:
     webhook_queue: int = attrs.field(default=1000, validator=_positive)
     #: Seconds the alarm history (events, resolved states) is kept (30 days).
     history_retention: float = attrs.field(default=30 * 86400.0, validator=_positive)
-    rules: list[Rule] = attrs.field(factory=list, validator=_rule_names)
+    rules: list[Rule] = attrs.field(factory=list, validator=_unique_names)
 
 
 @attrs.frozen

@@ -41,7 +41,7 @@ import os
 import re
 import signal
 import ssl
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -302,7 +302,7 @@ def refusal_hint(exc: BaseException | None) -> str:
 
 
 async def reload_on_sighup(
-    contexts: TlsContexts, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    contexts: TlsContexts | None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Re-read the certificates on every SIGHUP, forever (run it in the role's nursery).
 
@@ -311,7 +311,15 @@ async def reload_on_sighup(
     """
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         task_status.started()
-        async for _ in signals:
+        await reload_on(signals, contexts)
+
+
+async def reload_on(signals: AsyncIterator[int], contexts: TlsContexts | None) -> None:
+    """Re-read the certificates (``contexts``; None: TLS is off) at each of ``signals``."""
+    async for _ in signals:
+        if contexts is None:
+            log.info("SIGHUP: nothing to re-read ([tls] is not on)")
+        else:
             log.info("SIGHUP: re-reading the TLS certificates")
             contexts.reload()
 

@@ -66,6 +66,7 @@ from lars.roles.common import (
     Metrics,
     RateLimitedLog,
     Reconnector,
+    is_loopback,
     receive_messages,
     socket_of,
 )
@@ -100,12 +101,6 @@ _BAD = wire.RetCode.BAD_REQUEST
 def port_for(module: ModuleKey, base_port: int, ports: int) -> int:
     """The API port that serves ``module`` (the original Lars rule)."""
     return base_port + (module[0] + module[1]) % ports
-
-
-def loopback_source(address: Any) -> bool:
-    """True if a socket address is on loopback (127/8, ::1, or 127/8 mapped in IPv6)."""
-    host = address[0]
-    return bool(host.startswith("127.") or host == "::1" or host.startswith("::ffff:127."))
 
 
 class Agent:
@@ -253,7 +248,7 @@ class Agent:
         recvfrom, sendto, handle = sock.recvfrom, sock.sendto, self.handle_datagram
         # On loopback, only this host may ask (the kernel already drops other sources sent
         # to 127/8; this holds even where it is told not to, e.g. route_localnet).
-        local_only = loopback_source(sock.getsockname())
+        local_only = is_loopback(sock.getsockname()[0])
         stopping = self._stopping.is_set
         busy_poll = self.config.busy_poll
         perf, pause, dontwait = time.perf_counter, os.sched_yield, socket.MSG_DONTWAIT
@@ -268,7 +263,7 @@ class Agent:
                 raise
             while True:
                 # (127/8 first, inline: the hot path pays one slice and compare)
-                if local_only and address[0][:4] != "127." and not loopback_source(address):
+                if local_only and address[0][:4] != "127." and not is_loopback(address[0]):
                     self._foreign_datagram(address)
                     reply = None
                 else:

@@ -38,7 +38,7 @@ from lars.store.sql import (
     STATUS_COLUMNS,
     STATUS_TABLE,
 )
-from lars.tls import TlsContexts, contexts_for, role_uri
+from lars.tls import TlsContexts, contexts_for, reload_on, role_uri
 
 log = logging.getLogger("lars")
 
@@ -182,7 +182,7 @@ async def _run_roles(
             stack.push_async_callback(store.aclose)
             await check_role_store(store, roles)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_reload_on_hangup, hangups, tls)
+            nursery.start_soon(reload_on, hangups, tls)
             if tls is not None:
                 log.info(
                     "TLS on: this process is %s, its certificate valid until %s",
@@ -228,15 +228,6 @@ async def _run_roles(
             listening = ", ".join(f"{role} on {_fmt(a)}" for role, a in addresses.items())
             log.info("lars %s running: %s", __version__, listening)
             task_status.started(addresses)
-
-
-async def _reload_on_hangup(hangups: AsyncIterator[int], tls: TlsContexts | None) -> None:
-    async for _ in hangups:
-        if tls is None:
-            log.info("SIGHUP: nothing to re-read ([tls] is not on)")
-        else:
-            log.info("SIGHUP: re-reading the TLS certificates")
-            tls.reload()
 
 
 def tls_role(config: Config, roles: Sequence[str]) -> str:

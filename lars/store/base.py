@@ -291,16 +291,8 @@ class AlarmState:
     def as_json(self) -> dict[str, Any]:
         """The state as ``lars alarms --json`` and the console's API show it."""
         return {
-            "alarm": self.rule,
-            "subject": self.subject,
-            "kind": self.kind,
-            "state": "firing" if self.firing else "resolved",
+            **_alarm_json(self),
             "since": self.since,
-            "value": self.value,
-            "threshold": self.threshold,
-            "module": _module_text(self.modid, self.cmdid),
-            "host": self.host,
-            "caller": self.caller,
             "notified": None
             if self.notified_firing is None
             else ("firing" if self.notified_firing else "resolved"),
@@ -328,23 +320,24 @@ class AlarmEvent:
 
     def as_json(self) -> dict[str, Any]:
         """The event as ``lars alarms --history --json`` and the console's API show it."""
-        return {
-            "id": self.id,
-            "ts": self.ts,
-            "alarm": self.rule,
-            "subject": self.subject,
-            "kind": self.kind,
-            "state": "firing" if self.firing else "resolved",
-            "value": self.value,
-            "threshold": self.threshold,
-            "module": _module_text(self.modid, self.cmdid),
-            "host": self.host,
-            "caller": self.caller,
-        }
+        return {"id": self.id, "ts": self.ts, **_alarm_json(self)}
 
 
-def _module_text(modid: int | None, cmdid: int | None) -> str | None:
-    return None if modid is None or cmdid is None else f"{modid}/{cmdid}"
+def _alarm_json(alarm: AlarmState | AlarmEvent) -> dict[str, Any]:
+    """What a state and an event show alike: the alarm, its subject, the state, the value
+    against the threshold, and what it is about."""
+    module = None if alarm.modid is None or alarm.cmdid is None else f"{alarm.modid}/{alarm.cmdid}"
+    return {
+        "alarm": alarm.rule,
+        "subject": alarm.subject,
+        "kind": alarm.kind,
+        "state": "firing" if alarm.firing else "resolved",
+        "value": alarm.value,
+        "threshold": alarm.threshold,
+        "module": module,
+        "host": alarm.host,
+        "caller": alarm.caller,
+    }
 
 
 @attrs.frozen

@@ -25,6 +25,7 @@ from lars.core.model import HostKey, ModuleKey
 from lars.errors import InvalidValue
 from lars.store import Actor, RouteStore
 from lars.store.base import AlarmEvent, AlarmState, CallPoint, Lease
+from lars.web.charts import fill
 from lars.web.service import BadInput, Conflict, NotFound
 
 #: The periods a module's history is shown for: name -> (seconds, step in seconds).
@@ -49,20 +50,10 @@ def period_bounds(period: str, now: float) -> tuple[int, int, int]:
     return end - span, end, step
 
 
-def total(points: Collection[CallPoint], start: int, end: int, step: int) -> list[CallPoint]:
-    """``points`` of several series summed step by step (the steps with calls, in order)."""
-    sums: dict[int, list[int]] = {}
-    for p in points:
-        if start <= p.ts < end:
-            pair = sums.setdefault(p.ts - p.ts % step, [0, 0])
-            pair[0] += p.succ
-            pair[1] += p.err
-    return [CallPoint(ts, s, e) for ts, (s, e) in sorted(sums.items())]
-
-
 @attrs.frozen
 class HistoryView:
-    """A module's calls over a period: summed over its hosts, and per host."""
+    """A module's calls over a period: summed over its hosts (every step, zeros included),
+    and per host (the steps with calls)."""
 
     period: str
     start: int
@@ -164,7 +155,8 @@ class MonitorService:
             raise BadInput("period", f"must be one of {', '.join(HISTORY_PERIODS)}, got {period!r}")
         start, end, step = period_bounds(period, self.clock())
         hosts = await self.store.call_history(module, start, end, step)
-        summed = total([p for series in hosts.values() for p in series], start, end, step)
+        # fill() adds up the points of one step: here, the hosts'.
+        summed = fill([p for series in hosts.values() for p in series], start, end, step)
         return HistoryView(period, start, end, step, summed, hosts)
 
     async def sparklines(

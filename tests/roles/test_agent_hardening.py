@@ -350,11 +350,11 @@ class _ForeignSocket:
 
 
 def test_an_api_on_loopback_answers_this_host_only() -> None:
-    from lars.roles.agent import loopback_source
+    from lars.roles.common import is_loopback
 
-    assert loopback_source(("127.0.0.1", 1)) and loopback_source(("127.9.9.9", 1))
-    assert loopback_source(("::1", 1, 0, 0)) and loopback_source(("::ffff:127.0.0.1", 1, 0, 0))
-    assert not loopback_source(("10.0.0.5", 1)) and not loopback_source(("::ffff:10.0.0.5", 1))
+    assert is_loopback("127.0.0.1") and is_loopback("127.9.9.9")
+    assert is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("10.0.0.5") and not is_loopback("::ffff:10.0.0.5")
     a = agent(busy_poll=0.0, route_wait=0.0)  # an unknown module is answered at once
     sock = _ForeignSocket(a)
     a._serve_datagrams(sock)  # type: ignore[arg-type]
