@@ -899,7 +899,9 @@ def stats_command(
 
 def _agent_address(config: Config) -> tools.AgentAddress:
     a, c = config.agent, config.client
-    return tools.AgentAddress(a.host, a.base_port, a.ports, c.timeout, c.retries)
+    return tools.AgentAddress(
+        a.host, a.base_port, a.ports, c.timeout, c.retries, c.busy_poll, c.report_delay
+    )
 
 
 @cli.command("bench", context_settings=CONTEXT)

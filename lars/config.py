@@ -157,6 +157,7 @@ class AgentConfig:
     report_interval: float = attrs.field(default=1.0, validator=_positive)
     route_wait: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
     busy_poll: float = attrs.field(default=0.0002, validator=attrs.validators.ge(0))
+    busy_poll_reply: float = attrs.field(default=0.00003, validator=attrs.validators.ge(0))
     retry_max: float = attrs.field(default=5.0, validator=_positive)
     max_frame: int = attrs.field(default=1 << 20, validator=_positive)
     ip: str = attrs.field(default="", validator=_ipv4_or_empty)
@@ -181,6 +182,8 @@ class ClientConfig:
 
     timeout: float = attrs.field(default=0.25, validator=_positive)
     retries: int = attrs.field(default=2, validator=attrs.validators.ge(0))
+    busy_poll: float = attrs.field(default=0.0001, validator=attrs.validators.ge(0))
+    report_delay: float = attrs.field(default=0.005, validator=attrs.validators.ge(0))
 
 
 _WEB_ROLES = ("viewer", "admin")

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from lars.client import LarsClient
+from lars.client import DEFAULT_BUSY_POLL, DEFAULT_REPORT_DELAY, LarsClient
 from lars.core.model import Host
 from lars.errors import LarsError, Overloaded
 
@@ -30,10 +30,18 @@ class AgentAddress:
     ports: int
     timeout: float
     retries: int
+    busy_poll: float = DEFAULT_BUSY_POLL
+    report_delay: float = DEFAULT_REPORT_DELAY
 
     def client(self) -> LarsClient:
         return LarsClient(
-            self.host, self.base_port, self.ports, timeout=self.timeout, retries=self.retries
+            self.host,
+            self.base_port,
+            self.ports,
+            timeout=self.timeout,
+            retries=self.retries,
+            busy_poll=self.busy_poll,
+            report_delay=self.report_delay,
         )
 
 

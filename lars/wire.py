@@ -44,6 +44,7 @@ __all__ = [
     "ApiGetRouteResponse",
     "ErrorReply",
     "FrameDecoder",
+    "GetHostReportRequest",
     "GetHostRequest",
     "GetHostResponse",
     "GetRouteRequest",
@@ -63,6 +64,7 @@ __all__ = [
     "decode_datagram",
     "encode_datagram",
     "encode_frame",
+    "encode_get_host_report_request",
     "encode_get_host_request",
     "encode_get_host_response",
     "encode_report_request",
@@ -446,6 +448,45 @@ class StatsResponse(Message):
     _FIELDS = (_seq, _str, _map)
 
 
+def _reports(v: Any) -> tuple[tuple[int, int, int, int, int], ...]:
+    out = []
+    for item in _array(v, None, "reports"):
+        modid, cmdid, ip, port, retcode = _array(item, 5, "report")
+        out.append(
+            (
+                _int(modid, UINT32_MAX, "modid"),
+                _int(cmdid, UINT32_MAX, "cmdid"),
+                _int(ip, UINT32_MAX, "ip"),
+                _int(port, PORT_MAX, "port", lo=1),
+                _int(retcode, UINT32_MAX, "retcode"),
+            )
+        )
+    return tuple(out)
+
+
+@_register
+@attrs.frozen
+class GetHostReportRequest(Message):
+    """Client -> agent: a GetHostRequest carrying the client's pending reports, each
+    ``(modid, cmdid, ip, port, retcode)`` as a ReportRequest would carry it. The agent takes
+    the reports, in order, before it chooses the host: one datagram per client loop instead
+    of two. Answered by a GetHostResponse. A client sends it only to an agent whose counters
+    say ``api_level`` >= 2 (agents before it drop unknown types)."""
+
+    TYPE = 16
+    seq: int
+    modid: int
+    cmdid: int
+    reports: tuple[tuple[int, int, int, int, int], ...]
+    _FIELDS = (_seq, _modid, _cmdid, _reports)
+
+
+#: The agent API level that takes GetHostReportRequest (StatsResponse counter ``api_level``).
+API_LEVEL_PIGGYBACK = 2
+#: Most reports a client puts on one request (a datagram of ~1 KB at most).
+MAX_PIGGYBACK = 32
+
+
 #: Message types whose first field is a sequence number, echoed in the reply.
 _SEQ_FIRST = frozenset(
     t
@@ -501,6 +542,14 @@ def encode_get_host_response(
     return data
 
 
+def encode_get_host_report_request(
+    seq: int, modid: int, cmdid: int, reports: list[tuple[int, int, int, int, int]]
+) -> bytes:
+    """``encode_datagram(GetHostReportRequest(seq, modid, cmdid, reports))``."""
+    data: bytes = _packb((16, seq, modid, cmdid, reports))
+    return data
+
+
 def encode_report_request(modid: int, cmdid: int, host: HostKey, retcode: int) -> bytes:
     """``encode_datagram(ReportRequest(modid, cmdid, host, retcode))``."""
     data: bytes = _packb((6, modid, cmdid, host, retcode))
@@ -511,7 +560,8 @@ def decode_agent_request(data: bytes) -> tuple[Any, ...] | Message:
     """Decode a datagram sent to the agent, with a fast path for the two messages of every
     client loop: a valid GetHostRequest comes back as the tuple ``(4, seq, modid, cmdid)``
     and a valid ReportRequest as ``(6, modid, cmdid, (ip, port), retcode)``, validated
-    exactly as :func:`decode_datagram` validates them (the tests compare the two). Anything
+    exactly as :func:`decode_datagram` validates them (the tests compare the two); a valid
+    GetHostReportRequest comes back as ``(16, seq, modid, cmdid, reports)``. Anything
     else comes back as a :class:`Message`. Raises :class:`ProtocolError` and nothing else.
     """
     try:
@@ -548,7 +598,40 @@ def decode_agent_request(data: bytes) -> tuple[Any, ...] | Message:
                 and 1 <= host[1] <= PORT_MAX
             ):
                 return obj
+        elif size == 5 and obj[0] == 16 and type(obj[0]) is int:
+            _, seq, modid, cmdid, reports = obj
+            if (
+                type(seq) is int
+                and type(modid) is int
+                and type(cmdid) is int
+                and 0 <= seq <= UINT32_MAX
+                and 0 <= modid <= UINT32_MAX
+                and 0 <= cmdid <= UINT32_MAX
+                and type(reports) is tuple
+                and all(_valid_report(report) for report in reports)
+            ):
+                return obj
     return decode_object(obj)  # the general path; it also names what is wrong
+
+
+def _valid_report(report: Any) -> bool:
+    """One ``(modid, cmdid, ip, port, retcode)`` of a GetHostReportRequest, as _reports
+    takes it (for the fast path; the general path names what is wrong)."""
+    if type(report) is not tuple or len(report) != 5:
+        return False
+    modid, cmdid, ip, port, retcode = report
+    return (
+        type(modid) is int
+        and type(cmdid) is int
+        and type(ip) is int
+        and type(port) is int
+        and type(retcode) is int
+        and 0 <= modid <= UINT32_MAX
+        and 0 <= cmdid <= UINT32_MAX
+        and 0 <= ip <= UINT32_MAX
+        and 1 <= port <= PORT_MAX
+        and 0 <= retcode <= UINT32_MAX
+    )
 
 
 def peek_seq(data: bytes) -> int | None:

@@ -143,6 +143,21 @@ def host(rng: random.Random) -> list[int]:
     return [u32(rng), rng.randrange(1, 65536)]
 
 
+def reports(rng: random.Random) -> list[list[int]]:
+    """Reports riding on a GetHostReportRequest: ``[modid, cmdid, ip, port, retcode]``."""
+    count = rng.choice((0, 1, rng.randrange(33)))
+    return [[u32(rng), u32(rng), *host(rng), rng.randrange(256)] for _ in range(count)]
+
+
+def _bad_report(rng: random.Random) -> Any:
+    good: list[Any] = [u32(rng), u32(rng), *host(rng), 0]
+    slot = rng.randrange(6)
+    if slot == 5:
+        return good[:4]  # four elements
+    good[slot] = rng.choice((-1, 0 if slot == 3 else 2**32, "1", None))
+    return good
+
+
 def hosts(rng: random.Random, most: int = 8) -> list[list[int]]:
     count = rng.choice((0, 1, rng.randrange(most + 1), rng.randrange(most + 1)))
     if rng.random() < 0.02:
@@ -177,6 +192,7 @@ VALID: dict[str, Callable[[random.Random], Any]] = {
     "host": host,
     "hosts": hosts,
     "results": results,
+    "reports": reports,
     "ts": ts,
     "version": u64,
     "reason": text,
@@ -215,6 +231,7 @@ OUT_OF_RANGE: dict[str, Callable[[random.Random], Any]] = {
     "host": _bad_host,
     "hosts": lambda rng: [*hosts(rng), _bad_host(rng), *hosts(rng)],
     "results": lambda rng: [*results(rng), _bad_result(rng)],
+    "reports": lambda rng: [*reports(rng), _bad_report(rng)],
     "ts": lambda rng: rng.choice((2**63, UINT64_MAX)),
     "version": lambda rng: rng.choice(NEGATIVE),
     "reason": lambda rng: text(rng, 60_000),

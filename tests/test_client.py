@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from lars import wire
-from lars.client import AsyncLarsClient, ClientCore, LarsClient
+from lars.client import SPIN_SKIP, AsyncLarsClient, ClientCore, LarsClient
 from lars.core.model import Host
 from lars.errors import (
     AgentUnavailable,
@@ -187,7 +187,7 @@ def test_report_and_call_send_the_right_retcodes(fake: Callable[[Script], FakeAg
             assert called == host
         with pytest.raises(ZeroDivisionError), client.call(1, 1):
             1 / 0  # noqa: B018
-        wait_until(lambda: len(agent.received) >= 9)
+        wait_until(lambda: kinds(agent).count("ReportRequest") == 5)
     reports = [msg for _, msg in agent.received if isinstance(msg, wire.ReportRequest)]
     assert [(r.host, r.retcode) for r in reports] == [(A, 0), (A, 1), (A, 7), (A, 0), (A, 1)]
 
@@ -195,8 +195,9 @@ def test_report_and_call_send_the_right_retcodes(fake: Callable[[Script], FakeAg
 def wait_until(condition: Callable[[], bool]) -> None:
     """Wait (up to 2 s) for a condition the fake agent's thread will make true."""
     deadline = time.monotonic() + 2
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the fake agent"
+        time.sleep(0.005)
 
 
 def test_local_mistakes_are_errors_before_anything_is_sent() -> None:
@@ -362,3 +363,238 @@ def test_agent_state_is_read_page_by_page(fake: Callable[[Script], FakeAgent]) -
         state = client.agent_state(1, 1)
     assert offsets == [0, 3, 6]
     assert state == {"status": "ready", "host_count": 7, "hosts": hosts}
+
+
+# --- reports riding on requests, and polling for the answer ----------------------------------
+
+
+def piggyback_agent(level: int | None = wire.API_LEVEL_PIGGYBACK, drop_first: int = 0) -> Script:
+    """Answers get_host (plain or carrying reports) with A, and StatsRequest with its
+    ``api_level`` (None: a counter it does not have). Drops the first ``drop_first``
+    requests that carry reports."""
+    dropped = [0]
+
+    def script(msg: wire.Message) -> list[bytes]:
+        if isinstance(msg, wire.StatsRequest):
+            counters = {} if level is None else {"api_level": level}
+            return [wire.encode_datagram(wire.StatsResponse(msg.seq, "agent", counters))]
+        if isinstance(msg, wire.GetHostReportRequest) and dropped[0] < drop_first:
+            dropped[0] += 1
+            return []
+        if isinstance(msg, wire.GetHostRequest | wire.GetHostReportRequest):
+            return [wire.encode_datagram(wire.GetHostResponse(msg.seq, msg.modid, msg.cmdid, 0, A))]
+        return []
+
+    return script
+
+
+def kinds(agent: FakeAgent) -> list[str]:
+    return [type(msg).__name__ for _, msg in agent.received]
+
+
+def test_reports_ride_on_the_next_get_host_in_order(fake: Callable[[Script], FakeAgent]) -> None:
+    agent = fake(piggyback_agent())
+    with LarsClient(base_port=agent.base, timeout=0.2, report_delay=60) as client:
+        host = client.get_host(1, 1)
+        client.report(1, 1, host, ok=True)  # the lane does not know yet: alone, and it asks
+        client.get_host(1, 1)  # reads the answer to its question on the way
+        client.report(1, 1, host, ok=False)
+        client.report(1, 1, host, retcode=7)
+        client.report(1, 1, host, ok=True)
+        assert kinds(agent)[-1] == "GetHostRequest"  # nothing went out for them
+        client.get_host(1, 1)
+    assert kinds(agent) == [
+        "GetHostRequest",
+        "ReportRequest",
+        "StatsRequest",
+        "GetHostRequest",
+        "GetHostReportRequest",
+    ]
+    last = agent.received[-1][1]
+    assert isinstance(last, wire.GetHostReportRequest)
+    assert last.reports == ((1, 1, *A, 1), (1, 1, *A, 7), (1, 1, *A, 0))
+
+
+def test_reports_of_an_idle_thread_go_alone_after_report_delay(
+    fake: Callable[[Script], FakeAgent],
+) -> None:
+    agent = fake(piggyback_agent())
+    with LarsClient(base_port=agent.base, timeout=0.2, report_delay=0.02) as client:
+        host = client.get_host(1, 1)
+        client.report(1, 1, host, ok=True)
+        client.get_host(1, 1)  # the lane now knows
+        sent = len(agent.received)
+        began = time.monotonic()
+        client.report(1, 1, host, ok=False)
+        client.report(1, 1, host, ok=True)
+        wait_until(lambda: len(agent.received) == sent + 2)
+        assert time.monotonic() - began < 0.5
+        assert [msg for _, msg in agent.received[sent:]] == [
+            wire.ReportRequest(1, 1, A, 1),
+            wire.ReportRequest(1, 1, A, 0),
+        ]
+        # The flusher went back to sleep; a later report wakes it again.
+        client.report(1, 1, host, retcode=3)
+        wait_until(lambda: len(agent.received) == sent + 3)
+        assert agent.received[-1][1] == wire.ReportRequest(1, 1, A, 3)
+
+
+def test_close_and_flush_send_the_waiting_reports(fake: Callable[[Script], FakeAgent]) -> None:
+    agent = fake(piggyback_agent())
+    client = LarsClient(base_port=agent.base, timeout=0.2, report_delay=60)
+    host = client.get_host(1, 1)
+    client.report(1, 1, host, ok=True)
+    client.get_host(1, 1)
+    client.report(1, 1, host, ok=False)
+    client.flush()
+    wait_until(lambda: agent.received[-1][1] == wire.ReportRequest(1, 1, A, 1))
+    client.report(1, 1, host, retcode=9)
+    client.close()
+    wait_until(lambda: agent.received[-1][1] == wire.ReportRequest(1, 1, A, 9))
+
+
+def test_other_requests_send_the_waiting_reports_first(
+    fake: Callable[[Script], FakeAgent],
+) -> None:
+    def script(msg: wire.Message) -> list[bytes]:
+        if isinstance(msg, wire.ApiGetRouteRequest):
+            reply = wire.ApiGetRouteResponse(msg.seq, msg.modid, msg.cmdid, 0, (A,))
+            return [wire.encode_datagram(reply)]
+        return piggyback_agent()(msg)
+
+    agent = fake(script)
+    with LarsClient(base_port=agent.base, timeout=0.2, report_delay=60) as client:
+        host = client.get_host(1, 1)
+        client.report(1, 1, host, ok=True)
+        client.get_host(1, 1)
+        client.report(1, 1, host, ok=False)
+        assert client.get_route(1, 1) == [host]
+    assert kinds(agent)[-2:] == ["ReportRequest", "ApiGetRouteRequest"]
+
+
+def test_a_full_batch_goes_at_once(fake: Callable[[Script], FakeAgent]) -> None:
+    agent = fake(piggyback_agent())
+    with LarsClient(base_port=agent.base, timeout=0.2, report_delay=60) as client:
+        host = client.get_host(1, 1)
+        client.report(1, 1, host, ok=True)
+        client.get_host(1, 1)
+        sent = len(agent.received)
+        for _ in range(wire.MAX_PIGGYBACK):
+            client.report(1, 1, host, ok=True)
+        wait_until(lambda: len(agent.received) == sent + wire.MAX_PIGGYBACK)
+        assert set(kinds(agent)[sent:]) == {"ReportRequest"}
+
+
+@pytest.mark.parametrize("level", [None, 1])
+def test_an_agent_that_does_not_take_them_gets_reports_alone(
+    fake: Callable[[Script], FakeAgent], level: int | None
+) -> None:
+    agent = fake(piggyback_agent(level=level))
+    with LarsClient(base_port=agent.base, timeout=0.2, report_delay=60) as client:
+        for _ in range(3):
+            host = client.get_host(1, 1)
+            client.report(1, 1, host, ok=True)
+    wait_until(lambda: len(agent.received) == 7)
+    assert kinds(agent) == [
+        "GetHostRequest",
+        "ReportRequest",
+        "StatsRequest",
+        "GetHostRequest",
+        "ReportRequest",
+        "GetHostRequest",
+        "ReportRequest",
+    ]
+
+
+def test_an_agent_that_never_says_gets_reports_alone(fake: Callable[[Script], FakeAgent]) -> None:
+    agent = fake(host_reply())  # answers nothing but get_host
+    with LarsClient(base_port=agent.base, timeout=0.2, report_delay=60) as client:
+        for _ in range(6):
+            host = client.get_host(1, 1)
+            client.report(1, 1, host, ok=True)
+    wait_until(lambda: kinds(agent).count("ReportRequest") == 6)
+    assert kinds(agent).count("StatsRequest") == 3  # PROBE_ATTEMPTS, then it stops asking
+
+
+def test_a_request_that_timed_out_is_resent_without_its_reports(
+    fake: Callable[[Script], FakeAgent],
+) -> None:
+    agent = fake(piggyback_agent(drop_first=1))
+    with LarsClient(base_port=agent.base, timeout=0.1, report_delay=60) as client:
+        host = client.get_host(1, 1)
+        client.report(1, 1, host, ok=True)
+        client.get_host(1, 1)
+        client.report(1, 1, host, ok=False)
+        assert client.get_host(1, 1) == Host("10.0.0.1", 7001)
+    # The reports travel once (at most once, as any datagram): never counted twice.
+    assert kinds(agent)[-2:] == ["GetHostReportRequest", "GetHostRequest"]
+
+
+def test_each_thread_carries_its_own_reports(fake: Callable[[Script], FakeAgent]) -> None:
+    agent = fake(piggyback_agent())
+    client = LarsClient(base_port=agent.base, timeout=0.5, report_delay=60)
+
+    def work(retcode: int) -> None:
+        for _ in range(20):
+            host = client.get_host(1, 1)
+            client.report(1, 1, host, retcode=retcode)
+
+    threads = [threading.Thread(target=work, args=(code,)) for code in (11, 12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    client.close()
+    wait_until(lambda: sum(_reports_seen(agent).values()) == 40)
+    assert _reports_seen(agent) == {11: 20, 12: 20}
+
+
+def _reports_seen(agent: FakeAgent) -> dict[int, int]:
+    seen: dict[int, int] = {}
+    for _, msg in list(agent.received):
+        if isinstance(msg, wire.ReportRequest):
+            seen[msg.retcode] = seen.get(msg.retcode, 0) + 1
+        elif isinstance(msg, wire.GetHostReportRequest):
+            for report in msg.reports:
+                seen[report[4]] = seen.get(report[4], 0) + 1
+    return seen
+
+
+def test_a_poll_that_runs_out_stops_polling_for_a_while(
+    fake: Callable[[Script], FakeAgent],
+) -> None:
+    def slow(msg: wire.Message) -> list[bytes]:
+        time.sleep(0.003)  # longer than the client polls
+        return host_reply()(msg)
+
+    agent = fake(slow)
+    with LarsClient(base_port=agent.base, timeout=0.2, busy_poll=0.0005) as client:
+        client.get_host(1, 1)
+        lane = client._local.lanes[client.core.port(1, 1)]
+        assert (lane.misses, lane.skip) == (1, SPIN_SKIP << 1)
+        client.get_host(1, 1)
+        assert (lane.misses, lane.skip) == (1, (SPIN_SKIP << 1) - 1)  # answered, no poll
+        lane.skip = 0
+        client.get_host(1, 1)
+        assert (lane.misses, lane.skip) == (2, SPIN_SKIP << 2)  # doubled
+
+
+def test_a_poll_that_gets_its_answer_keeps_polling(fake: Callable[[Script], FakeAgent]) -> None:
+    agent = fake(host_reply())
+    with LarsClient(base_port=agent.base, timeout=0.2, busy_poll=0.5) as client:
+        for _ in range(5):
+            client.get_host(1, 1)
+        lane = client._local.lanes[client.core.port(1, 1)]
+        assert (lane.misses, lane.skip) == (0, 0)
+
+
+def test_polling_and_delaying_can_be_turned_off(fake: Callable[[Script], FakeAgent]) -> None:
+    agent = fake(piggyback_agent())
+    with LarsClient(base_port=agent.base, timeout=0.2, busy_poll=0, report_delay=0) as client:
+        for _ in range(3):
+            host = client.get_host(1, 1)
+            client.report(1, 1, host, ok=True)
+    wait_until(lambda: kinds(agent).count("ReportRequest") == 3)
+    assert "StatsRequest" not in kinds(agent)  # no question: reports always go alone
+    with pytest.raises(InvalidValue):
+        LarsClient(busy_poll=-1)

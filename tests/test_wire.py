@@ -17,6 +17,7 @@ from lars.wire import (
     ApiGetRouteResponse,
     ErrorReply,
     FrameDecoder,
+    GetHostReportRequest,
     GetHostRequest,
     GetHostResponse,
     GetRouteRequest,
@@ -54,6 +55,8 @@ SAMPLES: list[wire.Message] = [
     ReportStatusAck(7),
     StatsRequest(11),
     StatsResponse(11, "dns", {"connections": 3}),
+    GetHostReportRequest(9, 1, 2, ((1, 2, 167772161, 7001, 0), (1, 3, 167772162, 7002, 1))),
+    GetHostReportRequest(9, 1, 2, ()),
 ]
 
 
@@ -233,6 +236,26 @@ def test_hot_path_encoders_match_the_generic_encoder() -> None:
     assert wire.encode_report_request(1, 2, (167772161, 7001), 3) == encode_datagram(
         ReportRequest(1, 2, (167772161, 7001), 3)
     )
+    reports = [(1, 2, 167772161, 7001, 0), (5, 6, 167772162, 80, 7)]
+    assert wire.encode_get_host_report_request(7, 1, 2, reports) == encode_datagram(
+        GetHostReportRequest(7, 1, 2, tuple(reports))
+    )
+
+
+_report_entries = st.lists(
+    st.one_of(
+        st.tuples(
+            st.integers(-1, 2**33),
+            st.integers(-1, 2**33),
+            st.integers(-1, 2**33),
+            st.integers(-1, 70000),
+            st.integers(-1, 2**33),
+        ),
+        st.tuples(st.integers(0, 9), st.integers(0, 9), st.integers(0, 9), st.integers(1, 9)),
+        msgpack_values,
+    ),
+    max_size=4,
+)
 
 
 @given(
@@ -252,6 +275,13 @@ def test_hot_path_encoders_match_the_generic_encoder() -> None:
             st.integers(-1, 2**33),
             st.integers(-1, 2**33),
         ),
+        st.tuples(
+            st.sampled_from([16, 16.0]),
+            st.integers(-1, 2**33),
+            st.integers(-1, 2**33),
+            st.integers(-1, 2**33),
+            st.one_of(_report_entries, msgpack_values),
+        ),
         st.binary(max_size=30),
     )
 )
@@ -266,7 +296,7 @@ def test_agent_fast_path_decodes_exactly_like_the_general_decoder(obj: object) -
     except ProtocolError as exc:
         fast = ("error", exc.msg_type, exc.seq)
     if isinstance(fast, tuple) and fast and fast[0] != "error":
-        assert isinstance(general, GetHostRequest | ReportRequest)
+        assert isinstance(general, GetHostRequest | ReportRequest | GetHostReportRequest)
         assert fast == (general.TYPE, *general._values())
     else:
         assert fast == general
@@ -277,6 +307,9 @@ def test_agent_fast_path_returns_tuples_for_the_hot_messages() -> None:
     report = encode_datagram(ReportRequest(1, 2, (167772161, 80), 0))
     assert wire.decode_agent_request(report) == (6, 1, 2, (167772161, 80), 0)
     assert wire.decode_agent_request(encode_datagram(StatsRequest(3))) == StatsRequest(3)
+    reports = ((1, 2, 167772161, 80, 0), (1, 2, 167772162, 81, 1))
+    piggyback = encode_datagram(GetHostReportRequest(7, 1, 2, reports))
+    assert wire.decode_agent_request(piggyback) == (16, 7, 1, 2, reports)
 
 
 def test_a_field_added_later_may_be_omitted_by_an_older_peer() -> None:

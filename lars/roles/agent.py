@@ -44,6 +44,7 @@ import errno
 import itertools
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -89,6 +90,10 @@ ACK_TIMEOUT = 30.0
 API_STOP_TIMEOUT = 2.0
 #: Seconds an API thread pauses after its socket failed, before it receives again.
 SOCKET_ERROR_PAUSE = 0.05
+#: After a poll for the next request ran out, the API thread answers this many requests
+#: without polling, doubled for each further one in a row up to POLL_SKIP_MAX.
+POLL_SKIP = 2
+POLL_SKIP_MAX = 1024
 #: Hosts in the first page of an agent state reply (halved until the page fits a datagram).
 STATE_PAGE = 256
 #: Modules whose statistics are taken per hold of the table lock.
@@ -112,6 +117,8 @@ class Agent:
         self.tls = tls
         self.table = ModuleTable(config.loadbalance, config.route_wait)
         self.metrics = Metrics("agent")
+        # Tells clients what this agent's API takes (GetHostReportRequest from level 2).
+        self.metrics.set("api_level", wire.API_LEVEL_PIGGYBACK)
         self.dns_address: str | None = None
         #: True while a reporter session is up.
         self.reporter_connected = False
@@ -176,38 +183,38 @@ class Agent:
                 sock.close()
 
     async def _run_api_threads(self) -> None:
-        """Run one API thread per socket; stop them when cancelled, fail if one fails."""
+        """Run the API thread; stop it when cancelled, fail if it fails."""
         failed = trio.Event()
         errors: list[BaseException] = []
 
-        def run(sock: socket.socket) -> None:
+        def run(socks: list[socket.socket]) -> None:
             try:
-                self._serve_socket(sock)
+                self._serve_socket(socks)
             except BaseException as exc:
                 errors.append(exc)
                 if self._trio_token is not None:
                     self._trio_token.run_sync_soon(failed.set)
 
+        ports = ",".join(str(sock.getsockname()[1]) for sock in self._sockets)
         self._threads = [
             threading.Thread(
-                target=run, args=(sock,), name=f"lars-api-{sock.getsockname()[1]}", daemon=True
+                target=run, args=(list(self._sockets),), name=f"lars-api-{ports}", daemon=True
             )
-            for sock in self._sockets
         ]
         self._stopping.clear()
         for thread in self._threads:
             thread.start()
         try:
             await failed.wait()
-            raise RuntimeError("an agent API thread failed") from errors[0]
+            raise RuntimeError("the agent API thread failed") from errors[0]
         finally:
             with trio.CancelScope(shield=True):
                 await self.stop_api()
 
     async def stop_api(self) -> None:
-        """Stop the API threads: each finishes the datagram in hand, within STOP_CHECK.
-        Waits at most API_STOP_TIMEOUT (they are daemon threads: a stuck one cannot keep
-        the process alive)."""
+        """Stop the API thread: it finishes the datagram in hand, within STOP_CHECK.
+        Waits at most API_STOP_TIMEOUT (a daemon thread: a stuck one cannot keep the
+        process alive)."""
         self._stopping.set()
         threads = self._threads
 
@@ -219,42 +226,82 @@ class Agent:
         with trio.move_on_after(API_STOP_TIMEOUT + 0.5):
             await trio.to_thread.run_sync(join, abandon_on_cancel=True)
         if any(thread.is_alive() for thread in threads):
-            log.error("an agent API thread did not stop within %.0fs", API_STOP_TIMEOUT)
+            log.error("the agent API thread did not stop within %.0fs", API_STOP_TIMEOUT)
 
-    def _serve_socket(self, sock: socket.socket) -> None:
-        """The body of an API thread: receive, answer, repeat, until told to stop.
+    def _serve_socket(self, socks: list[socket.socket]) -> None:
+        """The body of the API thread: receive, answer, repeat, until told to stop.
 
-        After each datagram the thread keeps polling for ``busy_poll`` seconds (yielding the
-        CPU to anything else runnable between polls) before it blocks again. On virtual
-        machines waking a halted vCPU costs tens of microseconds, more than the whole
-        exchange; a client's report and next request usually arrive within the window.
+        One thread serves every API port. The original runs one thread per port; in CPython
+        the handling holds the interpreter lock, so more threads only add contention.
         """
         stopping = self._stopping.is_set
         while not stopping():
             try:
-                self._serve_datagrams(sock)
+                self._serve_datagrams(socks)
             except OSError as exc:
                 if stopping():
                     return
                 with self._lock:
                     self.metrics.incr("socket_errors")
-                self._internal_error_log.warning(
-                    "agent API socket %s failed: %s", sock.getsockname(), exc
-                )
+                self._internal_error_log.warning("agent API socket failed: %s", exc)
                 time.sleep(SOCKET_ERROR_PAUSE)
 
-    def _serve_datagrams(self, sock: socket.socket) -> None:
-        """Receive and answer until told to stop; raises OSError if the socket fails."""
-        recvfrom, sendto, handle = sock.recvfrom, sock.sendto, self.handle_datagram
+    def _poll_budgets(self) -> tuple[float, float]:
+        """How long to poll for the next datagram after one it did not answer, and after an
+        answer: none on a single core, where polling only keeps the client from running."""
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        if cores < 2:
+            return 0.0, 0.0
+        return self.config.busy_poll, min(self.config.busy_poll, self.config.busy_poll_reply)
+
+    def _serve_datagrams(self, socks: list[socket.socket]) -> None:
+        """Receive and answer until told to stop; raises OSError if a socket fails.
+
+        After each datagram the thread polls every port for the next one (yielding the CPU
+        to anything else runnable between polls) before it blocks again: on virtual machines
+        waking a halted vCPU costs tens of microseconds, more than the whole exchange. How
+        long it polls adapts to the clients. After a datagram it did not answer (a report)
+        the same client's next request usually follows at once: it polls up to
+        ``busy_poll``. After an answer the client must act first: Lars's clients poll for
+        their answer and ask again within microseconds, while a client that sleeps
+        meanwhile (the original's) or works between calls takes much longer, and polling
+        for it would only burn CPU. So it polls up to ``busy_poll_reply``, and after a poll
+        that ran out it answers the next POLL_SKIP requests without polling (doubling while
+        polls keep running out, up to POLL_SKIP_MAX). Nothing is polled on a single core.
+        """
+        handle = self.handle_datagram
         # On loopback, only this host may ask (the kernel already drops other sources sent
         # to 127/8; this holds even where it is told not to, e.g. route_localnet).
-        local_only = is_loopback(sock.getsockname()[0])
+        local_only = [is_loopback(sock.getsockname()[0]) for sock in socks]
+        receivers = [sock.recvfrom for sock in socks]
+        senders = [sock.sendto for sock in socks]
         stopping = self._stopping.is_set
-        busy_poll = self.config.busy_poll
+        poll_budget, reply_budget = self._poll_budgets()
         perf, pause, dontwait = time.perf_counter, os.sched_yield, socket.MSG_DONTWAIT
+        poller = None
+        if len(socks) > 1:
+            poller = select.poll()
+            for sock in socks:
+                poller.register(sock, select.POLLIN)
+            index_of = {sock.fileno(): index for index, sock in enumerate(socks)}
+        # The ports to poll, starting with the one that had the last datagram.
+        order = list(range(len(socks)))
+        rotations = [order[i:] + order[:i] for i in order]
+        skip = misses = 0  # answered datagrams to go without polling; polls run out in a row
+        current = 0
         while not stopping():
             try:
-                data, address = recvfrom(RECEIVE_SIZE)
+                if poller is None:
+                    data, address = receivers[0](RECEIVE_SIZE)
+                else:
+                    ready = poller.poll(STOP_CHECK * 1000)
+                    if not ready:
+                        continue
+                    current = index_of[ready[0][0]]
+                    data, address = receivers[current](RECEIVE_SIZE, dontwait)
             except BlockingIOError:  # SO_RCVTIMEO: time to check whether to stop
                 continue
             except OSError as exc:
@@ -263,33 +310,50 @@ class Agent:
                 raise
             while True:
                 # (127/8 first, inline: the hot path pays one slice and compare)
-                if local_only and address[0][:4] != "127." and not is_loopback(address[0]):
+                if local_only[current] and address[0][:4] != "127." and not is_loopback(address[0]):
                     self._foreign_datagram(address)
                     reply = None
                 else:
-                    reply = handle(data, address, sock)
+                    reply = handle(data, address, socks[current])
+                budget = poll_budget
                 if reply is not None:
+                    budget = reply_budget
                     try:
-                        sendto(reply, address)
+                        senders[current](reply, address)
                     except OSError:  # the client's buffer is full or it is gone: UDP drops
                         with self._lock:
                             self.metrics.incr("replies_dropped")
-                if not busy_poll or stopping():
+                    if skip:
+                        skip -= 1
+                        budget = 0.0
+                if not budget or stopping():
                     break
-                until = perf() + busy_poll
-                while True:
-                    try:
-                        data, address = recvfrom(RECEIVE_SIZE, dontwait)
+                until = perf() + budget
+                got = False
+                while not got:
+                    for index in rotations[current]:
+                        try:
+                            data, address = receivers[index](RECEIVE_SIZE, dontwait)
+                        except BlockingIOError:
+                            continue
+                        except OSError as exc:
+                            if not _ignorable(exc):
+                                raise
+                            continue
+                        current = index
+                        got = True
                         break
-                    except BlockingIOError:
+                    else:
                         if perf() >= until:
-                            data = b""
                             break
                         pause()
-                    except OSError as exc:
-                        if not _ignorable(exc):
-                            raise
-                if not data:
+                if reply is not None:
+                    if got:
+                        misses = 0
+                    else:
+                        misses += 1
+                        skip = min(POLL_SKIP << (misses - 1), POLL_SKIP_MAX)
+                if not got:
                     break
 
     def _refused_hint(self, started: float) -> str:
@@ -340,10 +404,15 @@ class Agent:
             now = time.monotonic()
             table = self.table
             if type(msg) is tuple:
-                if msg[0] == wire.GetHostRequest.TYPE:
+                kind = msg[0]
+                if kind == wire.GetHostRequest.TYPE or kind == wire.GetHostReportRequest.TYPE:
                     # _lookup's steps, inlined: this is the hot path of every client loop.
-                    _, seq, modid, cmdid = msg
+                    seq, modid, cmdid = msg[1], msg[2], msg[3]
                     with self._lock:
+                        if kind == wire.GetHostReportRequest.TYPE:  # reports first, in order
+                            report = table.report
+                            for r_modid, r_cmdid, ip, port, code in msg[4]:
+                                report((r_modid, r_cmdid), (ip, port), code == 0, now)
                         wanted = bool(table.want)
                         retcode, host = table.get_host(
                             (modid, cmdid), now, seq, (sock, address, False)

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from lars import wire
-from lars.client import AsyncLarsClient
+from lars.client import AsyncLarsClient, LarsClient
 from lars.config import AgentConfig, DnsConfig
 from lars.core.balancer import BalancerParams
 from lars.errors import AgentUnavailable, NoRoute, Overloaded
@@ -89,6 +89,41 @@ async def test_get_host_on_a_cached_route_and_reports() -> None:
     for _ in range(2):
         assert a.handle_datagram(wire.encode_datagram(wire.ReportRequest(*M, A, 1)), CLIENT) is None
     assert a.table.modules[M].overloaded == [A]
+
+
+async def test_reports_riding_on_a_get_host_count_in_order_before_the_choice() -> None:
+    a = agent(loadbalance=BalancerParams(contin_err_limit=2, contin_succ_limit=1))
+    now = time.monotonic()
+    a.table.apply_route(M, [A, B], now)
+    # Two failures on A overload it: the host chosen for this very request is B.
+    request = wire.GetHostReportRequest(1, *M, ((*M, *A, 1), (*M, *A, 7)))
+    reply = decode(a.handle_datagram(wire.encode_datagram(request), CLIENT))
+    assert isinstance(reply, wire.GetHostResponse) and (reply.seq, reply.host) == (1, B)
+    assert a.table.modules[M].overloaded == [A]
+    # In order: success, failure, failure overloads B; the reverse order would leave it idle
+    # (two failures overload it, the success after them brings it back).
+    a.table.apply_route((2, 2), [A, B], now)
+    request = wire.GetHostReportRequest(2, 2, 2, ((2, 2, *B, 0), (2, 2, *B, 1), (2, 2, *B, 1)))
+    reply = decode(a.handle_datagram(wire.encode_datagram(request), CLIENT))
+    assert isinstance(reply, wire.GetHostResponse) and reply.host == A
+    assert a.table.modules[(2, 2)].overloaded == [B]
+
+
+async def test_a_get_host_with_a_bad_report_is_refused_whole() -> None:
+    a = agent()
+    a.table.apply_route(M, [A], time.monotonic())
+    bad = msgpack.packb([16, 9, 1, 1, [[1, 1, A[0], 0, 0]]])  # port 0
+    reply = decode(a.handle_datagram(bad, CLIENT))
+    assert isinstance(reply, wire.ErrorReply) and reply.seq == 9
+    assert reply.code == wire.RetCode.BAD_REQUEST and "port" in reply.reason
+    assert (a.table.modules[M].hosts[A].rsucc, a.table.modules[M].hosts[A].rerr) == (0, 0)
+
+
+async def test_the_agent_says_it_takes_reports_on_requests() -> None:
+    a = agent()
+    reply = decode(a.handle_datagram(wire.encode_datagram(wire.StatsRequest(5)), CLIENT))
+    assert isinstance(reply, wire.StatsResponse)
+    assert reply.counters["api_level"] == wire.API_LEVEL_PIGGYBACK
 
 
 async def test_first_request_for_an_unknown_module_waits_for_dns() -> None:
@@ -194,6 +229,40 @@ async def test_failing_host_leaves_rotation_and_all_failing_is_overloaded(tmp_pa
             await client.get_host(*M)
 
 
+async def test_a_sync_clients_reports_ride_on_its_requests_and_all_count(tmp_path: Path) -> None:
+    async with stack(tmp_path, {M: [A, B]}) as (_, _, agent_, client):
+        await client.get_host(*M)  # the route is in
+
+        def counted() -> int:
+            with agent_._lock:
+                hosts = agent_.table.modules[M].hosts.values()
+                return sum(h.rsucc + h.rerr for h in hosts)
+
+        def work() -> None:
+            base = agent_.config.base_port
+            sync = LarsClient(base_port=base, timeout=0.5, report_delay=0.05)
+            for _ in range(300):
+                with sync.call(*M):
+                    pass
+            lane = sync._local.lanes[sync.core.port(*M)]
+            assert lane.piggyback is True
+            assert counted() == 299  # the last one waits for a request
+            deadline = time.monotonic() + 2
+            while counted() < 300:  # ... or report_delay
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            host = sync.get_host(*M)
+            sync.report(*M, host, ok=False)
+            sync.close()  # sends what waits
+            deadline = time.monotonic() + 2
+            while counted() < 301:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+        await trio.to_thread.run_sync(work)
+        assert agent_.metrics.counters["malformed_datagrams"] == 0
+
+
 async def test_agent_keeps_serving_from_cache_without_dns(tmp_path: Path) -> None:
     async with stack(tmp_path, {M: [A]}) as (_, dns, agent_, client):
         assert (await client.get_host(*M)).key == A
@@ -225,3 +294,80 @@ def test_bad_datagrams_are_handled_off_the_trio_thread() -> None:
         a.handle_datagram(data, CLIENT)
     assert a.metrics.counters["malformed_datagrams"] == 2
     assert a.metrics.counters["invalid_requests"] == 1
+
+
+# --- polling for the next datagram -----------------------------------------------------------
+
+
+class _ScriptedSocket:
+    """One API socket fed from a list: a blocking receive takes the next datagram (none
+    left: the agent is told to stop); a polling receive finds nothing unless ``polled`` has
+    one. Records, per blocking receive, how many polls came before it."""
+
+    def __init__(self, a: Agent, datagrams: list[bytes], polled: list[bytes] | None = None):
+        self.agent = a
+        self.datagrams = list(datagrams)
+        self.polled = list(polled or [])
+        self.polls = 0
+        self.polls_between: list[int] = []
+        self.sent: list[bytes] = []
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", 8888)
+
+    def recvfrom(self, size: int, flags: int = 0) -> tuple[bytes, object]:
+        if flags:  # MSG_DONTWAIT: a poll
+            self.polls += 1
+            if self.polled:
+                return self.polled.pop(0), CLIENT
+            raise BlockingIOError
+        self.polls_between.append(self.polls)
+        self.polls = 0
+        if not self.datagrams:
+            self.agent._stopping.set()
+            raise BlockingIOError
+        return self.datagrams.pop(0), CLIENT
+
+    def sendto(self, data: bytes, address: object) -> None:
+        self.sent.append(data)
+
+
+def _cores(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(n)))
+
+
+def test_answers_whose_client_did_not_ask_again_stop_the_polling_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _cores(monkeypatch, 2)
+    a = agent(busy_poll=0.001, busy_poll_reply=0.001)
+    a.table.apply_route(M, [A], time.monotonic())
+    requests = [wire.encode_get_host_request(seq, *M) for seq in range(9)]
+    sock = _ScriptedSocket(a, requests)
+    a._serve_datagrams([sock])  # type: ignore[list-item]
+    assert len(sock.sent) == 9
+    polled = [n > 0 for n in sock.polls_between[1:]]  # after answers 1..9
+    # 1 polls and runs out: 2 unpolled; 4 runs out again: 4 unpolled; then 9 polls.
+    assert polled == [True, False, False, True, False, False, False, False, True]
+
+
+def test_a_poll_that_finds_the_next_request_keeps_polling(monkeypatch: pytest.MonkeyPatch) -> None:
+    _cores(monkeypatch, 2)
+    a = agent(busy_poll=0.001, busy_poll_reply=0.001)
+    a.table.apply_route(M, [A], time.monotonic())
+    first = wire.encode_get_host_request(0, *M)
+    report = wire.encode_report_request(*M, A, 0)
+    follow = [wire.encode_get_host_request(seq, *M) for seq in range(1, 4)] + [report]
+    sock = _ScriptedSocket(a, [first], polled=follow)
+    a._serve_datagrams([sock])  # type: ignore[list-item]
+    assert len(sock.sent) == 4  # every request found by polling was answered
+    assert a.table.modules[M].hosts[A].rsucc == 1  # and the report counted
+
+
+def test_nothing_is_polled_on_a_single_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    _cores(monkeypatch, 1)
+    a = agent(busy_poll=0.001, busy_poll_reply=0.001)
+    a.table.apply_route(M, [A], time.monotonic())
+    sock = _ScriptedSocket(a, [wire.encode_get_host_request(s, *M) for s in range(3)])
+    a._serve_datagrams([sock])  # type: ignore[list-item]
+    assert len(sock.sent) == 3 and sock.polls_between == [0, 0, 0, 0]

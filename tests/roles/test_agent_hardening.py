@@ -357,6 +357,6 @@ def test_an_api_on_loopback_answers_this_host_only() -> None:
     assert not is_loopback("10.0.0.5") and not is_loopback("::ffff:10.0.0.5")
     a = agent(busy_poll=0.0, route_wait=0.0)  # an unknown module is answered at once
     sock = _ForeignSocket(a)
-    a._serve_datagrams(sock)  # type: ignore[arg-type]
+    a._serve_datagrams([sock])  # type: ignore[list-item]
     assert [address for _, address in sock.sent] == [("127.0.0.1", 4001)]
     assert a.metrics.counters["foreign_datagrams"] == 1

@@ -1,10 +1,12 @@
 #include "lars/client.hpp"
 
+#include <algorithm>
 #include <arpa/inet.h>
 #include <cerrno>
 #include <cstring>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <thread>
@@ -20,6 +22,10 @@ using std::chrono::microseconds;
 /// (setting it costs a system call; the first receive of an attempt is always a little
 /// shorter than the full timeout).
 constexpr microseconds RCVTIMEO_SLACK{1000};
+/// After a poll that ran out, a socket answers this many calls without polling, doubled for
+/// each further one in a row up to SPIN_SKIP_MAX (as lars.client).
+constexpr unsigned SPIN_SKIP = 16;
+constexpr unsigned SPIN_SKIP_MAX = 4096;
 
 const char* retcode_name(std::uint32_t code) {
     switch (code) {
@@ -139,6 +145,35 @@ struct Client::Socket {
     int fd = -1;
     microseconds rcvtimeo{0};  // what SO_RCVTIMEO is set to now
     std::unique_ptr<char[]> buffer{new char[wire::RECEIVE_SIZE]};
+    unsigned skip = 0;    // calls left to answer without polling
+    unsigned misses = 0;  // polls in a row that ran out
+
+    /// Poll for a datagram for up to `budget`: its size, or -1 (errno set) when none came.
+    ssize_t poll_receive(microseconds budget) {
+        if (budget.count() <= 0 || skip > 0) {
+            if (skip > 0) {
+                --skip;
+            }
+            errno = EAGAIN;
+            return -1;
+        }
+        const auto until = Clock::now() + budget;
+        for (;;) {
+            const ssize_t size = ::recv(fd, buffer.get(), wire::RECEIVE_SIZE, MSG_DONTWAIT);
+            if (size >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+                misses = 0;
+                return size;
+            }
+            if (Clock::now() >= until) {
+                break;
+            }
+            ::sched_yield();  // a polling client must not keep a busy agent from running
+        }
+        ++misses;
+        skip = std::min(SPIN_SKIP << std::min(misses, 12u), SPIN_SKIP_MAX);
+        errno = EAGAIN;
+        return -1;
+    }
 
     ~Socket() {
         if (fd >= 0) {
@@ -250,7 +285,24 @@ wire::Reply Client::exchange(std::uint32_t modid, std::uint32_t cmdid, std::uint
             // buffer, an interrupted call): the attempt is lost, as a lost datagram would be.
             refused = true;
         }
+        bool polled = false;
         while (!refused) {
+            if (!polled) {  // the first receive of the attempt: poll for the answer first
+                polled = true;
+                const ssize_t size = socket.poll_receive(options_.busy_poll);
+                if (size >= 0) {
+                    auto reply =
+                        wire::decode_reply(socket.buffer.get(), static_cast<std::size_t>(size));
+                    if (reply && wire::reply_seq(*reply) == seq) {
+                        return std::move(*reply);
+                    }
+                    continue;  // garbage, or a late reply to an earlier request
+                }
+                if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                    refused = true;  // ECONNREFUSED: nothing listens on the port (yet)
+                    break;
+                }
+            }
             const auto remaining =
                 std::chrono::duration_cast<microseconds>(deadline - Clock::now());
             if (remaining.count() <= 0) {

@@ -120,6 +120,11 @@ struct Options {
     std::uint32_t ports = 3;
     std::chrono::microseconds timeout = std::chrono::milliseconds(250);  // per attempt
     unsigned retries = 2;  // attempts after the first
+    /// How long a call polls for the agent's answer before it blocks (as lars.client's
+    /// busy_poll): a local agent usually answers within it, and a thread that does not
+    /// sleep does not pay the wake-up. A socket whose polls keep running out stops
+    /// polling for a while. Zero turns it off.
+    std::chrono::microseconds busy_poll{100};
 };
 
 /// reg_init: attempts while the agent answers NoRoute, and the pause between them.
