@@ -41,6 +41,11 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached (connection refused, lost, timed out)."""
 
 
+class StoreConflict(StoreUnavailable):
+    """A transaction kept losing to concurrent ones (deadlock, lock-wait timeout, a Galera
+    certification failure) after its bounded re-runs: worth trying again later."""
+
+
 class SchemaMissing(StoreError):
     """The store is reachable but its tables have not been created (run ``lars db init``)."""
 

@@ -171,6 +171,7 @@ def test_a_negative_id_is_out_of_range_not_an_unknown_option(
         ("sqlite:///{tmp}/missing.db", "lars db init"),
         ("bogus://x", "unsupported store"),
         ("mysql://root@127.0.0.1:3306/lars?nope=1", "unknown store URL option"),
+        ("mysql://u:secret@127.0.0.1:1,127.0.0.1:x/lars", "bad port 'x' for host 2 of 2"),
     ],
 )
 def test_store_problems_are_one_line_and_exit_1(

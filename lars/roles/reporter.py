@@ -21,11 +21,15 @@ no count beyond 2**63 - 1. Such a row is dropped up front (logged at a rate limi
 in ``results_out_of_range``, its report acknowledged) and never fails the good rows of its
 batch; ``lars db upgrade`` widens the columns.
 
-Store errors: an unreachable store (or missing tables) is retried with capped backoff for
-as long as it takes; the queue and the agents hold the data meanwhile. Any other error is
-retried a few times, then the batch is written report by report so that only the reports
-the store refuses are dropped, each logged and counted, and acknowledged so the agent does
-not send them forever.
+Store errors: an unavailable store is retried with capped backoff (``retry_max``) for as
+long as it takes; the queue and the agents hold the data meanwhile. Unavailable means
+unreachable, missing tables, or a node that cannot take writes now (a Galera node out of
+its cluster: 1047, 1180; a read-only server; a transaction still losing to deadlocks after
+the store's own re-runs). Any other error is retried a few times, then the batch is written
+report by report so that only the reports the store refuses are dropped, each logged and
+counted, and acknowledged so the agent does not send them forever; a report that meets an
+unavailable store on the way is held like a batch. No report is acknowledged before the
+transaction holding its rows has committed.
 
 Each batch also adds its calls to ``CallHistory`` (per module, host and minute, summed over
 callers: :func:`history_of`) in the same transaction as its statistics, so an acknowledgement
@@ -722,10 +726,8 @@ class Reporter:
         for i, (report, conn) in enumerate(batch):
             rows = rows_of(report) if fitting is None else fitting[i]
             history = history_of(rows, self.clock(), self.config.history_retention)
-            try:
-                if rows:
-                    await self.store.record_calls(rows, history)
-            except StoreError as exc:
+            refused = await self._write_report(rows, history)
+            if refused is not None:
                 self.metrics.incr("reports_dropped")
                 self.metrics.incr("results_dropped", len(rows))
                 log.error(
@@ -734,13 +736,31 @@ class Reporter:
                     report.cmdid,
                     report.caller,
                     len(rows),
-                    exc,
+                    refused,
                 )
             else:
                 self.metrics.incr("results_written", len(rows))
                 self.metrics.incr("history_rows_written", len(history))
             if conn is not None:
                 self._reply(conn, wire.ReportStatusAck(report.seq))
+
+    async def _write_report(
+        self, rows: list[CallStatus], history: list[HistoryRow]
+    ) -> StoreError | None:
+        """Write one report's rows; the error if the store refuses them. An unavailable
+        store is not the report's fault: it is held (and the queue behind it) until stored."""
+        delays = None
+        while True:
+            try:
+                if rows:
+                    await self.store.record_calls(rows, history)
+                return None
+            except (StoreUnavailable, SchemaMissing) as exc:
+                self._store_down(exc)
+            except StoreError as exc:
+                return exc
+            delays = delays or backoff(cap=self.config.retry_max)
+            await trio.sleep(next(delays))
 
     def _store_down(self, exc: StoreError) -> None:
         self.metrics.incr("store_errors")

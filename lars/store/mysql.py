@@ -1,16 +1,33 @@
-"""The MySQL store (MySQL, MariaDB and MySQL-protocol servers) on trio-mysql.
+"""The MySQL store (MySQL, MariaDB, Galera clusters and replicas) on trio-mysql.
 
-A small pool of connections. A pooled connection that turns out to be dead (the server
-restarted, a proxy dropped it) is discarded and the operation retried once on a fresh one,
-but only when nothing of the operation reached the server; after that, errors surface as
-:class:`StoreUnavailable` and the caller decides (the DNS keeps its last good map, the
-reporter retries its batch).
+A small pool of connections to one of the URL's hosts (``mysql://u@h1:3306,h2:3306/db``).
+
+* **Failover.** A new connection goes to the preferred host, else the next that answers, in
+  the URL's order. On a Galera node it first asks ``wsrep_local_state`` and
+  ``wsrep_ready``: a node that is not Synced and ready is skipped. An operation failing
+  because its node is unavailable (connection lost, 1047 "WSREP has not yet prepared node",
+  1180 "Not connected to Primary Component", a read-only server) moves the preference to
+  the next host, drops the pooled connections to the failed one, and runs again on another
+  host while one is left untried. ``FAILBACK_AFTER`` seconds after a failover, new
+  connections try the first hosts again.
+* **Conflicts.** A transaction failing with a deadlock or a lock-wait timeout (1213, 1205;
+  Galera reports a certification failure at COMMIT as 1213) is re-run whole, up to
+  ``retries`` times with jittered exponential backoff; then it fails as
+  :class:`~lars.errors.StoreConflict`, a kind of "store unavailable". A duplicate key (1062)
+  in a write means a concurrent writer inserted the row first: the re-run sees it.
+* A pooled connection that turns out to be dead (the server restarted, a proxy dropped it)
+  is discarded and the operation retried on a fresh one.
+
+After that, errors surface as :class:`StoreUnavailable` (hold and retry: the DNS keeps its
+last good map, the reporter its queue) or :class:`StoreError` (the operation can never
+succeed as it is).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -20,7 +37,7 @@ import trio_mysql.connections
 import trio_mysql.cursors
 from trio_mysql.constants import CR, ER
 
-from lars.errors import SchemaMissing, StoreError, StoreUnavailable
+from lars.errors import SchemaMissing, StoreConflict, StoreError, StoreUnavailable
 from lars.store import sql
 from lars.store.sqlstore import SqlStore, Txn
 
@@ -30,6 +47,15 @@ DEFAULT_POOL_SIZE = 4
 #: Seconds one operation may take before the store counts as unavailable.
 DEFAULT_QUERY_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Times a transaction failing with a deadlock or lock-wait timeout is re-run.
+DEFAULT_RETRIES = 20
+#: First and longest backoff between re-runs of a conflicting transaction, seconds.
+CONFLICT_BACKOFF_INITIAL = 0.005
+CONFLICT_BACKOFF_MAX = 0.5
+#: Seconds after a failover before new connections try the first hosts again.
+FAILBACK_AFTER = 30.0
+#: Galera's wsrep_local_state of a node that is in step with its cluster.
+GALERA_SYNCED = "4"
 
 
 def _schema() -> str:
@@ -102,7 +128,36 @@ _LOST = {
     ER.CON_COUNT_ERROR,
     1927,  # ER_CONNECTION_KILLED (MariaDB)
 }
+#: The server answers but cannot serve now: Galera not ready or not primary, read-only,
+#: network errors on its side. The node is failed over like a lost one.
+_NODE_UNAVAILABLE = {
+    ER.UNKNOWN_COM_ERROR,  # 1047: WSREP has not yet prepared node for application use
+    ER.ERROR_DURING_COMMIT,  # 1180: Not connected to Primary Component (Galera)
+    ER.OPTION_PREVENTS_STATEMENT,  # 1290: --read-only
+    1792,  # ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION
+    1836,  # ER_READ_ONLY_MODE
+    ER.NET_READ_ERROR,
+    ER.NET_READ_INTERRUPTED,
+    ER.NET_ERROR_ON_WRITE,
+    ER.NET_WRITE_INTERRUPTED,
+    4031,  # ER_CLIENT_INTERACTION_TIMEOUT (MariaDB): the server closed an idle connection
+}
+#: The transaction lost to another; running it again whole may succeed.
+_CONFLICT = {ER.LOCK_DEADLOCK, ER.LOCK_WAIT_TIMEOUT}
 _SCHEMA = {ER.NO_SUCH_TABLE, ER.BAD_FIELD_ERROR}
+
+
+def error_code(exc: BaseException) -> int | None:
+    """The MySQL error number of a trio-mysql error (None for anything else)."""
+    if isinstance(exc, trio_mysql.MySQLError) and exc.args and isinstance(exc.args[0], int):
+        return exc.args[0]
+    return None
+
+
+def conflict_backoff(attempt: int) -> float:
+    """Seconds to wait before re-run ``attempt`` (1, 2, ...) of a conflicting transaction:
+    exponential, capped, and fully jittered so that the writers that collided spread out."""
+    return random.uniform(0, min(CONFLICT_BACKOFF_MAX, CONFLICT_BACKOFF_INITIAL * 2**attempt))
 
 
 class _Connection(trio_mysql.connections.Connection):  # type: ignore[misc]
@@ -113,6 +168,8 @@ class _Connection(trio_mysql.connections.Connection):  # type: ignore[misc]
     """
 
     _sock: Any
+    #: The index in MysqlStore.hosts of the server this connection is to.
+    lars_host = 0
 
     def _force_close(self) -> None:
         stream, self._sock = self._sock, None
@@ -137,12 +194,16 @@ class _Lost(Exception):
     """A connection failed before any statement of the operation reached the server."""
 
 
+class _NotSynced(Exception):
+    """A Galera node that is not Synced and ready: skipped when connecting."""
+
+
 def _sql(query: str) -> str:
     return query.replace("%", "%%").replace("?", "%s")
 
 
 class MysqlStore(SqlStore):
-    """Routes in a MySQL-protocol database (``mysql://user:password@host:port/db``)."""
+    """Routes in a MySQL-protocol database (``mysql://user:password@h1:3306[,h2:3306...]/db``)."""
 
     kind = "mysql"
     dialect = DIALECT
@@ -150,51 +211,88 @@ class MysqlStore(SqlStore):
     def __init__(
         self,
         *,
-        host: str,
-        port: int,
+        hosts: Sequence[tuple[str, int]],
         user: str,
         password: str,
         database: str,
         pool_size: int = DEFAULT_POOL_SIZE,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         query_timeout: float = DEFAULT_QUERY_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
-        self.host, self.port, self.user, self.database = host, port, user, database
+        if not hosts:
+            raise ValueError("a MySQL store needs at least one host")
+        self.hosts = list(hosts)
+        self.user, self.database = user, database
         self._password = password
-        self.display_url = f"mysql://{user}@{host}:{port}/{database}"
+        where = ",".join(_host_text(host, port) for host, port in self.hosts)
+        self.display_url = f"mysql://{user}@{where}/{database}"
         self._connect_timeout = connect_timeout
         self._query_timeout = query_timeout
+        self._retries = retries
         self._idle: list[_Connection] = []
         self._slots = trio.Semaphore(pool_size)
         self._closed = False
+        #: The host new connections go to first, and since when (None: never failed over).
+        self._preferred = 0
+        self._failed_over_at: float | None = None
+        #: Counters: re-runs after a conflict, failovers (read by tests and benchmarks).
+        self.conflict_retries = 0
+        self.failovers = 0
+
+    @property
+    def host(self) -> str:
+        """The host new connections go to first."""
+        return self.hosts[self._preferred][0]
+
+    @property
+    def port(self) -> int:
+        """The port of :attr:`host`."""
+        return self.hosts[self._preferred][1]
+
+    def _where(self, index: int | None = None) -> str:
+        if index is None or len(self.hosts) == 1:
+            return self.display_url
+        return f"{self.display_url} (node {_host_text(*self.hosts[index])})"
 
     # --- connections -------------------------------------------------------------------------
 
-    def _translate(self, exc: BaseException) -> StoreError:
-        where = self.display_url
-        if isinstance(exc, trio_mysql.MySQLError) and exc.args and isinstance(exc.args[0], int):
-            code, text = exc.args[0], exc.args[1] if len(exc.args) > 1 else ""
+    def _translate(self, exc: BaseException, index: int | None = None) -> StoreError:
+        where = self._where(index)
+        code = error_code(exc)
+        if code is not None:
+            text = exc.args[1] if len(exc.args) > 1 else ""
             if code in _SCHEMA:
                 return SchemaMissing(
                     f"the store {where} is not initialised ({text}); run `lars db init`"
                 )
             if code in _LOST:
                 return StoreUnavailable(f"MySQL store {where} unreachable: {text}")
+            if code in _NODE_UNAVAILABLE:
+                return StoreUnavailable(f"MySQL store {where} unavailable: error {code}: {text}")
+            if code in _CONFLICT:
+                return StoreConflict(
+                    f"MySQL store {where}: error {code}: {text}"
+                    f" (still conflicting after {self._retries} re-runs)"
+                )
             if code in (ER.ACCESS_DENIED_ERROR, 1698):
                 return StoreError(f"MySQL store {where}: access denied ({text})")
             if code == ER.BAD_DB_ERROR:
                 return StoreError(f"MySQL store {where}: database {self.database!r} does not exist")
             return StoreError(f"MySQL store {where}: error {code}: {text}")
+        if isinstance(exc, _NotSynced):
+            return StoreUnavailable(f"MySQL store {where}: {exc}")
         if isinstance(exc, trio_mysql.InterfaceError):
             return StoreUnavailable(f"MySQL store {where}: connection closed")
         if isinstance(exc, trio.TooSlowError):
             return StoreUnavailable(f"MySQL store {where}: timed out")
         return StoreUnavailable(f"MySQL store {where} unreachable: {exc}")
 
-    async def _connect(self) -> _Connection:
+    async def _connect_to(self, index: int) -> _Connection:
+        host, port = self.hosts[index]
         conn = _Connection(
-            host=self.host,
-            port=self.port,
+            host=host,
+            port=port,
             user=self.user,
             password=self._password,
             database=self.database,
@@ -203,12 +301,81 @@ class MysqlStore(SqlStore):
             use_unicode=True,
             connect_timeout=self._connect_timeout,
         )
+        conn.lars_host = index
         try:
-            await conn.connect()
+            with trio.fail_after(self._connect_timeout):
+                await conn.connect()
+                await self._check_synced(conn)
         except BaseException:
             conn._force_close()  # trio-mysql leaves the socket open when the handshake fails
             raise
         return conn
+
+    async def _check_synced(self, conn: _Connection) -> None:
+        """Raise _NotSynced if ``conn`` is to a Galera node that is not Synced and ready (a
+        server without Galera has no wsrep status and passes)."""
+        cursor = conn.cursor(_QuietCursor)
+        await cursor.execute(
+            "SHOW GLOBAL STATUS WHERE Variable_name"
+            " IN ('wsrep_provider_name', 'wsrep_local_state', 'wsrep_ready')"
+        )
+        status = {str(name).lower(): str(value) for name, value in await cursor.fetchall()}
+        if not status.get("wsrep_provider_name"):
+            return  # not a Galera node (MySQL, or MariaDB without a wsrep provider)
+        state = status.get("wsrep_local_state", "")
+        ready = status.get("wsrep_ready", "")
+        if state != GALERA_SYNCED or ready != "ON":
+            raise _NotSynced(
+                f"Galera node not synced (wsrep_local_state {state}, wsrep_ready {ready})"
+            )
+
+    def _order(self) -> list[int]:
+        """Host indexes in the order new connections try them: the preferred one first,
+        or the URL's order again FAILBACK_AFTER seconds after a failover."""
+        if self._failed_over_at is not None and (
+            trio.current_time() - self._failed_over_at >= FAILBACK_AFTER
+        ):
+            self._preferred, self._failed_over_at = 0, None
+        n = len(self.hosts)
+        return [(self._preferred + i) % n for i in range(n)]
+
+    async def _connect(self, skip: set[int]) -> _Connection:
+        """A new connection to the first host (in :meth:`_order`) that answers and is
+        synced, skipping ``skip``; the last error if none does."""
+        error: BaseException | None = None
+        failed: int | None = None
+        for index in self._order():
+            if index in skip:
+                continue
+            try:
+                conn = await self._connect_to(index)
+            except (OSError, trio.TooSlowError, trio_mysql.MySQLError, _NotSynced) as exc:
+                code = error_code(exc)
+                if code is not None and code not in _LOST and code not in _NODE_UNAVAILABLE:
+                    raise  # refused credentials, no such database: the same everywhere
+                error, failed = exc, index
+                skip.add(index)
+                continue
+            if index != self._preferred:
+                self._fail_over(self._preferred, index)
+            return conn
+        if error is None:
+            raise _NotSynced("no host left to try")
+        raise _HostFailed(failed, error)
+
+    def _fail_over(self, failed: int, to: int | None = None) -> None:
+        """Prefer another host than ``failed`` (the next one, or ``to``) and drop the idle
+        connections to ``failed``."""
+        if len(self.hosts) == 1:
+            return
+        stale = [conn for conn in self._idle if conn.lars_host == failed]
+        self._idle = [conn for conn in self._idle if conn.lars_host != failed]
+        for conn in stale:
+            conn._force_close()
+        if self._preferred == failed or to is not None:
+            self._preferred = (failed + 1) % len(self.hosts) if to is None else to
+            self._failed_over_at = trio.current_time()
+            self.failovers += 1
 
     async def _on(self, conn: _Connection, make_op: Callable[[], sql.Op[T]], txn: Txn) -> T:
         """Run one operation on ``conn``; raises _Lost if the very first statement failed."""
@@ -242,45 +409,76 @@ class MysqlStore(SqlStore):
         except BaseException:
             if txn is not None and conn.open:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    await conn.rollback()
+                    try:
+                        await conn.rollback()
+                    except Exception:  # the original error tells what happened
+                        conn._force_close()
             raise
+
+    async def _attempt(self, make_op: Callable[[], sql.Op[T]], txn: Txn, skip: set[int]) -> T:
+        """Run the operation once, on a pooled connection or a new one (again on a new one if
+        the pooled one was dead before anything reached the server). Raises _HostFailed when
+        its host is unavailable, else the trio-mysql error as it came."""
+        for attempt in range(2):
+            pooled = attempt == 0 and bool(self._idle)
+            conn: _Connection | None = None
+            try:
+                with trio.fail_after(self._query_timeout):
+                    conn = self._idle.pop() if pooled else await self._connect(skip)
+                    result = await self._on(conn, make_op, txn)
+            except _Lost as lost:
+                assert conn is not None
+                conn._force_close()
+                if pooled:
+                    continue  # a stale pooled connection: try once on a fresh one
+                raise _HostFailed(conn.lars_host, lost.__cause__ or lost) from lost.__cause__
+            except trio_mysql.MySQLError as exc:
+                code = error_code(exc) or 2000
+                # A server-side error (code below 2000) leaves the connection usable.
+                if conn is not None and conn.open and code < 2000 and code not in _NODE_UNAVAILABLE:
+                    self._idle.append(conn)
+                elif conn is not None:
+                    conn._force_close()
+                if conn is not None and (code >= 2000 or code in _LOST | _NODE_UNAVAILABLE):
+                    raise _HostFailed(conn.lars_host, exc) from exc
+                raise
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                if conn is not None:
+                    conn._force_close()
+                    raise _HostFailed(conn.lars_host, exc) from exc
+                raise _HostFailed(None, exc) from exc
+            except BaseException:
+                if conn is not None:
+                    conn._force_close()
+                raise
+            self._idle.append(conn)
+            return result
+        raise AssertionError("unreachable")
 
     async def _run(self, make_op: Callable[[], sql.Op[T]], txn: Txn = None) -> T:
         if self._closed:
             raise StoreUnavailable(f"MySQL store {self.display_url} is closed")
         async with self._slots:
-            for attempt in range(2):
-                pooled = bool(self._idle)
-                conn: _Connection | None = None
+            skip: set[int] = set()
+            conflicts = 0
+            while True:
                 try:
-                    with trio.fail_after(self._query_timeout):
-                        conn = self._idle.pop() if pooled else await self._connect()
-                        result = await self._on(conn, make_op, txn)
-                except _Lost as lost:
-                    assert conn is not None
-                    conn._force_close()
-                    if pooled and attempt == 0:
-                        continue  # a stale pooled connection: try once on a fresh one
-                    raise self._translate(lost.__cause__ or lost) from lost.__cause__
+                    return await self._attempt(make_op, txn, skip)
+                except _HostFailed as failed:
+                    if failed.index is not None:
+                        skip.add(failed.index)
+                        self._fail_over(failed.index)
+                    if len(skip) < len(self.hosts) and failed.index is not None:
+                        continue  # another host may serve it
+                    raise self._translate(failed.error, failed.index) from failed.error
                 except trio_mysql.MySQLError as exc:
-                    # A server-side error (code below 2000) leaves the connection usable.
-                    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 2000
-                    if conn is not None and conn.open and code < 2000:
-                        self._idle.append(conn)
-                    elif conn is not None:
-                        conn._force_close()
-                    raise self._translate(exc) from exc
-                except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                    if conn is not None:
-                        conn._force_close()
-                    raise self._translate(exc) from exc
-                except BaseException:
-                    if conn is not None:
-                        conn._force_close()
-                    raise
-                self._idle.append(conn)
-                return result
-        raise AssertionError("unreachable")
+                    code = error_code(exc)
+                    retry = code in _CONFLICT or (code == ER.DUP_ENTRY and txn == "write")
+                    if not retry or conflicts >= self._retries:
+                        raise self._translate(exc) from exc
+                    conflicts += 1
+                    self.conflict_retries += 1
+                    await trio.sleep(conflict_backoff(conflicts))
 
     async def aclose(self) -> None:
         self._closed = True
@@ -290,3 +488,16 @@ class MysqlStore(SqlStore):
                 await conn.aclose()
         for conn in idle:
             conn._force_close()
+
+
+class _HostFailed(Exception):
+    """The host at ``index`` (None: not known) could not serve an operation."""
+
+    def __init__(self, index: int | None, error: BaseException) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
+
+
+def _host_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

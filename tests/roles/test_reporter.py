@@ -15,7 +15,7 @@ import trio.testing
 
 from lars import wire, wire_original
 from lars.config import ReporterConfig
-from lars.errors import StoreError
+from lars.errors import StoreConflict, StoreError, StoreUnavailable
 from lars.roles import reporter as reporter_module
 from lars.roles.reporter import (
     HISTORY_FUTURE_SLACK,
@@ -708,3 +708,47 @@ async def test_a_failing_purge_is_logged_and_tried_again_next_time(
         await trio.sleep(HISTORY_PURGE_INTERVAL)
         assert await fetch(sqlite, "SELECT COUNT(*) FROM CallHistory") == [(0,)]
         assert reporter.metrics.counters["history_rows_purged"] == 1
+
+
+class SplitThenDownStore(FlakyStore):
+    """Refuses every batch of more than one row with a generic error (so the reporter falls
+    back to writing report by report); while ``outage`` names an error class, single-row
+    writes fail with it (a Galera node cut off from its cluster: StoreUnavailable, or
+    StoreConflict after the store's own re-runs)."""
+
+    outage: type[StoreError] | None = None
+
+    async def upsert_call_status(self, rows: Sequence[CallStatus]) -> None:
+        if len(rows) > 1:
+            raise StoreError("test: batch refused")
+        if self.outage is not None:
+            raise self.outage("test: error 1047 WSREP has not yet prepared node")
+        await self.inner.upsert_call_status(rows)
+
+
+@pytest.mark.parametrize("outage", [StoreUnavailable, StoreConflict])
+async def test_an_outage_while_writing_one_by_one_holds_the_reports(
+    autojump_clock: trio.testing.MockClock, outage: type[StoreError]
+) -> None:
+    """A store that goes away while the reporter writes a refused batch report by report:
+    the reports meeting the outage are held (never acknowledged, never dropped) until it is
+    back, then stored and acknowledged."""
+    inner = memory_store()
+    await inner.init_schema()
+    store = SplitThenDownStore(inner)
+    async with running(store, writers=1, retry_max=1) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        await client.send(report(1), report(2, 2))
+        assert await acks(client, 2) == [1, 2]  # written one by one
+        store.outage = outage
+        await client.send(report(3, 3), report(4, 4))
+        with trio.move_on_after(60) as waited:
+            await client.receive()
+        assert waited.cancelled_caught  # nothing acknowledged while it lasts
+        assert reporter.metrics.counters.get("reports_dropped", 0) == 0
+        assert reporter.store_ok is False
+        store.outage = None
+        assert await acks(client, 2) == [3, 4]
+    assert {row.modid for row in await inner.read_call_status()} == {1, 2, 3, 4}
+    assert reporter.metrics.counters.get("reports_dropped", 0) == 0
+    await inner.aclose()
