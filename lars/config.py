@@ -125,7 +125,15 @@ class DnsConfig(ListenerLimits):
     reload_interval: float = attrs.field(default=10.0, validator=_positive)
     change_retention: float = attrs.field(default=86400.0, validator=_positive)
     max_frame: int = attrs.field(default=1 << 20, validator=_positive)
-    retry_max: float = attrs.field(default=30.0, validator=_positive)
+    retry_max: float = attrs.field(default=3.0, validator=_positive)
+    #: A store URL to read routes from (a replica, a nearby Galera node); "" = ``store``.
+    store_read: str = ""
+    #: Seconds without a good read of the store after which agents are told this DNS is
+    #: stale (and move to a fresh one if they know one).
+    stale_after: float = attrs.field(default=10.0, validator=_positive)
+    #: Seconds a DNS keeps re-reading when a change notice names a version it cannot see
+    #: yet (a replica or a Galera node behind the writer).
+    catch_up: float = attrs.field(default=5.0, validator=_positive)
 
 
 @attrs.frozen
@@ -138,7 +146,7 @@ class ReporterConfig(ListenerLimits):
     batch_size: int = attrs.field(default=1000, validator=_positive)
     writers: int = attrs.field(default=2, validator=_positive)
     max_frame: int = attrs.field(default=1 << 20, validator=_positive)
-    retry_max: float = attrs.field(default=30.0, validator=_positive)
+    retry_max: float = attrs.field(default=3.0, validator=_positive)
     #: How long the per-minute CallHistory buckets are kept, seconds (7 days).
     history_retention: float = attrs.field(default=7 * 86400.0, validator=_positive)
 

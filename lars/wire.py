@@ -42,6 +42,7 @@ __all__ = [
     "AgentStateResponse",
     "ApiGetRouteRequest",
     "ApiGetRouteResponse",
+    "DnsState",
     "ErrorReply",
     "FrameDecoder",
     "GetHostReportRequest",
@@ -485,6 +486,23 @@ class GetHostReportRequest(Message):
 API_LEVEL_PIGGYBACK = 2
 #: Most reports a client puts on one request (a datagram of ~1 KB at most).
 MAX_PIGGYBACK = 32
+
+
+@_register
+@attrs.frozen
+class DnsState(Message):
+    """DNS -> agent: whether the routes it serves may be out of date. ``stale`` is 1 when
+    its store has been unreachable for longer than its ``stale_after`` (``store_age``
+    seconds since its last good read, ``version`` the route version it serves), 0 when it
+    reads its store again. Sent when the state changes, and at once to a connection that
+    arrives while stale; an agent with another DNS that is not stale moves there.
+    (Agents before it take the unknown frame as a reason to reconnect: they fail over too.)"""
+
+    TYPE = 20
+    stale: int
+    store_age: int
+    version: int
+    _FIELDS = (_u32("stale"), _u32("store_age"), _u64("version"))
 
 
 #: Message types whose first field is a sequence number, echoed in the reply.

@@ -111,7 +111,10 @@ class FramedClient:
         return self._ready.pop(0)
 
     async def route(self) -> wire.GetRouteResponse:
+        """The next route (a DnsState before it, saying whether the DNS is stale, skipped)."""
         msg = await self.receive()
+        while isinstance(msg, wire.DnsState):
+            msg = await self.receive()
         assert isinstance(msg, wire.GetRouteResponse), msg
         return msg
 

@@ -86,6 +86,8 @@ SOCKET_BUFFER = 4 << 20
 STOP_CHECK = 0.2
 #: Seconds without an acknowledgement after which the reporter connection is renewed.
 ACK_TIMEOUT = 30.0
+#: Seconds a DNS that said it is stale is avoided (unless it says it is fresh again).
+STALE_DNS_MEMORY = 60.0
 #: Seconds a stopping agent waits for its API threads (they check every STOP_CHECK).
 API_STOP_TIMEOUT = 2.0
 #: Seconds an API thread pauses after its socket failed, before it receives again.
@@ -120,6 +122,10 @@ class Agent:
         # Tells clients what this agent's API takes (GetHostReportRequest from level 2).
         self.metrics.set("api_level", wire.API_LEVEL_PIGGYBACK)
         self.dns_address: str | None = None
+        #: DNS addresses that said they are stale (DnsState), with when: avoided while
+        #: another is not, for STALE_DNS_MEMORY seconds.
+        self.stale_dns: dict[str, float] = {}
+        self._leave_dns = False
         #: True while a reporter session is up.
         self.reporter_connected = False
         #: Set whenever a route arrives from DNS (tests wait on it).
@@ -623,7 +629,8 @@ class Agent:
             tls=self.tls,
         )
         while True:
-            self.dns_address, stream = await dns.connect()
+            self.dns_address, stream = await dns.connect(avoid=self._stale_addresses())
+            self._leave_dns = False
             started = trio.current_time()
             try:
                 await self._dns_session(stream)
@@ -632,9 +639,20 @@ class Agent:
                 with self._lock:
                     self.table.dns_unavailable()
                 await trio.aclose_forcefully(stream)
+            if self._leave_dns:
+                dns.reconnect_now()  # a move to a fresh DNS, not a failure: no backoff
+                continue
             self._session_log.warning(
                 "lost dns%s; serving from cache, failing over", self._refused_hint(started)
             )
+
+    def _stale_addresses(self) -> set[str]:
+        """The DNS addresses that said they were stale within STALE_DNS_MEMORY seconds."""
+        now = trio.current_time()
+        for address, since in list(self.stale_dns.items()):
+            if now - since >= STALE_DNS_MEMORY:
+                del self.stale_dns[address]
+        return set(self.stale_dns)
 
     async def _dns_session(self, stream: trio.abc.Stream) -> None:
         """Request every known module, then exchange requests and routes until the end."""
@@ -675,6 +693,8 @@ class Agent:
                     self.metrics.incr("dns_bad_frames")
                     return
                 self._dns_message(item)
+            if self._leave_dns:
+                return
 
     def _dns_message(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.GetRouteResponse):
@@ -686,12 +706,44 @@ class Agent:
                 self._answer(waiter, key, retcode, payload)
             self.route_received.set()
             self.route_received = trio.Event()
+        elif isinstance(msg, wire.DnsState):
+            self._dns_state(msg)
         elif isinstance(msg, wire.ErrorReply):
             self._bad_input_log.warning(
                 "dns %s refused a request: %s", self.dns_address, msg.reason
             )
         else:
             self._bad_input_log.warning("unexpected %s from dns", type(msg).__name__)
+
+    def _dns_state(self, msg: wire.DnsState) -> None:
+        """The current DNS says whether its routes may be out of date; a stale one is left
+        for another DNS that has not said so lately (if there is none, it stays: its last
+        good routes are better than none)."""
+        address = self.dns_address
+        if address is None:
+            return
+        if not msg.stale:
+            if self.stale_dns.pop(address, None) is not None:
+                log.info("dns %s reads its store again", address)
+            return
+        self.metrics.incr("dns_stale_notices")
+        self.stale_dns[address] = trio.current_time()
+        others = [a for a in self.config.dns if a not in self._stale_addresses()]
+        if others:
+            log.warning(
+                "dns %s is stale (store unreachable for %d s, version %d); moving to %s",
+                address,
+                msg.store_age,
+                msg.version,
+                " or ".join(others),
+            )
+            self._leave_dns = True
+        else:
+            self._bad_input_log.warning(
+                "dns %s is stale (store unreachable for %d s) and no other DNS is fresh; staying",
+                address,
+                msg.store_age,
+            )
 
     # --- statistics to the reporter -------------------------------------------------------
 

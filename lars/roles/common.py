@@ -18,7 +18,7 @@ import resource
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import Any, Protocol
 
 import attrs
@@ -342,9 +342,15 @@ class Reconnector:
         self._session_started: float | None = None
         self._connected_log = RateLimitedLog(log)
 
-    async def connect(self) -> tuple[str, trio.abc.Stream]:
+    def reconnect_now(self) -> None:
+        """The session ended on purpose (moving to another peer): the next :meth:`connect`
+        waits no backoff for it."""
+        self._session_started = None
+
+    async def connect(self, avoid: Collection[str] = ()) -> tuple[str, trio.abc.Stream]:
         """The next working connection, as ``(address, stream)``. Call it again when the
-        session on the previous one has ended."""
+        session on the previous one has ended. Addresses in ``avoid`` are tried only when
+        every address is in it."""
         short = False
         if self._session_started is not None:
             lasted = trio.current_time() - self._session_started
@@ -354,8 +360,9 @@ class Reconnector:
             else:
                 short = True
                 await trio.sleep(next(self._delays))
+        addresses = [a for a in self.addresses if a not in avoid] or self.addresses
         while True:
-            address = self.addresses[self._attempt % len(self.addresses)]
+            address = addresses[self._attempt % len(addresses)]
             self._attempt += 1
             try:
                 host, port = parse_address(address)
@@ -374,7 +381,7 @@ class Reconnector:
                         "cannot reach %s %s (%s); retrying", self.what, address, exc or "timed out"
                     )
                     self._reported_down = True
-                if self._attempt % len(self.addresses) == 0:  # a full round failed
+                if self._attempt % len(addresses) == 0:  # a full round failed
                     await trio.sleep(next(self._delays))
                 continue
             self._reported_down = False

@@ -13,8 +13,17 @@ all see every change; they are purged by age only. A ``RouteChangeNotice`` from 
 writer triggers the check at once, so a change usually reaches agents within milliseconds.
 
 When the store is unreachable the last good map keeps being served; the poller retries with
-capped backoff and logs when the store goes down and when it comes back, not every retry.
-Until the first load succeeds, requests subscribe and are answered when it does.
+capped backoff (``retry_max``, a few seconds) and logs when the store goes down and when it
+comes back, not every retry. Until the first load succeeds, requests subscribe and are
+answered when it does. After ``stale_after`` seconds without a good read, the DNS tells its
+agents it is stale (``DnsState``, again every ``stale_after`` while it lasts, and at once to
+an agent that connects meanwhile); agents that know a fresh DNS move there. When it reads
+its store again it tells them it is fresh.
+
+Routes may be read from another store than the one written (``[dns] store_read``: a
+replica, a nearby Galera node), which can be behind the writer. A change notice carries the
+version its write made: a DNS that reads an older one re-reads every ``CATCH_UP_INTERVAL``
+until it sees it, for at most ``catch_up`` seconds, rather than waiting for the next check.
 
 Each connection has one reader and one writer task. The writer sends what is queued for the
 connection: routes coalesce per module (a newer route replaces an unsent older one), so a
@@ -58,7 +67,7 @@ from prometheus_client.registry import Collector
 
 from lars import wire, wire_original
 from lars.config import DnsConfig
-from lars.core.model import HostKey, ModuleKey
+from lars.core.model import UINT32_MAX, HostKey, ModuleKey
 from lars.errors import ProtocolError, StoreError
 from lars.roles.common import (
     ConnectionGate,
@@ -85,6 +94,8 @@ log = logging.getLogger("lars.dns")
 
 #: How often RouteChange rows older than ``change_retention`` are purged, seconds.
 PURGE_INTERVAL = 3600.0
+#: Seconds between re-reads while a notified route version is not read yet.
+CATCH_UP_INTERVAL = 0.05
 #: Modules one connection may subscribe to.
 MAX_SUBSCRIPTIONS = 100_000
 #: Replies (errors, stats) queued for one connection before it counts as abusive.
@@ -159,10 +170,24 @@ class DnsServer:
     """The route service. ``await nursery.start(server.serve)`` returns its bound address."""
 
     def __init__(
-        self, config: DnsConfig, store: RouteStore, *, tls: TlsContexts | None = None
+        self,
+        config: DnsConfig,
+        store: RouteStore,
+        *,
+        tls: TlsContexts | None = None,
+        read_store: RouteStore | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        #: Where routes are read from (``[dns] store_read``; else ``store``).
+        self.read_store = read_store or store
+        #: True while agents are told the routes may be out of date (see DnsState).
+        self.stale = False
+        #: trio time of the last good read of the store (or of the start of tracking).
+        self.last_good_read = -math.inf
+        #: The newest version a change notice named, and until when to re-read for it.
+        self._awaited_version = 0
+        self._awaited_until = -math.inf
         #: Mutual TLS with agents and admins (None: plaintext; see lars.tls).
         self.tls = tls
         #: The map being served; ``None`` until the first successful load.
@@ -210,14 +235,16 @@ class DnsServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.track_changes)
             await nursery.start(self.gate.serve, listener, self.handle_connection)
-            log.info("dns listening on %s:%d, store %s", *address, self.store.display_url)
+            log.info("dns listening on %s:%d, store %s", *address, self.read_store.display_url)
             task_status.started(address)
 
     async def track_changes(self) -> None:
         """Poll the store and push changes, and purge old change rows, until cancelled."""
+        self.last_good_read = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._poll_loop)
             nursery.start_soon(self._purge_loop)
+            nursery.start_soon(self._stale_loop)
 
     def poke(self) -> None:
         """Check the store now instead of at the next interval."""
@@ -300,6 +327,8 @@ class DnsServer:
         sub.original = original
         if original:
             self.metrics.incr("original_connections_accepted")
+        elif self.stale:
+            sub.queue_reply(self._state_message())
         decoder = stream_decoder(original, self.config.max_frame, GET_ROUTE_REQUEST)
         items: list[wire.Message | ProtocolError] | None = session.start(decoder)
         while items is not None:
@@ -361,6 +390,7 @@ class DnsServer:
         if isinstance(msg, wire.RouteChangeNotice):
             if session.allow_control():  # else dropped, and the connection read slowly
                 self.metrics.incr("change_notices")
+                self.await_version(msg.version)
                 self.poke()
             return True
         if isinstance(msg, wire.StatsRequest):
@@ -467,11 +497,11 @@ class DnsServer:
             self.apply_snapshot(await self._load_all())
             self._next_full_reload = now + self.config.reload_interval
             return
-        version = await self.store.route_version()
+        version = await self.read_store.route_version()
         if version == self.version:
             return
         with self._load_seconds.labels("partial").time():
-            delta = await self.store.load_changes(self.version)
+            delta = await self.read_store.load_changes(self.version)
         if delta.changed and delta.version > self.version:
             self.apply_delta(delta)
         else:  # the version moved without change rows (or went back): reload it all
@@ -480,7 +510,7 @@ class DnsServer:
 
     async def _load_all(self) -> RouteSnapshot:
         with self._load_seconds.labels("full").time():
-            return await self.store.load_routes(changes_since=self.version)
+            return await self.read_store.load_routes(changes_since=self.version)
 
     async def _poll_loop(self) -> None:
         delays = None
@@ -506,12 +536,76 @@ class DnsServer:
                 log.warning("route store is back; serving version %d", self.version)
             self.store_ok = True
             self.metrics.set("store_ok", 1)
+            self.last_good_read = trio.current_time()
+            if self.stale:
+                self._set_stale(False)
             delays = None
             self.lapse_absent()
             self.checked.set()
             self.checked = trio.Event()
-            with trio.move_on_after(self.config.check_interval):
+            with trio.move_on_after(self._next_check_in()):
                 await self._poke.wait()
+
+    def await_version(self, version: int) -> None:
+        """A change notice says the store reached ``version``: until this DNS reads it (or
+        ``catch_up`` seconds pass), it re-reads every CATCH_UP_INTERVAL."""
+        if version > self.version:
+            self._awaited_version = max(self._awaited_version, version)
+            self._awaited_until = trio.current_time() + self.config.catch_up
+
+    def _next_check_in(self) -> float:
+        """Seconds to the next check: ``check_interval``, or CATCH_UP_INTERVAL while a
+        notified version is not read yet."""
+        if self._awaited_version > self.version:
+            if trio.current_time() < self._awaited_until:
+                self.metrics.incr("catch_up_rereads")
+                return min(CATCH_UP_INTERVAL, self.config.check_interval)
+            log.warning(
+                "a change notice named route version %d, but the store read still has %d"
+                " after %ss (a replica or node behind?); checking at the usual interval",
+                self._awaited_version,
+                self.version,
+                self.config.catch_up,
+            )
+        self._awaited_version = 0
+        return self.config.check_interval
+
+    async def _stale_loop(self) -> None:
+        """Tell the agents when this DNS has not read its store for ``stale_after`` seconds
+        (again every ``stale_after`` while it lasts: an agent may have found no fresh DNS
+        the last time)."""
+        while True:
+            due = self.last_good_read + self.config.stale_after
+            if trio.current_time() < due:
+                await trio.sleep_until(due)
+                continue
+            if not self.stale:
+                self._set_stale(True)
+            else:
+                self._broadcast_state()
+            await trio.sleep(self.config.stale_after)
+
+    def _set_stale(self, stale: bool) -> None:
+        self.stale = stale
+        self.metrics.set("stale", int(stale))
+        if stale:
+            log.error(
+                "no good read of the route store for %.0f s: telling agents this DNS is stale",
+                trio.current_time() - self.last_good_read,
+            )
+        else:
+            log.warning("route store read again: telling agents this DNS is fresh")
+        self._broadcast_state()
+
+    def _state_message(self) -> wire.DnsState:
+        age = max(0, int(trio.current_time() - self.last_good_read))
+        return wire.DnsState(int(self.stale), min(age, UINT32_MAX), self.version)
+
+    def _broadcast_state(self) -> None:
+        msg = self._state_message()
+        for sub in list(self.connections):
+            if not sub.original:
+                sub.queue_reply(msg)
 
     async def _purge_loop(self) -> None:
         while True:
@@ -580,6 +674,10 @@ class DnsCollector(Collector):
         yield loads
         yield counter("store_errors", "Failed reads of the store.")
         yield gauge("store_up", "1 while the store answers.", dns.store_ok is True)
+        yield gauge(
+            "stale", "1 while agents are told this DNS is stale (see stale_after).", dns.stale
+        )
+        yield counter("catch_up_rereads", "Early re-reads for a notified version not read yet.")
         yield counter("change_notices", "RouteChangeNotices received.")
         yield counter("malformed_frames", "Frames that did not decode (connection closed).")
         yield counter("invalid_requests", "Requests with invalid values.")

@@ -193,7 +193,11 @@ async def _run_roles(
                 from lars.roles.dns import DnsServer
 
                 assert store is not None
-                dns = DnsServer(config.dns, store, tls=tls)
+                read_store = None
+                if config.dns.store_read:
+                    read_store = open_store(config.dns.store_read)
+                    stack.push_async_callback(read_store.aclose)
+                dns = DnsServer(config.dns, store, tls=tls, read_store=read_store)
                 dns.gate.fd_share = listeners
                 addresses["dns"] = await nursery.start(dns.serve)
                 observed.append(dns.observed())

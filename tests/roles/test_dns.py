@@ -28,11 +28,22 @@ M2 = (1, 2)
 VIRTUAL_DEADLINE = 3600
 
 
+class LaggingStore(FlakyStore):
+    """A FlakyStore whose version reads stay at ``lagging_version`` while it is set, as a
+    replica behind its primary."""
+
+    lagging_version: int | None = None
+
+    async def route_version(self) -> int:
+        version = await super().route_version()
+        return version if self.lagging_version is None else self.lagging_version
+
+
 @pytest.fixture
-async def store() -> AsyncIterator[FlakyStore]:
+async def store() -> AsyncIterator[LaggingStore]:
     inner = memory_store()
     await inner.init_schema()
-    flaky = FlakyStore(inner)
+    flaky = LaggingStore(inner)
     yield flaky
     await flaky.aclose()
 
@@ -57,8 +68,12 @@ def connect(server: DnsServer, nursery: trio.Nursery) -> FramedClient:
 
 
 async def ask(client: FramedClient, module: tuple[int, int]) -> frozenset[tuple[int, int]]:
+    """The route of ``module`` (any DnsState before it is skipped)."""
     await client.send(wire.GetRouteRequest(*module))
-    msg = await client.route()
+    msg = await client.receive()
+    while isinstance(msg, wire.DnsState):
+        msg = await client.receive()
+    assert isinstance(msg, wire.GetRouteResponse), msg
     assert (msg.modid, msg.cmdid) == module
     return frozenset(msg.hosts)
 
@@ -201,16 +216,32 @@ async def test_store_outage_keeps_the_last_good_map_and_recovers(
         assert store.calls - calls <= 60 / 2  # ... with backoff, not every check_interval
         assert server.store_ok is False
         assert server.metrics.gauges["store_ok"] == 0
+        # Told stale after stale_after (10 s) and again every 10 s while it lasts.
+        states = [await client.receive() for _ in range(5)]
+        assert all(isinstance(s, wire.DnsState) and s.stale == 1 for s in states), states
+        assert server.stale
         assert await ask(client, M1) == {A}  # still served from the last good map
         newcomer = connect(server, nursery)
-        assert await ask(newcomer, M1) == {A}
+        await newcomer.send(wire.GetRouteRequest(*M1))
+        got = [await newcomer.receive(), await newcomer.receive()]  # told at once
+        assert wire.DnsState(1, 60, server.version) in got or any(
+            isinstance(m, wire.DnsState) and m.stale == 1 for m in got
+        ), got
+        assert [frozenset(m.hosts) for m in got if isinstance(m, wire.GetRouteResponse)] == [{A}]
         down_logs = [r for r in caplog.records if "unavailable" in r.getMessage()]
         assert len(down_logs) == 1  # logged on the change of state, not per retry
         # While down, the operator changes the route; the DNS catches up when it is back.
         await store.inner.add_hosts(M1, [B])
         store.down = False
-        assert frozenset((await client.route()).hosts) == {A, B}
+        got = []
+        while not any(isinstance(m, wire.GetRouteResponse) for m in got):
+            got.append(await client.receive())
+        assert frozenset(got[-1].hosts) == {A, B}  # type: ignore[attr-defined]
+        # ... and is told the DNS is fresh again (in whatever order with the push).
+        while wire.DnsState(0, 0, server.version) not in got:
+            got.append(await client.receive())
         assert server.store_ok is True
+        assert not server.stale
         assert any("back" in r.getMessage() for r in caplog.records)
 
 
@@ -493,3 +524,71 @@ async def test_a_route_too_large_for_an_original_frame_is_not_sent(
         await agent.ask(M1)  # 20 hosts: over 100 bytes; the agent keeps what it has
         await agent.ask(M2)
         assert await agent.route() == wire.GetRouteResponse(*M2, (A,))
+
+
+async def test_a_short_outage_is_not_stale(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.add_hosts(M1, [A])
+    async with running(store, stale_after=10.0, retry_max=1.0) as (server, nursery):
+        client = connect(server, nursery)
+        assert await ask(client, M1) == {A}
+        store.down = True
+        await trio.sleep(8)
+        store.down = False
+        await trio.sleep(30)
+        assert not server.stale
+        assert server.metrics.gauges.get("stale", 0) == 0
+        assert await ask(client, M1) == {A}  # no DnsState came before the answer
+
+
+async def test_a_notice_of_a_version_not_read_yet_rereads_until_seen(
+    store: LaggingStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A DNS reading from a store behind the writer (a replica, a Galera node) re-reads
+    every CATCH_UP_INTERVAL after a notice naming a newer version, not once a check_interval."""
+    await store.inner.add_hosts(M1, [A])
+    async with running(store, check_interval=30.0, reload_interval=3600.0) as (
+        server,
+        nursery,
+    ):
+        client = connect(server, nursery)
+        assert await ask(client, M1) == {A}
+        await server.checked.wait()
+        # The notice arrives before the write shows in the store read (the replica lags).
+        store.lagging_version = server.version
+        write = await store.inner.add_hosts(M1, [B])
+        assert write.version is not None
+        admin = connect(server, nursery)
+        await admin.send(wire.RouteChangeNotice(write.version))
+        await trio.sleep(1.0)
+        assert server.metrics.counters["catch_up_rereads"] >= 10
+        store.lagging_version = None  # the replica catches up 1 s later
+        started = trio.current_time()
+        msg = await client.route()
+        assert frozenset(msg.hosts) == {A, B}
+        assert trio.current_time() - started <= 0.2  # not the 30 s check_interval
+        assert server.version == write.version
+
+
+async def test_a_notice_for_a_version_never_seen_gives_up_after_catch_up(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    await store.inner.add_hosts(M1, [A])
+    async with running(store, check_interval=30.0, reload_interval=3600.0, catch_up=2.0) as (
+        server,
+        nursery,
+    ):
+        await server.checked.wait()
+        admin = connect(server, nursery)
+        calls = store.calls
+        await admin.send(wire.RouteChangeNotice(server.version + 1000))
+        await trio.sleep(10)
+        rereads = store.calls - calls
+        # About catch_up / CATCH_UP_INTERVAL re-reads, then the usual interval again.
+        assert (
+            2.0 / dns_role.CATCH_UP_INTERVAL * 0.8
+            <= rereads
+            <= 2.0 / dns_role.CATCH_UP_INTERVAL + 5
+        )
+        assert any("behind" in r.getMessage() for r in caplog.records)
