@@ -39,17 +39,24 @@ from lars.store.mysql import _Connection
 from tests.e2e.procs import lars_process, memory_mb
 
 
-async def server_sql(server: str, *statements: str) -> None:
-    """Run statements on the MySQL server ``mysql://user:password@host:port`` (no database);
-    exit with one line if it cannot be reached."""
+def server_connection(server: str, database: str | None = None) -> _Connection:
+    """An autocommitting connection (not yet connected) to the MySQL server
+    ``mysql://user:password@host:port``, in ``database`` if given."""
     parts = urlsplit(server)
-    conn = _Connection(
+    return _Connection(
         host=parts.hostname or "127.0.0.1",
         port=parts.port or 3306,
         user=parts.username or "root",
         password=parts.password or "",
+        database=database,
         autocommit=True,
     )
+
+
+async def server_sql(server: str, *statements: str) -> None:
+    """Run statements on the MySQL server ``mysql://user:password@host:port`` (no database);
+    exit with one line if it cannot be reached."""
+    conn = server_connection(server)
     try:
         await conn.connect()
     except Exception as exc:

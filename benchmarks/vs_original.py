@@ -84,7 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import reporter_bench
 from original_bench import cpu_seconds, lars_agent, modules, sink
-from reporter_bench import fresh_database
+from reporter_bench import fresh_database, server_connection
 
 from lars import wire
 from lars import wire_original as wo
@@ -415,15 +415,7 @@ async def wait_fixed_ports() -> None:
 
 async def mysql_connection(server: str, database: str) -> _Connection:
     """A connected, autocommitting connection to ``database`` on ``server``."""
-    parts = urlsplit(server)
-    conn = _Connection(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 3306,
-        user=parts.username or "root",
-        password=parts.password or "",
-        database=database,
-        autocommit=True,
-    )
+    conn = server_connection(server, database)
     await conn.connect()
     return conn
 
