@@ -288,14 +288,12 @@ class Agent:
         poll_budget, reply_budget = self._poll_budgets()
         perf, pause, dontwait = time.perf_counter, os.sched_yield, socket.MSG_DONTWAIT
         poller = None
+        index_of: dict[int, int] = {}
         if len(socks) > 1:
             poller = select.poll()
             for sock in socks:
                 poller.register(sock, select.POLLIN)
             index_of = {sock.fileno(): index for index, sock in enumerate(socks)}
-        # The ports to poll, starting with the one that had the last datagram.
-        order = list(range(len(socks)))
-        rotations = [order[i:] + order[:i] for i in order]
         skip = misses = 0  # answered datagrams to go without polling; polls run out in a row
         current = 0
         while not stopping():
@@ -303,10 +301,10 @@ class Agent:
                 if poller is None:
                     data, address = receivers[0](RECEIVE_SIZE)
                 else:
-                    ready = poller.poll(STOP_CHECK * 1000)
-                    if not ready:
+                    index = _ready(poller.poll(STOP_CHECK * 1000), index_of, current)
+                    if index is None:
                         continue
-                    current = index_of[ready[0][0]]
+                    current = index
                     data, address = receivers[current](RECEIVE_SIZE, dontwait)
             except BlockingIOError:  # SO_RCVTIMEO: time to check whether to stop
                 continue
@@ -336,23 +334,23 @@ class Agent:
                     break
                 until = perf() + budget
                 got = False
-                while not got:
-                    for index in rotations[current]:
+                while True:
+                    # Several ports: one poll() asks them all (a receive that finds nothing
+                    # costs a system call and a Python exception per port).
+                    index = current if poller is None else _ready(poller.poll(0), index_of, current)
+                    if index is not None:
                         try:
                             data, address = receivers[index](RECEIVE_SIZE, dontwait)
+                            current = index
+                            got = True
                         except BlockingIOError:
-                            continue
+                            pass
                         except OSError as exc:
                             if not _ignorable(exc):
                                 raise
-                            continue
-                        current = index
-                        got = True
+                    if got or perf() >= until:
                         break
-                    else:
-                        if perf() >= until:
-                            break
-                        pause()
+                    pause()
                 if reply is not None:
                     if got:
                         misses = 0
@@ -1023,6 +1021,17 @@ class AgentCollector(Collector):
             module_reports.add_metric([*ids, "failure"], failed)
         yield module_hosts
         yield module_reports
+
+
+def _ready(events: list[tuple[int, int]], index_of: dict[int, int], last: int) -> int | None:
+    """The port to read from among those poll() found ready (None: none is): the first one
+    after ``last``, so that a busy port does not starve the others."""
+    if not events:
+        return None
+    if len(events) == 1:
+        return index_of[events[0][0]]
+    indexes = sorted(index_of[fd] for fd, _ in events)
+    return next((index for index in indexes if index > last), indexes[0])
 
 
 def _ignorable(exc: OSError) -> bool:
