@@ -24,7 +24,7 @@ import trio
 
 from lars._version import __version__
 from lars.config import Config, parse_address, store_url
-from lars.errors import ConfigError, SchemaMissing, StoreUnavailable
+from lars.errors import ConfigError, InvalidValue, SchemaMissing, StoreUnavailable
 from lars.roles.common import RateLimitedLog, backoff, is_loopback
 from lars.roles.http import Observed, serve_http
 from lars.store import RouteStore, open_store
@@ -195,7 +195,10 @@ async def _run_roles(
                 assert store is not None
                 read_store = None
                 if config.dns.store_read:
-                    read_store = open_store(config.dns.store_read)
+                    try:
+                        read_store = open_store(config.dns.store_read)
+                    except (ConfigError, InvalidValue) as exc:
+                        raise ConfigError(f"[dns] store_read: {exc}") from None
                     stack.push_async_callback(read_store.aclose)
                 dns = DnsServer(config.dns, store, tls=tls, read_store=read_store)
                 dns.gate.fd_share = listeners
