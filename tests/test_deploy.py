@@ -46,6 +46,7 @@ SPEC_METRICS: dict[str, str] = {
     "lars_agent_modules": "gauge",
     "lars_agent_pending_modules": "gauge",
     "lars_agent_route_updates_total": "counter",
+    "lars_agent_dns_stale_notices_total": "counter",
     "lars_agent_dns_up": "gauge",
     "lars_agent_dns_connects_total": "counter",
     "lars_agent_dns_connect_failures_total": "counter",

@@ -981,6 +981,7 @@ class AgentCollector(Collector):
             "lars_agent_pending_modules", "Modules asked of DNS, not answered yet.", value=pending
         )
         yield counter("route_updates", "Routes received from DNS.", "routes_received")
+        yield counter("dns_stale_notices", "DNS notices of stale routes.", "dns_stale_notices")
         for peer, up in (("dns", a.dns_address is not None), ("reporter", a.reporter_connected)):
             yield GaugeMetricFamily(
                 f"lars_agent_{peer}_up", f"1 while a {peer} session is up.", value=int(up)
