@@ -128,8 +128,9 @@ async def ask(
     expect: str = "dns",
 ) -> wire.Message:
     """Send one message to a role over TCP (mutual TLS to a peer of role ``expect`` with
-    ``tls``) and return its first reply (StatsRequest and the like). Raises LarsError when
-    the role cannot be reached, refuses us or does not answer."""
+    ``tls``) and return its first reply (StatsRequest and the like), skipping what a DNS
+    says unasked (a DnsState). Raises LarsError when the role cannot be reached, refuses
+    us or does not answer."""
     try:
         host, port = parse_address(address)
         with trio.fail_after(wait):
@@ -137,8 +138,11 @@ async def ask(
             async with await connect_tls(tcp, tls, expect) as stream:
                 await stream.send_all(wire.encode_frame(msg))
                 decoder = wire.FrameDecoder()
-                while (items := await receive_messages(stream, decoder)) == []:
-                    pass  # part of a frame so far
+                items: list[wire.Message | ProtocolError] | None = []
+                while items == []:  # part of a frame, or only unasked news, so far
+                    items = await receive_messages(stream, decoder)
+                    if items:
+                        items = [item for item in items if not isinstance(item, wire.DnsState)]
     except TlsRefused as exc:
         raise LarsError(f"{address} refused TLS: {exc.reason}") from None
     except (OSError, trio.TooSlowError) as exc:
@@ -413,6 +417,8 @@ PERMISSIONS: dict[str, dict[type[wire.Message], tuple[str, ...]]] = {
         wire.GetRouteRequest: ("agent", "admin"),
         wire.RouteChangeNotice: ("admin",),
         wire.StatsRequest: ("admin",),
+        # Serve a reload held by the shrink guard now (`lars route confirm`, DESIGN §13).
+        wire.ShrinkConfirm: ("admin",),
     },
     # Only agents write statistics.
     "reporter": {
