@@ -185,6 +185,11 @@ class DnsServer:
         self.stale = False
         #: trio time of the last good read of the store (or of the start of tracking).
         self.last_good_read = -math.inf
+        #: trio time of the first failed read since the last good one (None: none failed),
+        #: and of the start of the read in progress (None: none is): staleness counts from
+        #: the first, or from a read that hangs, never from a pause between good reads.
+        self.unreachable_since: float | None = None
+        self.reading_since: float | None = None
         #: The newest version a change notice named, and until when to re-read for it.
         self._awaited_version = 0
         self._awaited_until = -math.inf
@@ -516,9 +521,13 @@ class DnsServer:
         delays = None
         while True:
             self._poke = trio.Event()  # a poke from here on triggers the next check
+            self.reading_since = trio.current_time()
             try:
                 await self.check()
             except StoreError as exc:
+                if self.unreachable_since is None:
+                    self.unreachable_since = self.reading_since
+                self.reading_since = None
                 self.metrics.incr("store_errors")
                 if self.store_ok is not False:
                     what = (
@@ -537,6 +546,7 @@ class DnsServer:
             self.store_ok = True
             self.metrics.set("store_ok", 1)
             self.last_good_read = trio.current_time()
+            self.unreachable_since = self.reading_since = None
             if self.stale:
                 self._set_stale(False)
             delays = None
@@ -571,13 +581,17 @@ class DnsServer:
         return self.config.check_interval
 
     async def _stale_loop(self) -> None:
-        """Tell the agents when this DNS has not read its store for ``stale_after`` seconds
-        (again every ``stale_after`` while it lasts: an agent may have found no fresh DNS
-        the last time)."""
+        """Tell the agents when this DNS has been unable to read its store for
+        ``stale_after`` seconds: reads failing, or one hanging (again every ``stale_after``
+        while it lasts: an agent may have found no fresh DNS the last time). A DNS that reads
+        rarely (a long ``check_interval``) is not stale between its good reads."""
+        look = min(1.0, self.config.stale_after / 4)
         while True:
-            due = self.last_good_read + self.config.stale_after
-            if trio.current_time() < due:
-                await trio.sleep_until(due)
+            since = self.unreachable_since
+            if since is None:
+                since = self.reading_since
+            if since is None or trio.current_time() - since < self.config.stale_after:
+                await trio.sleep(look)
                 continue
             if not self.stale:
                 self._set_stale(True)

@@ -542,6 +542,24 @@ async def test_a_short_outage_is_not_stale(
         assert await ask(client, M1) == {A}  # no DnsState came before the answer
 
 
+async def test_a_dns_that_reads_rarely_is_not_stale_between_good_reads(
+    store: FlakyStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    await store.inner.add_hosts(M1, [A])
+    config = {"check_interval": 600.0, "reload_interval": 600.0, "stale_after": 10.0}
+    async with running(store, **config) as (server, nursery):
+        client = connect(server, nursery)
+        assert await ask(client, M1) == {A}
+        await trio.sleep(120)  # twelve stale_after without a read: none was due
+        assert not server.stale
+        newcomer = connect(server, nursery)
+        assert await ask(newcomer, M1) == {A}  # no DnsState came before the answer
+        store.down = True
+        await trio.sleep(600)  # the next read fails ...
+        await trio.sleep(11)  # ... and the store stays unreachable for stale_after
+        assert server.stale
+
+
 async def test_a_notice_of_a_version_not_read_yet_rereads_until_seen(
     store: LaggingStore, autojump_clock: trio.testing.MockClock
 ) -> None:
