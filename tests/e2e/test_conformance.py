@@ -44,8 +44,8 @@ SWITCH_ENV = "LARS_TEST_CLIENTS"
 OFFSETS = {"python": 0, "cpp": 1000, "java": 2000}
 RUN_TIMEOUT = 60.0
 #: The bench comparison: rounds of each client, seconds each.
-BENCH_ROUNDS = 2
-BENCH_SECONDS = 1.5
+BENCH_ROUNDS = 3
+BENCH_SECONDS = 2.0
 BUILD_TIMEOUT = 600.0
 
 
