@@ -17,6 +17,11 @@ CREATE TABLE IF NOT EXISTS `RouteData` (
     `cmdid` int(10) unsigned NOT NULL,
     `serverip` int(10) unsigned NOT NULL,
     `serverport` int(10) unsigned NOT NULL,
+    -- Lars addition (DESIGN §13): the host's share of its module (0 = drained, never chosen)
+    -- and its availability zone ('' = none). Appended, with defaults: the original's tools
+    -- read and write the first columns only.
+    `weight` int(10) unsigned NOT NULL DEFAULT 100,
+    `zone` varchar(64) NOT NULL DEFAULT '',
     PRIMARY KEY (`id`),
     -- Lars addition: a host is in a module's route once. Also serves lookups by module.
     -- `lars db upgrade` adds it to an existing database (after removing repeated rows).
@@ -105,9 +110,27 @@ CREATE TABLE IF NOT EXISTS `RouteAudit` (
     `added` mediumtext NOT NULL,
     `removed` mediumtext NOT NULL,
     `version` bigint(20) unsigned NOT NULL,
+    -- Lars addition (DESIGN §13): what else the write changed, as a JSON object: hosts'
+    -- weight and zone ("hosts": {"ip:port": {"weight": [old, new], ...}}) and the module's
+    -- policy ("policy": [old, new], null for none). NULL when it changed hosts only.
+    `changes` mediumtext DEFAULT NULL,
     PRIMARY KEY (`id`),
     KEY `idx_module` (`modid`, `cmdid`, `id`),
     KEY `idx_ts` (`ts`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- Lars addition (DESIGN §13): a module's scheduling policy and its parameters; modules
+-- without a row use the agents' `[agent.loadbalance]`. A write raises RouteVersion and
+-- writes a RouteChange row for the module, like a route write, so DNS pushes it.
+CREATE TABLE IF NOT EXISTS `RoutePolicy` (
+    `modid` int(10) unsigned NOT NULL,
+    `cmdid` int(10) unsigned NOT NULL,
+    `policy` varchar(16) NOT NULL DEFAULT 'rr',
+    `zone_affinity` tinyint(1) NOT NULL DEFAULT 0,
+    `zone_failover` double NOT NULL DEFAULT 0.7,
+    `panic_threshold` double NOT NULL DEFAULT 0,
+    `slow_start` double NOT NULL DEFAULT 0,
+    PRIMARY KEY (`modid`, `cmdid`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
 -- Lars addition: calls to each host of a module per minute, summed over the callers, for the

@@ -27,8 +27,20 @@ from lars import routes_io, tools, wire
 from lars._version import __version__
 from lars.client import AsyncLarsClient
 from lars.config import Config, load_config, parse_address, store_url
-from lars.core.model import UINT32_MAX, Host, HostKey, ModuleKey, format_host
-from lars.errors import AgentUnavailable, LarsError
+from lars.core.model import (
+    POLICIES,
+    UINT32_MAX,
+    WEIGHT_MAX,
+    Host,
+    HostKey,
+    HostMeta,
+    ModuleKey,
+    PolicySpec,
+    check_weight,
+    check_zone,
+    format_host,
+)
+from lars.errors import AgentUnavailable, InvalidValue, LarsError, ShrinkRefused
 from lars.roles.common import RECEIVE_SIZE, ask, connect_tls, notify_dns
 from lars.roles.run import ROLES
 from lars.store import (
@@ -330,15 +342,68 @@ def write_routes(
 ) -> None:
     """Run a route write, say what it did, then tell the DNS instances (best effort)."""
     config = get_config(config_path)
-    result = run_async(functools.partial(with_store, store_url(config, store_override), write))
+    url = store_url(config, store_override)
+    result = run_async(functools.partial(with_store, url, refuse_shrink(write)))
     modid, cmdid = module
     if result.version is None:
         click.echo(f"module {modid}/{cmdid}: nothing to change")
         return
-    count = result.added if verb == "added" else result.removed
-    click.echo(f"module {modid}/{cmdid}: {verb} {count} host(s), route version {result.version}")
+    count = {"added": result.added, "removed": result.removed}.get(verb, result.updated)
+    also = f", updated {result.updated}" if result.updated and verb != "updated" else ""
+    click.echo(
+        f"module {modid}/{cmdid}: {verb} {count} host(s){also}, route version {result.version}"
+    )
     if notify:
         notify_after_write(config, result.version)
+
+
+def refuse_shrink(
+    write: Callable[[RouteStore], Awaitable[T]],
+) -> Callable[[RouteStore], Awaitable[T]]:
+    """``write``, whose refusal for removing too many hosts says how to force it."""
+
+    async def guarded(store: RouteStore) -> T:
+        try:
+            return await write(store)
+        except ShrinkRefused as exc:
+            raise LarsError(f"{exc}; add --force to write it anyway") from None
+
+    return guarded
+
+
+def force_option(fn: F) -> F:
+    """``--force``: let a write remove more than half of a module's hosts (DESIGN §13)."""
+    return click.option(
+        "--force",
+        is_flag=True,
+        help="Write even if it removes more than half of a module's hosts, or all of them "
+        "(refused without it, and nothing is written).",
+    )(fn)
+
+
+def meta_options(fn: F) -> F:
+    """``--weight N`` and ``--zone Z`` of a host (DESIGN §13)."""
+    fn = click.option(
+        "--zone",
+        metavar="Z",
+        help='Availability zone of the hosts ("" for none; printable ASCII, at most 64).',
+    )(fn)
+    return click.option(
+        "--weight",
+        type=int,
+        metavar="N",
+        help=f"Weight of the hosts, 0 (drained: never chosen) to {WEIGHT_MAX}; default 100.",
+    )(fn)
+
+
+def _checked_meta(weight: int | None, zone: str | None) -> tuple[int | None, str | None]:
+    try:
+        return (
+            None if weight is None else check_weight(weight),
+            None if zone is None else check_zone(zone),
+        )
+    except InvalidValue as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def notify_option(fn: F) -> F:
@@ -355,6 +420,7 @@ def notify_option(fn: F) -> F:
 @id_argument("modid")
 @id_argument("cmdid")
 @hosts_argument()
+@meta_options
 @config_option
 @store_option
 @notify_option
@@ -362,24 +428,79 @@ def route_add(
     modid: int,
     cmdid: int,
     hosts: list[Host],
+    weight: int | None,
+    zone: str | None,
     config_path: str | None,
     store_override: str | None,
     notify: bool,
 ) -> None:
-    """Add hosts (IP:PORT) to module MODID/CMDID. Hosts already present are left alone.
+    """Add hosts (IP:PORT) to module MODID/CMDID. Hosts already present are left alone,
+    but take the --weight and --zone given.
 
     \b
-    Example:
+    Examples:
       lars route add 1 1 10.0.0.1:7001 10.0.0.2:7001
+      lars route add 1 1 10.0.0.3:7001 --weight 50 --zone eu-1
     """
+    module = (modid, cmdid)
+    weight, zone = _checked_meta(weight, zone)
+    keys = _keys(hosts)
+
+    async def write(store: RouteStore) -> RouteWrite:
+        meta = None
+        if weight is not None or zone is not None:
+            current = (await store.list_route_meta(modid, cmdid)).get(module, {})
+            meta = {}
+            for key in keys:
+                old = current.get(key, HostMeta())
+                meta[key] = HostMeta(
+                    old.weight if weight is None else weight, old.zone if zone is None else zone
+                )
+        return await store.add_hosts(module, keys, meta=meta, actor=cli_actor())
+
+    write_routes(config_path, store_override, notify, "added", module, write)
+
+
+@route.command("set", context_settings=CONTEXT, cls=IdCommand)
+@id_argument("modid")
+@id_argument("cmdid")
+@click.argument("host", callback=lambda c, p, v: _hosts(c, p, (v,))[0], metavar="IP:PORT")
+@meta_options
+@config_option
+@store_option
+@notify_option
+def route_set(
+    modid: int,
+    cmdid: int,
+    host: Host,
+    weight: int | None,
+    zone: str | None,
+    config_path: str | None,
+    store_override: str | None,
+    notify: bool,
+) -> None:
+    """Set the weight and/or the zone of host IP:PORT of module MODID/CMDID (DESIGN §13).
+
+    A change is a route change: the version rises, DNS pushes it, the audit log has it.
+
+    \b
+    Examples:
+      lars route set 1 1 10.0.0.1:7001 --weight 0        # drain it
+      lars route set 1 1 10.0.0.1:7001 --weight 200 --zone eu-2
+    """
+    if weight is None and zone is None:
+        raise click.UsageError("give --weight, --zone or both")
+    weight, zone = _checked_meta(weight, zone)
     module = (modid, cmdid)
     write_routes(
         config_path,
         store_override,
         notify,
-        "added",
+        "updated",
         module,
-        lambda store: store.add_hosts(module, _keys(hosts), actor=cli_actor()),
+        lambda store: store.set_host_meta(
+            module, host.key, weight=weight, zone=zone, actor=cli_actor()
+        ),
     )
 
 
@@ -388,6 +509,7 @@ def route_add(
 @id_argument("cmdid")
 @hosts_argument(required=False)
 @click.option("--all", "remove_all", is_flag=True, help="Remove every host of the module.")
+@force_option
 @config_option
 @store_option
 @notify_option
@@ -396,16 +518,19 @@ def route_rm(
     cmdid: int,
     hosts: list[Host],
     remove_all: bool,
+    force: bool,
     config_path: str | None,
     store_override: str | None,
     notify: bool,
 ) -> None:
     """Remove hosts (IP:PORT) from module MODID/CMDID, or all of them with --all.
 
+    Removing more than half of the module's hosts, or all of them, needs --force.
+
     \b
     Examples:
       lars route rm 1 1 10.0.0.2:7001
-      lars route rm 1 1 --all
+      lars route rm 1 1 --all --force
     """
     if remove_all == bool(hosts):
         raise click.UsageError("give the hosts to remove, or --all (not both)")
@@ -417,7 +542,7 @@ def route_rm(
         notify,
         "removed",
         module,
-        lambda store: store.remove_hosts(module, targets, actor=cli_actor()),
+        lambda store: store.remove_hosts(module, targets, actor=cli_actor(), force=force),
     )
 
 
@@ -480,11 +605,16 @@ def route_export(fmt: str, config_path: str | None, store_override: str | None) 
       lars route export --format csv > routes.csv
     """
     url = store_url(get_config(config_path), store_override)
-    routes = run_async(functools.partial(with_store, url, lambda s: s.list_routes()))
-    click.echo(routes_io.export_routes(routes, fmt), nl=False)
+
+    async def read(store: RouteStore) -> str:
+        meta = await store.list_route_meta()
+        policies = await store.list_policies()
+        return routes_io.export_routes(meta, fmt, meta, policies)
+
+    click.echo(run_async(functools.partial(with_store, url, read)), nl=False)
 
 
-def _read_routes(path: str, fmt: str | None) -> dict[ModuleKey, frozenset[HostKey]]:
+def _read_routes(path: str, fmt: str | None) -> routes_io.RouteFile:
     """Parse a routes file (``-`` for stdin), or fail with one line naming the problem."""
     if fmt is None:
         fmt = Path(path).suffix.lower().lstrip(".")
@@ -501,7 +631,7 @@ def _read_routes(path: str, fmt: str | None) -> dict[ModuleKey, frozenset[HostKe
     except OSError as exc:
         fail(f"cannot read {path}: {exc.strerror or exc}")
     try:
-        return routes_io.parse_routes(data.decode("utf-8"), fmt)
+        return routes_io.parse_route_file(data.decode("utf-8"), fmt)
     except UnicodeDecodeError as exc:
         fail(f"{path}: not UTF-8 text (byte {exc.start}); nothing was written")
     except LarsError as exc:
@@ -523,6 +653,7 @@ def _read_routes(path: str, fmt: str | None) -> dict[ModuleKey, frozenset[HostKe
     "removed. Without it, the file's hosts are added and nothing is removed.",
 )
 @click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
+@force_option
 @config_option
 @store_option
 @notify_option
@@ -531,6 +662,7 @@ def route_import(
     fmt: str | None,
     replace: bool,
     dry_run: bool,
+    force: bool,
     config_path: str | None,
     store_override: str | None,
     notify: bool,
@@ -539,8 +671,10 @@ def route_import(
     transaction; with --replace, make the routes exactly FILE's.
 
     The whole file is checked first: a malformed file (bad IP:PORT, an id out of range, a
-    missing field, a module or host given twice) is one error naming the line or entry,
-    and nothing is written.
+    missing field, a module or host given twice, a bad weight, zone or policy) is one error
+    naming the line or entry, and nothing is written. Weights, zones and policies in the
+    file are written too; a file without any (an older export) leaves the store's alone. A
+    --replace that removes more than half of a module's hosts, or all, needs --force.
 
     \b
     Examples:
@@ -548,41 +682,303 @@ def route_import(
       lars route import routes.json
       lars route export > backup.json && lars route import new.csv --replace
     """
-    routes = _read_routes(path, fmt)
+    parsed = _read_routes(path, fmt)
+    routes = parsed.routes
     config = get_config(config_path)
     url = store_url(config, store_override)
 
     if dry_run:
 
-        async def plan(store: RouteStore) -> list[routes_io.RouteDiff]:
+        async def plan(store: RouteStore) -> tuple[list[routes_io.RouteDiff], list[str]]:
             current = await store.list_routes()
             wanted = routes if replace else routes_io.merge_routes(current, routes)
-            return routes_io.diff_routes(current, wanted)
+            other: list[str] = []
+            if parsed.meta is not None or parsed.policies is not None:
+                meta, policies = await store.list_route_meta(), await store.list_policies()
+                other = routes_io.diff_meta(meta, policies, parsed, replace)
+            return routes_io.diff_routes(current, wanted), other
 
-        changes = run_async(functools.partial(with_store, url, plan))
-        for line in routes_io.format_diff(changes):
+        changes, other = run_async(functools.partial(with_store, url, plan))
+        for line in [*routes_io.format_diff(changes), *other]:
             click.echo(line)
         added = sum(len(a) for _, a, _ in changes)
         removed = sum(len(r) for _, _, r in changes)
+        more = f", {len(other)} weight, zone or policy change(s)" if other else ""
         click.echo(
             f"dry run: {len(changes)} module(s) would change, {added} host(s) added,"
-            f" {removed} removed; nothing was written"
+            f" {removed} removed{more}; nothing was written"
         )
         return
 
     async def write(store: RouteStore) -> RouteWrite:
         if replace:
-            return await store.replace_routes(routes, actor=cli_actor())
-        return await store.change_routes(add=routes, actor=cli_actor())
+            return await store.replace_routes(
+                routes,
+                meta=parsed.meta,
+                policies=parsed.policies,
+                actor=cli_actor(),
+                force=force,
+            )
+        return await store.change_routes(
+            add=routes, meta=parsed.meta, policies=parsed.policies, actor=cli_actor()
+        )
 
-    result = run_async(functools.partial(with_store, url, write))
+    result = run_async(functools.partial(with_store, url, refuse_shrink(write)))
     if result.version is None:
         click.echo(f"imported {path}: nothing to change")
         return
+    updated = f", {result.updated} updated" if result.updated else ""
     click.echo(
         f"imported {path}: {len(result.modules)} module(s) changed, {result.added} host(s)"
-        f" added, {result.removed} removed, route version {result.version}"
+        f" added, {result.removed} removed{updated}, route version {result.version}"
     )
+    if notify:
+        notify_after_write(config, result.version)
+
+
+@route.command("confirm", context_settings=CONTEXT)
+@click.option(
+    "--dns",
+    "dns_addresses",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="The DNS to confirm at; repeat for several (default: every one of [agent] dns).",
+)
+@click.option(
+    "--version",
+    "held_version",
+    type=int,
+    default=0,
+    help="Release only if this is the route version held (default: whatever is held).",
+)
+@config_option
+def route_confirm(
+    dns_addresses: tuple[str, ...], held_version: int, config_path: str | None
+) -> None:
+    """Serve a route reload a DNS holds back now (DESIGN §13).
+
+    A DNS whose reload would remove more than [dns] shrink_guard of all hosts at once
+    (a truncated table, a bad import) keeps serving the previous routes until the loss has
+    persisted [dns] shrink_hold seconds; this confirms the loss is meant. An admin request
+    (TLS on: the CLI's admin certificate). `lars stats --dns ADDR` shows shrink_held.
+
+    \b
+    Example:
+      lars route confirm --dns 10.0.0.5:7778
+    """
+    config = get_config(config_path)
+    tls = admin_tls(config)
+    addresses = list(dns_addresses) or config.agent.dns
+    if held_version < 0:
+        raise click.BadParameter("the version must be 0 or more", param_hint="--version")
+
+    async def confirm() -> list[tuple[str, wire.Message]]:
+        replies = []
+        for address in addresses:
+            msg = wire.ShrinkConfirm(1, held_version)
+            replies.append((address, await ask(address, msg, tls=tls, expect="dns")))
+        return replies
+
+    failed = False
+    for address, reply in run_async(confirm):
+        if not isinstance(reply, wire.StatsResponse):
+            reason = reply.reason if isinstance(reply, wire.ErrorReply) else type(reply).__name__
+            click.echo(f"dns {address}: refused: {reason}", err=True)
+            failed = True
+            continue
+        counters = reply.counters
+        version = int(counters.get("route_version", 0))
+        if counters.get("shrink_held"):
+            held = int(counters.get("held_version", 0))
+            click.echo(
+                f"dns {address}: still holding route version {held} (not version"
+                f" {held_version}); serving {version}"
+            )
+        else:
+            click.echo(f"dns {address}: nothing held; serving route version {version}")
+    if failed:
+        sys.exit(1)
+
+
+# --- policy ----------------------------------------------------------------------------------
+
+
+@cli.group(context_settings=CONTEXT)
+def policy() -> None:
+    """Give modules their own scheduling policy (DESIGN §13), show it, remove it.
+
+    A module without one uses the agents' [agent.loadbalance]. A change is a route change:
+    the version rises, DNS pushes it to the agents, the audit log has it.
+    """
+
+
+def _policy_json(module: ModuleKey, spec: PolicySpec | None) -> dict[str, Any]:
+    return {
+        "modid": module[0],
+        "cmdid": module[1],
+        "policy": None if spec is None else spec._asdict(),
+    }
+
+
+def _policy_text(spec: PolicySpec | None) -> str:
+    if spec is None:
+        return "none (the agents' [agent.loadbalance] applies)"
+    parts = [spec.policy]
+    if spec.zone_affinity:
+        parts.append(f"zone affinity (failover below {spec.zone_failover:g})")
+    if spec.panic_threshold:
+        parts.append(f"panic below {spec.panic_threshold:g}")
+    if spec.slow_start:
+        parts.append(f"slow start {spec.slow_start:g} s")
+    return ", ".join(parts)
+
+
+@policy.command("set", context_settings=CONTEXT, cls=IdCommand)
+@id_argument("modid")
+@id_argument("cmdid")
+@click.option("--policy", "name", type=click.Choice(POLICIES), help="The policy (default rr).")
+@click.option(
+    "--zone-affinity/--no-zone-affinity",
+    default=None,
+    help="Prefer hosts in the agent's own zone.",
+)
+@click.option("--zone-failover", type=float, metavar="F", help="0 to 1 (default 0.7).")
+@click.option("--panic-threshold", type=float, metavar="F", help="0 (off) to 1.")
+@click.option("--slow-start", type=float, metavar="S", help="Seconds, 0 (off) to 3600.")
+@config_option
+@store_option
+@notify_option
+def policy_set(
+    modid: int,
+    cmdid: int,
+    name: str | None,
+    zone_affinity: bool | None,
+    zone_failover: float | None,
+    panic_threshold: float | None,
+    slow_start: float | None,
+    config_path: str | None,
+    store_override: str | None,
+    notify: bool,
+) -> None:
+    """Set the policy of module MODID/CMDID: the options given change the module's policy
+    (or the defaults, if it has none); the others stay.
+
+    \b
+    Examples:
+      lars policy set 1 1 --policy weighted
+      lars policy set 1 1 --zone-affinity --zone-failover 0.5 --panic-threshold 0.3
+    """
+    module = (modid, cmdid)
+    given = {
+        "policy": name,
+        "zone_affinity": zone_affinity,
+        "zone_failover": zone_failover,
+        "panic_threshold": panic_threshold,
+        "slow_start": slow_start,
+    }
+    changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if not changes:
+        raise click.UsageError("give at least one of the policy's options")
+    config = get_config(config_path)
+
+    async def write(store: RouteStore) -> tuple[PolicySpec, RouteWrite]:
+        spec = (await store.get_policy(module) or PolicySpec())._replace(**changes)
+        return spec, await store.set_policy(module, spec, actor=cli_actor())
+
+    url = store_url(config, store_override)
+    spec, result = run_async(functools.partial(with_store, url, write))
+    if result.version is None:
+        click.echo(f"module {modid}/{cmdid}: policy unchanged: {_policy_text(spec)}")
+        return
+    click.echo(
+        f"module {modid}/{cmdid}: policy {_policy_text(spec)}, route version {result.version}"
+    )
+    if notify:
+        notify_after_write(config, result.version)
+
+
+@policy.command("show", context_settings=CONTEXT, cls=IdCommand)
+@id_argument("modid", required=False)
+@id_argument("cmdid", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@config_option
+@store_option
+def policy_show(
+    modid: int | None,
+    cmdid: int | None,
+    as_json: bool,
+    config_path: str | None,
+    store_override: str | None,
+) -> None:
+    """Show the policy of module MODID/CMDID with its hosts' weights and zones, or every
+    module's own policy.
+
+    \b
+    Examples:
+      lars policy show 1 1
+      lars policy show --json
+    JSON of one module: {"modid", "cmdid", "policy": {...} or null,
+    "hosts": [{"host": "IP:PORT", "weight": 100, "zone": ""}, ...]}
+    """
+    if (modid is None) != (cmdid is None):
+        raise click.UsageError("give MODID and CMDID, or neither")
+    url = store_url(get_config(config_path), store_override)
+    if modid is None or cmdid is None:
+        policies = run_async(functools.partial(with_store, url, lambda s: s.list_policies()))
+        if as_json:
+            click.echo(json.dumps([_policy_json(m, p) for m, p in sorted(policies.items())]))
+        elif not policies:
+            click.echo("no module has its own policy")
+        for (m, c), own in sorted(policies.items()):
+            if not as_json:
+                click.echo(f"{m}/{c}: {_policy_text(own)}")
+        return
+    module = (modid, cmdid)
+
+    async def read(store: RouteStore) -> tuple[PolicySpec | None, dict[HostKey, HostMeta]]:
+        spec = await store.get_policy(module)
+        hosts = (await store.list_route_meta(modid, cmdid)).get(module, {})
+        return spec, hosts
+
+    spec, hosts = run_async(functools.partial(with_store, url, read))
+    if as_json:
+        out = _policy_json(module, spec)
+        out["hosts"] = [
+            {"host": format_host(h), "weight": m.weight, "zone": m.zone} for h, m in hosts.items()
+        ]
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"module {modid}/{cmdid}: policy {_policy_text(spec)}")
+    for host, meta in hosts.items():
+        zone = f" zone {meta.zone}" if meta.zone else ""
+        drained = " (drained)" if meta.weight == 0 else ""
+        click.echo(f"  {format_host(host)} weight {meta.weight}{drained}{zone}")
+
+
+@policy.command("rm", context_settings=CONTEXT, cls=IdCommand)
+@id_argument("modid")
+@id_argument("cmdid")
+@config_option
+@store_option
+@notify_option
+def policy_rm(
+    modid: int,
+    cmdid: int,
+    config_path: str | None,
+    store_override: str | None,
+    notify: bool,
+) -> None:
+    """Remove the module's own policy: the agents' [agent.loadbalance] applies again."""
+    module = (modid, cmdid)
+    config = get_config(config_path)
+    url = store_url(config, store_override)
+    result = run_async(
+        functools.partial(with_store, url, lambda s: s.set_policy(module, None, actor=cli_actor()))
+    )
+    if result.version is None:
+        click.echo(f"module {modid}/{cmdid}: has no policy of its own")
+        return
+    click.echo(f"module {modid}/{cmdid}: policy removed, route version {result.version}")
     if notify:
         notify_after_write(config, result.version)
 
@@ -713,6 +1109,12 @@ async def query_dns(
     is_flag=True,
     help="Print the module's latest call statistics (ServerCallStatus) from the store.",
 )
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="With the agent's view: how it schedules the module (policy, weights, zones, "
+    "shares, latencies, panic, zone spill, the last choices and why).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per line).")
 @config_option
 @store_option
@@ -722,6 +1124,7 @@ def query_command(
     dns_address: str | None,
     watch: bool,
     stats: bool,
+    explain: bool,
     as_json: bool,
     config_path: str | None,
     store_override: str | None,
@@ -736,13 +1139,21 @@ def query_command(
       lars query 1 1 --dns 127.0.0.1:7778           # the route a DNS serves
       lars query 1 1 --dns 127.0.0.1:7778 --watch   # and every change, as it is pushed
       lars query 1 1 --stats                        # call statistics the reporter stored
+      lars query 1 1 --explain                      # how the agent schedules it
     \b
     --json with --dns: one line per route, {"ts", "modid", "cmdid", "hosts": [...]};
     without: {"modid", "cmdid", "status", "last_update", "hosts": [{"host", "state",
     "since", "vsucc", "verr", "rsucc", "rerr", "contin_succ", "contin_err"}]};
     with --stats: a list of {"modid", "cmdid", "host", "caller", "succ_cnt", "err_cnt",
     "succ_total", "err_total", "overload", "ts"}.
+    --explain adds "policy" {"policy", "zone_affinity", "zone_failover", "panic_threshold",
+    "slow_start"}, "agent_zone", "panic", "zone_spill" (share sent out of the zone),
+    "drained", "choices" [{"at", "host", "reason"}] (recorded from the first --explain on,
+    for a minute), and per host "weight", "effective_weight", "zone", "share",
+    "latency_ms", "overload_rule", "overloaded_at".
     """
+    if explain and (dns_address or stats):
+        raise click.UsageError("--explain asks the local agent: not with --dns or --stats")
     if watch and not dns_address:
         raise click.UsageError("--watch needs --dns HOST:PORT")
     if stats:
@@ -763,7 +1174,7 @@ def query_command(
         run_async(functools.partial(query_dns, dns_address, (modid, cmdid), watch, as_json, tls))
         return
     config = get_config(config_path)
-    run_async(functools.partial(query_agent, config, (modid, cmdid), as_json))
+    run_async(functools.partial(query_agent, config, (modid, cmdid), as_json, explain))
 
 
 def local_agent_client(config: Config) -> AsyncLarsClient:
@@ -775,12 +1186,14 @@ def local_agent_client(config: Config) -> AsyncLarsClient:
     )
 
 
-async def query_agent(config: Config, module: ModuleKey, as_json: bool) -> None:
+async def query_agent(
+    config: Config, module: ModuleKey, as_json: bool, explain: bool = False
+) -> None:
     """Ask the local agent for a module's state and print it."""
     a = config.agent
     async with local_agent_client(config) as client:
         try:
-            state = await client.agent_state(*module) or {}
+            state = await client.agent_state(*module, explain=explain) or {}
         except AgentUnavailable:
             port = client.core.port(*module)
             fail(
@@ -796,9 +1209,56 @@ async def query_agent(config: Config, module: ModuleKey, as_json: bool) -> None:
             "last_update": state.get("last_update"),
             "hosts": hosts,
         }
+        if explain:
+            for name in ("policy", "agent_zone", "panic", "zone_spill", "drained", "choices"):
+                out[name] = state.get(name)
         click.echo(json.dumps(out))
         return
     click.echo(_describe_module(module, status, state.get("last_update"), hosts))
+    if explain and status == "ready":
+        click.echo(_explain_module(state, hosts))
+
+
+def _at(stamp: object) -> str:
+    if not isinstance(stamp, (int, float)):
+        return ""
+    return " at " + datetime.datetime.fromtimestamp(stamp).isoformat(timespec="milliseconds")
+
+
+def _explain_module(state: dict[str, Any], hosts: list[dict[str, Any]]) -> str:
+    """The --explain part of `lars query`, for people."""
+    spec = state.get("policy")
+    if not isinstance(spec, dict):
+        return "scheduling: this agent does not explain (it predates api_level 3)"
+    zone = state.get("agent_zone") or "(none)"
+    lines = [
+        f"policy {spec.get('policy')}: zone affinity "
+        f"{'on' if spec.get('zone_affinity') else 'off'} (failover below "
+        f"{spec.get('zone_failover')}), panic threshold {spec.get('panic_threshold')}, "
+        f"slow start {spec.get('slow_start')}s; agent zone {zone}",
+        f"panic {'ACTIVE: all hosts serve' if state.get('panic') else 'off'}; zone spill "
+        f"{float(state.get('zone_spill') or 0):.0%} of requests leave the zone",
+        f"{'HOST':<22} {'STATE':<9} {'WEIGHT':>7} {'EFFECTIVE':>9} {'ZONE':<10} {'SHARE':>6} "
+        f"{'EWMA':>9} OVERLOADED BY",
+    ]
+    for h in hosts:
+        latency = h.get("latency_ms")
+        lines.append(
+            f"{h.get('host', ''):<22} {h.get('state', ''):<9} {h.get('weight', ''):>7} "
+            f"{h.get('effective_weight', ''):>9} {h.get('zone') or '-':<10} "
+            f"{float(h.get('share') or 0):>6.1%} "
+            f"{'-' if latency is None else f'{latency:.1f}ms':>9} "
+            f"{h.get('overload_rule') or '-'}{_at(h.get('overloaded_at'))}"
+        )
+    choices = state.get("choices") or []
+    if not choices:
+        lines.append("last choices: none recorded yet (recording runs for a minute from now)")
+    else:
+        lines.append("last choices (oldest first):")
+        for c in choices:
+            stamp = _at(c.get("at"))[4:] or "?"
+            lines.append(f"  {stamp} {c.get('host') or '(none)':<22} {c.get('reason')}")
+    return "\n".join(lines)
 
 
 def _format_stats(rows: list[CallStatus], as_json: bool) -> str:
@@ -897,6 +1357,35 @@ def stats_command(
 # --- bench and simulate ------------------------------------------------------------------
 
 
+def _simulate_scenario(
+    name: str,
+    policy: str,
+    zone_affinity: bool | None,
+    duration: float,
+    seed: int | None,
+    as_json: bool,
+) -> None:
+    """`lars simulate --scenario`: see lars.scenarios."""
+    from lars import scenarios  # it starts an agent: only loaded when asked for
+
+    sc = scenarios.scenario(name, duration)
+    policies = ["rr", "weighted", "p2c", "hash"] if policy == "all" else [policy]
+    results = []
+    for p in policies:
+        changes = {} if zone_affinity is None else {"zone_affinity": zone_affinity}
+        params = scenarios.sim_params(p, sc, **changes)
+        try:
+            result = scenarios.run(sc, p, seed if seed is not None else 1, params)
+        except LarsError as exc:
+            fail(str(exc))
+        if as_json:
+            click.echo(json.dumps(result.as_json()))
+        results.append(result)
+    if not as_json:
+        click.echo(f"scenario {name}: {sc.summary} ({duration:g}s per policy)")
+        click.echo(scenarios.format_results(results))
+
+
 def _agent_address(config: Config) -> tools.AgentAddress:
     a, c = config.agent, config.client
     return tools.AgentAddress(
@@ -923,10 +1412,19 @@ def _agent_address(config: Config) -> tools.AgentAddress:
     type=click.FloatRange(0.1, 3600),
     help="Seconds to run.",
 )
+@click.option("--keys", is_flag=True, help="Each get_host with a hash key (the hash policy).")
+@click.option("--latency", is_flag=True, help="Each report with a latency (the p2c policy).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @config_option
 def bench_command(
-    modid: int, cmdid: int, workers: int, duration: float, as_json: bool, config_path: str | None
+    modid: int,
+    cmdid: int,
+    workers: int,
+    duration: float,
+    keys: bool,
+    latency: bool,
+    as_json: bool,
+    config_path: str | None,
 ) -> None:
     """Load the local agent like the original qps tool: each worker process loops
     get_host + report on its own module for --duration seconds.
@@ -942,7 +1440,7 @@ def bench_command(
     """
     agent = _agent_address(get_config(config_path))
     try:
-        result = tools.bench(agent, modid, cmdid, workers, duration)
+        result = tools.bench(agent, modid, cmdid, workers, duration, keys, latency)
     except LarsError as exc:
         fail(str(exc))
     if as_json:
@@ -961,8 +1459,32 @@ def bench_command(
 
 
 @cli.command("simulate", context_settings=CONTEXT, cls=IdCommand)
-@id_argument("modid")
-@id_argument("cmdid")
+@id_argument("modid", required=False)
+@id_argument("cmdid", required=False)
+@click.option(
+    "--scenario",
+    type=click.Choice(["zone-outage", "slow-host", "flapping", "error-burst", "scale-out"]),
+    help="Run synthetic hosts through an agent started here instead (no MODID CMDID).",
+)
+@click.option(
+    "--policy",
+    type=click.Choice(["rr", "weighted", "p2c", "hash", "all"]),
+    default="all",
+    show_default=True,
+    help="With --scenario: the scheduling policy, or each in turn.",
+)
+@click.option(
+    "--zone-affinity/--no-zone-affinity",
+    default=None,
+    help="With --scenario: override the scenario's zone affinity (zone-outage: on).",
+)
+@click.option(
+    "--duration",
+    default=6.0,
+    show_default=True,
+    type=click.FloatRange(1, 600),
+    help="With --scenario: seconds per policy.",
+)
 @click.option(
     "--err-rate",
     default=0.5,
@@ -984,8 +1506,12 @@ def bench_command(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @config_option
 def simulate_command(
-    modid: int,
-    cmdid: int,
+    modid: int | None,
+    cmdid: int | None,
+    scenario: str | None,
+    policy: str,
+    zone_affinity: bool | None,
+    duration: float,
     err_rate: float,
     count: int,
     failing: tuple[str, ...],
@@ -996,11 +1522,27 @@ def simulate_command(
     """Call module MODID/CMDID through the agent COUNT times with some hosts failing, and
     show how the load balancer steers traffic away from them (the original simulator).
 
+    With --scenario, it runs synthetic hosts whose error rate and latency change over time
+    through a real agent started in this process (on a free loopback port, with a tiny DNS
+    of its own: nothing else is needed), once per policy, and prints for each the error
+    rate callers saw, p50/p99 latency, the seconds to eject the faulty hosts and to
+    recover them, and each host's share. Scenarios: zone-outage (the agent's zone fails;
+    zone affinity on), slow-host (one host 10x slower), flapping (one host fails on and
+    off), error-burst (one host fails half its calls for a while), scale-out (two hosts
+    join two, with slow start).
+
     \b
     Example:
       lars route add 1 1 10.0.0.1:80 10.0.0.2:80 10.0.0.3:80
       lars simulate 1 1 --err-rate 0.5 --count 2000
+      lars simulate --scenario zone-outage                 # every policy in turn
+      lars simulate --scenario slow-host --policy p2c --json
     """
+    if scenario is not None:
+        _simulate_scenario(scenario, policy, zone_affinity, duration, seed, as_json)
+        return
+    if modid is None or cmdid is None:
+        raise click.UsageError("simulate needs MODID CMDID, or --scenario")
     config = get_config(config_path)
     bad = _hosts(click.get_current_context(), click.Option(["--fail"]), failing)
     try:

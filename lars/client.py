@@ -47,6 +47,7 @@ from lars.core.model import Host, HostKey, check_id, check_port, ip_to_int, pars
 from lars.errors import (
     AgentUnavailable,
     InvalidValue,
+    LarsError,
     NoRoute,
     Overloaded,
     ProtocolError,
@@ -121,11 +122,15 @@ class ClientCore:
         msg = wire.ApiGetRouteRequest(seq, *parse_module(modid, cmdid))
         return seq, wire.encode_datagram(msg)
 
-    def state_request(self, modid: int, cmdid: int, offset: int = 0) -> tuple[int, bytes]:
+    def state_request(
+        self, modid: int, cmdid: int, offset: int = 0, explain: bool = False
+    ) -> tuple[int, bytes]:
         """``(seq, datagram)`` of an AgentStateRequest for the hosts from ``offset`` on
-        (what ``lars query`` shows)."""
+        (what ``lars query`` shows; ``explain``: with the scheduling, ``--explain``)."""
         seq = self.next_seq()
-        msg = wire.AgentStateRequest(seq, *parse_module(modid, cmdid), offset)
+        msg = wire.AgentStateRequest(seq, *parse_module(modid, cmdid), offset, int(explain))
+        if not explain:  # the form agents before api_level 3 take too
+            return seq, msgpack.packb((10, seq, msg.modid, msg.cmdid, offset))
         return seq, wire.encode_datagram(msg)
 
     def stats_request(self) -> tuple[int, bytes]:
@@ -254,7 +259,7 @@ def _config_kwargs(config_path: str | os.PathLike[str] | None) -> dict[str, Any]
 
 
 #: A report as it rides on a request: ``(modid, cmdid, ip, port, retcode)``.
-_Report = tuple[int, int, int, int, int]
+_Report = tuple[Any, ...]  # (modid, cmdid, ip, port, retcode[, latency_us])
 #: After a poll that ran out, a lane answers this many requests without polling, doubled
 #: for each further one in a row up to SPIN_SKIP_MAX (a busy machine stops polling).
 SPIN_SKIP = 16
@@ -272,6 +277,7 @@ class _Lane:
     thread may send the reports of a lane that stayed idle, under ``lock``."""
 
     __slots__ = (
+        "level",
         "lock",
         "misses",
         "pending",
@@ -281,6 +287,7 @@ class _Lane:
         "seen",
         "skip",
         "sock",
+        "timed",
         "used",
     )
 
@@ -290,6 +297,10 @@ class _Lane:
         self.pending: list[_Report] = []
         #: Whether the agent takes GetHostReportRequest: None until it said.
         self.piggyback: bool | None = None
+        #: The agent's api_level (None until it said; 0: it has none); whether a pending
+        #: report carries a latency (then they ride on a GetHostKeyRequest).
+        self.level: int | None = None
+        self.timed = False
         #: The seq of the StatsRequest asking it, while unanswered; how many were sent.
         self.probe_seq: int | None = None
         self.probes = 0
@@ -303,10 +314,17 @@ class _Lane:
     def flush(self) -> None:
         """Send the pending reports alone, in order (call with ``lock`` held)."""
         pending, self.pending = self.pending, []
-        for modid, cmdid, ip, port, code in pending:
+        self.timed = False
+        for report in pending:
+            modid, cmdid, ip, port, code = report[:5]
             # A report is best effort, like the original's: no agent, no report.
             with contextlib.suppress(OSError):
-                self.sock.send(wire.encode_report_request(modid, cmdid, (ip, port), code))
+                if len(report) == 6:
+                    self.sock.send(
+                        wire.encode_timed_report_request(modid, cmdid, (ip, port), code, report[5])
+                    )
+                else:
+                    self.sock.send(wire.encode_report_request(modid, cmdid, (ip, port), code))
 
 
 class _Flusher(threading.Thread):
@@ -511,9 +529,11 @@ class LarsClient:
         msg = reply[1] if reply is not None else None
         if isinstance(msg, wire.StatsResponse):
             level = msg.counters.get("api_level")
-            lane.piggyback = type(level) is int and level >= wire.API_LEVEL_PIGGYBACK
+            lane.level = level if type(level) is int else 0
+            lane.piggyback = lane.level >= wire.API_LEVEL_PIGGYBACK and self.report_delay > 0
         else:  # an agent that refuses StatsRequest predates api_level
             lane.piggyback = False
+            lane.level = 0
 
     @staticmethod
     def _probe_lost(lane: _Lane) -> None:
@@ -523,8 +543,12 @@ class LarsClient:
 
     # --- the API -----------------------------------------------------------------------------
 
-    def get_host(self, modid: int, cmdid: int) -> Host:
-        """One healthy host of the module."""
+    def get_host(self, modid: int, cmdid: int, key: str | bytes | None = None) -> Host:
+        """One healthy host of the module. ``key`` (str or bytes, at most 256 bytes) is the
+        caller's key for a module with the ``hash`` policy: the same key gets the same host
+        while it stays healthy (agents before api_level 3 ignore it)."""
+        if key is not None:
+            return self._get_host_keyed(modid, cmdid, key)
         if type(modid) is not int or type(cmdid) is not int or (modid | cmdid) > _U32:
             parse_module(modid, cmdid)  # raises the error that says what is wrong
         if modid < 0 or cmdid < 0:
@@ -537,8 +561,12 @@ class LarsClient:
         if lane.pending:
             with lane.lock:
                 reports, lane.pending = lane.pending, []
+                timed, lane.timed = lane.timed, False
             if reports:
-                request = wire.encode_get_host_report_request(seq, modid, cmdid, reports)
+                if timed:
+                    request = wire.encode_get_host_key_request(seq, modid, cmdid, None, reports)
+                else:
+                    request = wire.encode_get_host_report_request(seq, modid, cmdid, reports)
         lane.used += 1
         data, reply = self._exchange_on(lane, modid, cmdid, seq, request, plain)
         try:  # the usual answer, read without building a message
@@ -548,8 +576,50 @@ class LarsClient:
                     return host
         except Exception:  # anything else takes the general path, which names it
             pass
+        return self._host_reply(data, seq, modid, cmdid)
+
+    def _get_host_keyed(self, modid: int, cmdid: int, key: str | bytes) -> Host:
+        """get_host with a hash key: a GetHostKeyRequest (with the pending reports), or a
+        plain get_host to an agent that does not take it."""
+        hkey = key if type(key) is bytes and len(key) <= wire.MAX_KEY else _hash_key(key)
+        if (
+            type(modid) is not int
+            or type(cmdid) is not int
+            or not (0 <= modid <= _U32 and 0 <= cmdid <= _U32)
+        ):
+            modid, cmdid = parse_module(modid, cmdid)  # raises the error that says what
+        core = self.core
+        lane = self._lane(core.base_port + (modid + cmdid) % core.ports)
+        if lane.level is None:  # ask now: the key must not go to a host by chance
+            probe_seq, probe = core.stats_request()
+            data, _ = self._exchange_on(lane, modid, cmdid, probe_seq, probe, probe)
+            self._probed(lane, data)
+        if not lane.level or lane.level < wire.API_LEVEL_POLICY:
+            return self.get_host(modid, cmdid)
+        seq = next(core._seqs) & _U32
+        plain = wire.encode_get_host_key_request(seq, modid, cmdid, hkey, [])
+        request = plain
+        if lane.pending:
+            with lane.lock:
+                reports, lane.pending = lane.pending, []
+                lane.timed = False
+            if reports:
+                request = wire.encode_get_host_key_request(seq, modid, cmdid, hkey, reports)
+        lane.used += 1
+        data, reply = self._exchange_on(lane, modid, cmdid, seq, request, plain)
+        try:  # the usual answer, read without building a message
+            if reply[0] == 5 and reply[4] == 0:
+                host = self._hosts.get(reply[5])
+                if host is not None:
+                    return host
+        except Exception:  # anything else takes the general path, which names it
+            pass
+        return self._host_reply(data, seq, modid, cmdid)
+
+    def _host_reply(self, data: bytes, seq: int, modid: int, cmdid: int) -> Host:
+        """The host of a GetHostResponse (or the error it carries), the general way."""
         msg = self._message(data, seq)
-        host = core.host_result(msg, modid, cmdid)
+        host = self.core.host_result(msg, modid, cmdid)
         if isinstance(msg, wire.GetHostResponse) and msg.host is not None:
             if len(self._hosts) > 4096:
                 self._hosts.clear()
@@ -563,14 +633,15 @@ class LarsClient:
         seq, request = self.core.get_route_request(modid, cmdid)
         return self.core.route_result(self._exchange(modid, cmdid, seq, request), modid, cmdid)
 
-    def agent_state(self, modid: int, cmdid: int) -> dict[str, Any] | None:
+    def agent_state(self, modid: int, cmdid: int, explain: bool = False) -> dict[str, Any] | None:
         """The agent's view of the module (status, hosts and their counters), as
         ``lars query`` prints it; None if the agent does not know the module. A large
-        route comes in several pages, one request each."""
+        route comes in several pages, one request each. ``explain`` adds the scheduling
+        (``lars query --explain``; see ModuleTable.describe)."""
         state: dict[str, Any] = {}
         offset: int | None = 0
         while offset is not None:
-            seq, request = self.core.state_request(modid, cmdid, offset)
+            seq, request = self.core.state_request(modid, cmdid, offset, explain)
             offset = self.core.state_page(self._exchange(modid, cmdid, seq, request), state)
         return state or None
 
@@ -588,8 +659,11 @@ class LarsClient:
         ok: bool | None = None,
         *,
         retcode: int | None = None,
+        latency: float | None = None,
     ) -> None:
-        """Report the result of a call to ``host``: ``ok=True/False`` or ``retcode=`` (0 ok).
+        """Report the result of a call to ``host``: ``ok=True/False`` or ``retcode=`` (0 ok);
+        ``latency``: the call's seconds, for the p2c policy (agents before api_level 3 do
+        without it).
 
         The report rides on the thread's next get_host to the same agent port, or goes
         alone after ``report_delay`` (see the class): either way in order."""
@@ -601,19 +675,27 @@ class LarsClient:
             or type(modid) is not int
             or type(cmdid) is not int
             or not (0 <= modid <= _U32 and 0 <= cmdid <= _U32)
+            or (latency is not None and not (type(latency) is float and 0 <= latency < 4294))
         ):
-            self._report_checked(modid, cmdid, host, ok, retcode)
+            self._report_checked(modid, cmdid, host, ok, retcode, latency)
             return
         core = self.core
         lane = self._lane(core.base_port + (modid + cmdid) % core.ports)
         code = 0 if ok else 1
         if not lane.piggyback:
+            if latency is not None:
+                self._report_checked(modid, cmdid, host, ok, retcode, latency)
+                return
             self._send_report(lane, modid, cmdid, key, code)
             if lane.piggyback is None:
                 self._probe(lane)
             return
         with lane.lock:
-            lane.pending.append((modid, cmdid, key[0], key[1], code))
+            if latency is None or lane.level is None or lane.level < wire.API_LEVEL_POLICY:
+                lane.pending.append((modid, cmdid, key[0], key[1], code))
+            else:
+                lane.pending.append((modid, cmdid, key[0], key[1], code, round(latency * 1e6)))
+                lane.timed = True
             if len(lane.pending) >= wire.MAX_PIGGYBACK:
                 lane.flush()
         flusher = self._flusher
@@ -623,10 +705,17 @@ class LarsClient:
             flusher.bell.set()
 
     def _report_checked(
-        self, modid: int, cmdid: int, host: Host, ok: bool | None, retcode: int | None
+        self,
+        modid: int,
+        cmdid: int,
+        host: Host,
+        ok: bool | None,
+        retcode: int | None,
+        latency: float | None = None,
     ) -> None:
         """report(), the long way: validate everything, then queue or send."""
         request = self.core.report_request(modid, cmdid, host, ok, retcode)  # validates
+        latency_us = None if latency is None else _latency_us(latency)
         key = self._keys.get(host)
         if key is None:
             key = (ip_to_int(host.ip), check_port(host.port))
@@ -634,15 +723,23 @@ class LarsClient:
                 self._keys.clear()
             self._keys[host] = key
         lane = self._lane(self.core.port(modid, cmdid))
+        code = check_id(retcode, "retcode") if retcode is not None else (0 if ok else 1)
+        timed = latency_us is not None and (lane.level or 0) >= wire.API_LEVEL_POLICY
         if not lane.piggyback:
+            if timed:
+                assert latency_us is not None
+                request = wire.encode_timed_report_request(modid, cmdid, key, code, latency_us)
             with contextlib.suppress(ConnectionRefusedError, BlockingIOError):
                 lane.sock.send(request)
-            if lane.piggyback is None:
+            if lane.piggyback is None or (latency_us is not None and lane.level is None):
                 self._probe(lane)
             return
-        code = check_id(retcode, "retcode") if retcode is not None else (0 if ok else 1)
         with lane.lock:
-            lane.pending.append((modid, cmdid, key[0], key[1], code))
+            if timed:
+                lane.pending.append((modid, cmdid, key[0], key[1], code, latency_us))
+                lane.timed = True
+            else:
+                lane.pending.append((modid, cmdid, key[0], key[1], code))
             if len(lane.pending) >= wire.MAX_PIGGYBACK:
                 lane.flush()
         if self._flusher is None:
@@ -708,15 +805,17 @@ class LarsClient:
         raise AssertionError("unreachable")
 
     @contextmanager
-    def call(self, modid: int, cmdid: int) -> Iterator[Host]:
-        """Get a host; report success when the block ends, failure if it raises."""
-        host = self.get_host(modid, cmdid)
+    def call(self, modid: int, cmdid: int, key: str | bytes | None = None) -> Iterator[Host]:
+        """Get a host (``key``: as for get_host); report success when the block ends,
+        failure if it raises, with the block's duration as the call's latency."""
+        host = self.get_host(modid, cmdid, key)
+        began = time.perf_counter()
         try:
             yield host
         except BaseException:
-            self.report(modid, cmdid, host, ok=False)
+            self.report(modid, cmdid, host, ok=False, latency=time.perf_counter() - began)
             raise
-        self.report(modid, cmdid, host, ok=True)
+        self.report(modid, cmdid, host, ok=True, latency=time.perf_counter() - began)
 
     def close(self) -> None:
         """Send the reports still waiting, then close the client's sockets."""
@@ -736,6 +835,22 @@ class LarsClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _hash_key(key: object) -> bytes:
+    """A get_host key as the wire carries it (str in UTF-8), or InvalidValue."""
+    if type(key) is str:
+        key = key.encode()
+    if type(key) is not bytes or len(key) > wire.MAX_KEY:
+        raise InvalidValue(f"key must be str or bytes of at most {wire.MAX_KEY} bytes")
+    return key
+
+
+def _latency_us(latency: object) -> int:
+    """A report's latency in whole microseconds, or InvalidValue."""
+    if type(latency) not in (int, float) or not 0 <= latency < 4294:  # type: ignore[operator]
+        raise InvalidValue(f"latency must be seconds from 0 to 4294, got {latency!r}")
+    return round(latency * 1e6)  # type: ignore[operator]
 
 
 def _closed_error() -> trio.ClosedResourceError:
@@ -897,6 +1012,7 @@ class AsyncLarsClient:
         self._channels: dict[int, _Channel] = {}
         self._open_lock = trio.Lock()
         self._closed = False
+        self._api_level: int | None = None
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None) -> AsyncLarsClient:
@@ -936,9 +1052,17 @@ class AsyncLarsClient:
             channel.forget(seq)
         raise self.core.unavailable(modid, cmdid)
 
-    async def get_host(self, modid: int, cmdid: int) -> Host:
-        """One healthy host of the module."""
-        seq, request = self.core.get_host_request(modid, cmdid)
+    async def get_host(self, modid: int, cmdid: int, key: str | bytes | None = None) -> Host:
+        """One healthy host of the module (``key``: as for LarsClient.get_host)."""
+        if key is not None and await self._level() >= wire.API_LEVEL_POLICY:
+            hkey = _hash_key(key)
+            modid, cmdid = parse_module(modid, cmdid)
+            seq = self.core.next_seq()
+            request = wire.encode_get_host_key_request(seq, modid, cmdid, hkey, [])
+        else:
+            if key is not None:
+                _hash_key(key)
+            seq, request = self.core.get_host_request(modid, cmdid)
         reply = await self._exchange(modid, cmdid, seq, request)
         return self.core.host_result(reply, modid, cmdid)
 
@@ -948,14 +1072,17 @@ class AsyncLarsClient:
         reply = await self._exchange(modid, cmdid, seq, request)
         return self.core.route_result(reply, modid, cmdid)
 
-    async def agent_state(self, modid: int, cmdid: int) -> dict[str, Any] | None:
+    async def agent_state(
+        self, modid: int, cmdid: int, explain: bool = False
+    ) -> dict[str, Any] | None:
         """The agent's view of the module (status, hosts and their counters), as
         ``lars query`` prints it; None if the agent does not know the module. A large
-        route comes in several pages, one request each."""
+        route comes in several pages, one request each. ``explain`` adds the scheduling
+        (``lars query --explain``)."""
         state: dict[str, Any] = {}
         offset: int | None = 0
         while offset is not None:
-            seq, request = self.core.state_request(modid, cmdid, offset)
+            seq, request = self.core.state_request(modid, cmdid, offset, explain)
             reply = await self._exchange(modid, cmdid, seq, request)
             offset = self.core.state_page(reply, state)
         return state or None
@@ -974,9 +1101,19 @@ class AsyncLarsClient:
         ok: bool | None = None,
         *,
         retcode: int | None = None,
+        latency: float | None = None,
     ) -> None:
-        """Report the result of a call to ``host``: ``ok=True/False`` or ``retcode=`` (0 ok)."""
+        """Report the result of a call to ``host``: ``ok=True/False`` or ``retcode=`` (0 ok);
+        ``latency``: the call's seconds (agents before api_level 3 do without it)."""
         request = self.core.report_request(modid, cmdid, host, ok, retcode)
+        if latency is not None:
+            latency_us = _latency_us(latency)
+            if await self._level() >= wire.API_LEVEL_POLICY:
+                code = check_id(retcode, "retcode") if retcode is not None else (0 if ok else 1)
+                key = (ip_to_int(host.ip), check_port(host.port))
+                request = wire.encode_timed_report_request(
+                    *parse_module(modid, cmdid), key, code, latency_us
+                )
         # A report is best effort, like the original's: no agent, no report.
         await (await self._channel(self.core.port(modid, cmdid))).send(request)
 
@@ -993,16 +1130,30 @@ class AsyncLarsClient:
                 await trio.sleep(REG_INIT_PAUSE)
         raise AssertionError("unreachable")
 
+    async def _level(self) -> int:
+        """The agent's api_level, asked once (0: an agent that has none)."""
+        if self._api_level is None:
+            try:
+                level = (await self.agent_stats()).get("api_level")
+            except LarsError:  # refused, or no answer: an agent to treat as the oldest
+                level = 0
+            self._api_level = level if type(level) is int else 0
+        return self._api_level
+
     @asynccontextmanager
-    async def call(self, modid: int, cmdid: int) -> AsyncIterator[Host]:
-        """Get a host; report success when the block ends, failure if it raises."""
-        host = await self.get_host(modid, cmdid)
+    async def call(
+        self, modid: int, cmdid: int, key: str | bytes | None = None
+    ) -> AsyncIterator[Host]:
+        """Get a host (``key``: as for get_host); report success when the block ends,
+        failure if it raises, with the block's duration as the call's latency."""
+        host = await self.get_host(modid, cmdid, key)
+        began = time.perf_counter()
         try:
             yield host
         except BaseException:
-            await self.report(modid, cmdid, host, ok=False)
+            await self.report(modid, cmdid, host, ok=False, latency=time.perf_counter() - began)
             raise
-        await self.report(modid, cmdid, host, ok=True)
+        await self.report(modid, cmdid, host, ok=True, latency=time.perf_counter() - began)
 
     def close(self) -> None:
         """Close the client's sockets, for good: tasks waiting for a reply, and any later

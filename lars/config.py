@@ -16,7 +16,7 @@ import attrs
 
 from lars.alarms.rules import Rule, parse_rule
 from lars.core.balancer import BalancerParams
-from lars.core.model import check_port, ip_to_int
+from lars.core.model import check_port, check_zone, ip_to_int
 from lars.errors import ConfigError, InvalidValue
 
 DEFAULT_CONFIG_NAME = "lars.toml"
@@ -69,6 +69,10 @@ def _port(_inst: object, attr: "attrs.Attribute[Any]", value: int) -> None:
 def _nonempty(_inst: object, attr: "attrs.Attribute[Any]", value: list[str]) -> None:
     if not value:
         raise InvalidValue("must not be empty")
+
+
+def _zone(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
+    check_zone(value)
 
 
 def _ipv4_or_empty(_inst: object, attr: "attrs.Attribute[Any]", value: str) -> None:
@@ -134,6 +138,16 @@ class DnsConfig(ListenerLimits):
     #: Seconds a DNS keeps re-reading when a change notice names a version it cannot see
     #: yet (a replica or a Galera node behind the writer).
     catch_up: float = attrs.field(default=5.0, validator=_positive)
+    #: Share of all hosts that one reload may remove before it is held (DESIGN §13): the
+    #: previous routes keep serving until the loss persists ``shrink_hold`` seconds or an
+    #: admin confirms it (`lars route confirm`). 1 turns the guard off.
+    shrink_guard: float = attrs.field(
+        default=0.5, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)]
+    )
+    shrink_hold: float = attrs.field(default=60.0, validator=attrs.validators.ge(0.0))
+    #: Fewest hosts a reload must remove to be held (a small deployment's routine removal
+    #: of a few hosts is not a truncated table).
+    shrink_min_hosts: int = attrs.field(default=10, validator=attrs.validators.ge(1))
 
 
 @attrs.frozen
@@ -172,6 +186,8 @@ class AgentConfig:
     http_listen: str = attrs.field(default="127.0.0.1:7783", validator=_http_listen)
     #: The API (get_host, report) answers only on loopback unless this says otherwise.
     allow_remote_api: bool = False
+    #: This agent's availability zone ("" = none), for zone affinity (DESIGN §13).
+    zone: str = attrs.field(default="", validator=_zone)
     loadbalance: BalancerParams = attrs.field(factory=BalancerParams)
 
     def __attrs_post_init__(self) -> None:

@@ -20,6 +20,16 @@ class InvalidValue(LarsError, ValueError):
     """A value is out of range or badly formed (a modid over 2**32-1, port 0, a bad address)."""
 
 
+class ShrinkRefused(InvalidValue):
+    """A route write would remove more than half of a module's hosts, or all of them, and
+    was not forced (DESIGN §13): nothing was written. ``shrinks`` holds ``(module, hosts it
+    had, hosts it would lose)`` of each such module."""
+
+    def __init__(self, message: str, shrinks: tuple[tuple[tuple[int, int], int, int], ...]):
+        super().__init__(message)
+        self.shrinks = shrinks
+
+
 class ProtocolError(LarsError):
     """Bytes from the network could not be decoded into a valid Lars message.
 

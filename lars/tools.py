@@ -70,8 +70,12 @@ def _bench_worker(
     ready: Any,
     start: Any,
     results: Any,
+    keys: bool = False,
+    latency: bool = False,
 ) -> None:
-    """One bench process: loop get_host + report on one module for ``duration`` seconds."""
+    """One bench process: loop get_host + report on one module for ``duration`` seconds
+    (``keys``: each get_host with a hash key out of 1024; ``latency``: each report with
+    the get_host's latency, for the hash and p2c policies)."""
     client = agent.client()
     try:
         client.get_host(modid, cmdid)  # the route is loaded (bench checked): warm up
@@ -87,6 +91,23 @@ def _bench_worker(
     began = perf()
     end = began + duration
     now = began
+    if keys or latency:
+        names = [b"user-%d" % i for i in range(1024)] if keys else [None] * 1024
+        while now < end:
+            try:
+                host = get_host(modid, cmdid, names[loops & 1023])
+            except LarsError:
+                errors += 1
+                now = perf()
+                continue
+            done = perf()
+            if latency:
+                report(modid, cmdid, host, ok=True, latency=done - now)
+            else:
+                report(modid, cmdid, host, ok=True)
+            record(done - now)
+            loops += 1
+            now = perf()
     while now < end:
         try:
             host = get_host(modid, cmdid)
@@ -136,7 +157,13 @@ class BenchResult:
 
 
 def bench(
-    agent: AgentAddress, modid: int, cmdid: int, workers: int, duration: float
+    agent: AgentAddress,
+    modid: int,
+    cmdid: int,
+    workers: int,
+    duration: float,
+    keys: bool = False,
+    latency: bool = False,
 ) -> BenchResult:
     """Run ``workers`` processes, worker i on module (modid, cmdid + i), all started at once.
 
@@ -155,7 +182,7 @@ def bench(
     processes = [
         ctx.Process(
             target=_bench_worker,
-            args=(agent, modid, cmdid + i, duration, ready, start, results),
+            args=(agent, modid, cmdid + i, duration, ready, start, results, keys, latency),
             daemon=True,
         )
         for i in range(workers)

@@ -31,7 +31,15 @@ from typing import Any, ClassVar
 import attrs
 import msgpack
 
-from lars.core.model import PORT_MAX, UINT32_MAX, HostKey
+from lars.core.model import (
+    PORT_MAX,
+    UINT32_MAX,
+    WEIGHT_MAX,
+    ZONE_MAX_LENGTH,
+    HostKey,
+    HostMeta,
+    PolicySpec,
+)
 from lars.errors import ProtocolError
 
 __all__ = [
@@ -45,6 +53,7 @@ __all__ = [
     "DnsState",
     "ErrorReply",
     "FrameDecoder",
+    "GetHostKeyRequest",
     "GetHostReportRequest",
     "GetHostRequest",
     "GetHostResponse",
@@ -58,17 +67,21 @@ __all__ = [
     "ReportStatusRequest",
     "RetCode",
     "RouteChangeNotice",
+    "ShrinkConfirm",
     "StatsRequest",
     "StatsResponse",
+    "TimedReportRequest",
     "decode_agent_request",
     "decode_body",
     "decode_datagram",
     "encode_datagram",
     "encode_frame",
+    "encode_get_host_key_request",
     "encode_get_host_report_request",
     "encode_get_host_request",
     "encode_get_host_response",
     "encode_report_request",
+    "encode_timed_report_request",
     "peek_seq",
 ]
 
@@ -247,16 +260,65 @@ class GetRouteRequest(Message):
     _FIELDS = (_modid, _cmdid)
 
 
+def _metas(v: Any) -> tuple[HostMeta, ...]:
+    out = []
+    for item in _array(v, None, "meta"):
+        weight, zone = _array(item, 2, "host meta")
+        zone = _str(zone)
+        if len(zone) > ZONE_MAX_LENGTH:
+            raise _Invalid(f"zone longer than {ZONE_MAX_LENGTH} characters")
+        out.append(HostMeta(_int(weight, WEIGHT_MAX, "weight"), zone))
+    return tuple(out)
+
+
+def _number(v: Any) -> float:
+    if (type(v) is not int and type(v) is not float) or v != v:
+        raise _Malformed(f"expected a number, got {type(v).__name__}")
+    return float(v)
+
+
+def _policy(v: Any) -> PolicySpec | None:
+    """A policy as sent, its kinds checked but not its values: an agent checks them
+    (PolicySpec.check) and keeps its default for one it does not know, rather than
+    dropping the route."""
+    if v is None:
+        return None
+    name, affinity, failover, panic, slow = _array(v, 5, "policy")
+    return PolicySpec(_str(name), _bool(affinity), _number(failover), _number(panic), _number(slow))
+
+
 @_register
 @attrs.frozen
 class GetRouteResponse(Message):
-    """DNS -> agent: a module's current route, as an answer or a push. Empty: module gone."""
+    """DNS -> agent: a module's current route, as an answer or a push. Empty: module gone.
+
+    Lars additions (DESIGN §13), both optional: ``meta``, each host's ``(weight, zone)``
+    parallel to ``hosts`` (empty: every host HostMeta()), and the module's own ``policy``
+    (``[policy, zone_affinity, zone_failover, panic_threshold, slow_start]``, None: the
+    agent's default). Trailing defaults are not encoded, so a route without either is the
+    3-field frame of before, which older agents decode.
+    """
 
     TYPE = 2
     modid: int
     cmdid: int
     hosts: tuple[HostKey, ...]
-    _FIELDS = (_modid, _cmdid, _hosts)
+    meta: tuple[HostMeta, ...] = ()
+    policy: PolicySpec | None = None
+    _FIELDS = (_modid, _cmdid, _hosts, _metas, _policy)
+    _ADDED = 2
+
+    def __attrs_post_init__(self) -> None:
+        if self.meta and len(self.meta) != len(self.hosts):
+            raise ProtocolError(
+                f"GetRouteResponse: meta has {len(self.meta)} entries for {len(self.hosts)} hosts"
+            )
+
+    def _values(self) -> tuple[Any, ...]:
+        values = (self.modid, self.cmdid, self.hosts, self.meta, self.policy)
+        if self.policy is not None:
+            return values
+        return values[:4] if self.meta else values[:3]
 
 
 @attrs.frozen
@@ -380,7 +442,8 @@ class AgentStateRequest(Message):
     """``lars query`` -> agent: describe this module's balancer, its hosts from ``offset`` on.
 
     A large route does not fit one datagram, so the reply carries one page of hosts; the
-    client asks again from the next offset until it has ``host_count`` of them.
+    client asks again from the next offset until it has ``host_count`` of them. ``explain``
+    1 (``lars query --explain``; agents from api_level 3) adds the module's scheduling.
     """
 
     TYPE = 10
@@ -388,8 +451,9 @@ class AgentStateRequest(Message):
     modid: int
     cmdid: int
     offset: int = 0
-    _FIELDS = (_seq, _modid, _cmdid, _u32("offset"))
-    _ADDED = 1
+    explain: int = 0
+    _FIELDS = (_seq, _modid, _cmdid, _u32("offset"), _u32("explain"))
+    _ADDED = 2
 
 
 @_register
@@ -488,6 +552,69 @@ API_LEVEL_PIGGYBACK = 2
 MAX_PIGGYBACK = 32
 
 
+#: Most bytes of a caller key (GetHostKeyRequest).
+MAX_KEY = 256
+#: The agent API level that takes GetHostKeyRequest and TimedReportRequest.
+API_LEVEL_POLICY = 3
+
+
+def _key(v: Any) -> bytes | None:
+    if v is None:
+        return None
+    if type(v) is not bytes:
+        raise _Malformed(f"key must be bytes or nil, got {type(v).__name__}")
+    if len(v) > MAX_KEY:
+        raise _Invalid(f"key longer than {MAX_KEY} bytes: {len(v)}")
+    return v
+
+
+def _latency(v: Any) -> int | None:
+    return None if v is None else _int(v, UINT32_MAX, "latency_us")
+
+
+def _timed_reports(v: Any) -> tuple[tuple[Any, ...], ...]:
+    out: list[tuple[Any, ...]] = []
+    for item in _array(v, None, "reports"):
+        if type(item) is tuple and len(item) == 6:
+            out.append((*_reports((item[:5],))[0], _latency(item[5])))
+        else:
+            out.append(_reports((item,))[0])
+    return tuple(out)
+
+
+@_register
+@attrs.frozen
+class GetHostKeyRequest(Message):
+    """Client -> agent: a get_host with the caller's ``key`` for the hash policy (nil: none),
+    carrying the client's pending reports like GetHostReportRequest, each ``(modid, cmdid,
+    ip, port, retcode)`` or with a sixth field, the call's latency in microseconds (nil:
+    unknown). Answered by a GetHostResponse. Sent only to agents whose ``api_level`` is at
+    least 3 (API_LEVEL_POLICY)."""
+
+    TYPE = 17
+    seq: int
+    modid: int
+    cmdid: int
+    key: bytes | None
+    reports: tuple[tuple[Any, ...], ...]
+    _FIELDS = (_seq, _modid, _cmdid, _key, _timed_reports)
+
+
+@_register
+@attrs.frozen
+class TimedReportRequest(Message):
+    """Client -> agent: a ReportRequest with the call's latency in microseconds (for the
+    p2c policy). No reply. Sent only to agents whose ``api_level`` is at least 3."""
+
+    TYPE = 18
+    modid: int
+    cmdid: int
+    host: HostKey
+    retcode: int
+    latency_us: int
+    _FIELDS = (_modid, _cmdid, _host, _u32("retcode"), _u32("latency_us"))
+
+
 @_register
 @attrs.frozen
 class DnsState(Message):
@@ -503,6 +630,20 @@ class DnsState(Message):
     store_age: int
     version: int
     _FIELDS = (_u32("stale"), _u32("store_age"), _u64("version"))
+
+
+@_register
+@attrs.frozen
+class ShrinkConfirm(Message):
+    """Admin -> DNS (`lars route confirm`): serve the reload held by the shrink guard now
+    (DESIGN §13). ``version``: the held route version the admin saw (0: whatever is held);
+    a DNS holding another version releases nothing. Answered by a StatsResponse with the
+    DNS's counters after it (``shrink_held`` 0 once released, ``route_version``)."""
+
+    TYPE = 21
+    seq: int
+    version: int
+    _FIELDS = (_seq, _u64("version"))
 
 
 #: Message types whose first field is a sequence number, echoed in the reply.
@@ -574,12 +715,29 @@ def encode_report_request(modid: int, cmdid: int, host: HostKey, retcode: int) -
     return data
 
 
+def encode_get_host_key_request(
+    seq: int, modid: int, cmdid: int, key: bytes | None, reports: list[tuple[Any, ...]]
+) -> bytes:
+    """``encode_datagram(GetHostKeyRequest(seq, modid, cmdid, key, reports))``."""
+    data: bytes = _packb((17, seq, modid, cmdid, key, reports))
+    return data
+
+
+def encode_timed_report_request(
+    modid: int, cmdid: int, host: HostKey, retcode: int, latency_us: int
+) -> bytes:
+    """``encode_datagram(TimedReportRequest(modid, cmdid, host, retcode, latency_us))``."""
+    data: bytes = _packb((18, modid, cmdid, host, retcode, latency_us))
+    return data
+
+
 def decode_agent_request(data: bytes) -> tuple[Any, ...] | Message:
     """Decode a datagram sent to the agent, with a fast path for the two messages of every
     client loop: a valid GetHostRequest comes back as the tuple ``(4, seq, modid, cmdid)``
     and a valid ReportRequest as ``(6, modid, cmdid, (ip, port), retcode)``, validated
     exactly as :func:`decode_datagram` validates them (the tests compare the two); a valid
-    GetHostReportRequest comes back as ``(16, seq, modid, cmdid, reports)``. Anything
+    GetHostReportRequest comes back as ``(16, seq, modid, cmdid, reports)`` and a valid
+    GetHostKeyRequest as ``(17, seq, modid, cmdid, key, reports)``. Anything
     else comes back as a :class:`Message`. Raises :class:`ProtocolError` and nothing else.
     """
     try:
@@ -629,6 +787,20 @@ def decode_agent_request(data: bytes) -> tuple[Any, ...] | Message:
                 and all(_valid_report(report) for report in reports)
             ):
                 return obj
+        elif size == 6 and obj[0] == 17 and type(obj[0]) is int:
+            _, seq, modid, cmdid, key, reports = obj
+            if (
+                type(seq) is int
+                and type(modid) is int
+                and type(cmdid) is int
+                and 0 <= seq <= UINT32_MAX
+                and 0 <= modid <= UINT32_MAX
+                and 0 <= cmdid <= UINT32_MAX
+                and (key is None or (type(key) is bytes and len(key) <= MAX_KEY))
+                and type(reports) is tuple
+                and all(_valid_timed_report(report) for report in reports)
+            ):
+                return obj
     return decode_object(obj)  # the general path; it also names what is wrong
 
 
@@ -650,6 +822,16 @@ def _valid_report(report: Any) -> bool:
         and 1 <= port <= PORT_MAX
         and 0 <= retcode <= UINT32_MAX
     )
+
+
+def _valid_timed_report(report: Any) -> bool:
+    """One report of a GetHostKeyRequest: as _valid_report, or with a latency."""
+    if type(report) is tuple and len(report) == 6:
+        latency = report[5]
+        return _valid_report(report[:5]) and (
+            latency is None or (type(latency) is int and 0 <= latency <= UINT32_MAX)
+        )
+    return _valid_report(report)
 
 
 def peek_seq(data: bytes) -> int | None:

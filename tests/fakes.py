@@ -7,7 +7,7 @@ from collections.abc import Collection, Mapping, Sequence
 import trio
 
 from lars import wire
-from lars.core.model import HostKey, ModuleKey
+from lars.core.model import HostKey, HostMeta, ModuleKey, PolicySpec
 from lars.errors import StoreUnavailable
 from lars.store import Actor, CallStatus, RouteDelta, RouteSnapshot, RouteStore, RouteWrite
 from lars.store.sqlite import SqliteStore
@@ -57,10 +57,15 @@ class FlakyStore(RouteStore):
         add: Mapping[ModuleKey, Collection[HostKey]] | None = None,
         remove: Mapping[ModuleKey, Collection[HostKey] | None] | None = None,
         *,
+        meta: Mapping[ModuleKey, Mapping[HostKey, HostMeta]] | None = None,
         actor: Actor | None = None,
+        force: bool = True,
+        policies: Mapping[ModuleKey, PolicySpec | None] | None = None,
     ) -> RouteWrite:
         self._check()
-        return await self.inner.change_routes(add, remove, actor=actor)
+        return await self.inner.change_routes(
+            add, remove, meta=meta, actor=actor, force=force, policies=policies
+        )
 
     async def list_routes(
         self, modid: int | None = None, cmdid: int | None = None

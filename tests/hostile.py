@@ -199,6 +199,14 @@ VALID: dict[str, Callable[[random.Random], Any]] = {
     "role": text,
     "state": lambda rng: {text(rng, 8): rng.choice((None, 1, "idle", [])) for _ in range(4)},
     "counters": lambda rng: {text(rng, 8): rng.randrange(2**40) for _ in range(rng.randrange(6))},
+    # GetRouteResponse's additions (DESIGN §13): meta parallel to hosts (empty always is).
+    "meta": lambda rng: [],
+    "policy": lambda rng: rng.choice(
+        (None, ["rr", False, 0.7, 0.0, 0.0], ["p2c", True, 0.5, 0.25, rng.randrange(3600)])
+    ),
+    # GetHostKeyRequest's key (nil or up to 256 bytes), TimedReportRequest's latency.
+    "key": lambda rng: rng.choice((None, b"", rng.randbytes(rng.randrange(257)))),
+    "latency_us": u32,
 }
 
 
@@ -238,6 +246,10 @@ OUT_OF_RANGE: dict[str, Callable[[random.Random], Any]] = {
     "role": lambda rng: text(rng, 60_000),
     "state": lambda rng: {rng.randrange(10): 1},
     "counters": lambda rng: {text(rng, 8): [1, {2: 3}]},
+    "meta": lambda rng: [[rng.choice((-1, 2**32)), ""], [1, "x" * 65], [1], "1"],
+    "policy": lambda rng: rng.choice((["rr", False, 0.7, 0.0], ["rr", 1, 0.7, 0.0, 0.0], 7)),
+    "key": lambda rng: rng.choice((b"x" * 257, "text", 7)),
+    "latency_us": lambda rng: rng.choice(OUT_OF_U32),
 }
 
 

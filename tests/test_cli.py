@@ -83,7 +83,11 @@ def test_round_trip_raises_version_and_logs_changes_once_per_effective_change(
     code, out, _ = run(capsys, "route", "rm", "1", "1", "10.0.0.9:1", "--store", url)
     assert "nothing to change" in out and version(url) == v2
 
-    code, out, _ = run(capsys, "route", "rm", "1", "1", "--all", "--store", url)
+    # Removing every host of a module needs --force (DESIGN §13): refused whole without it.
+    code, _, err = run(capsys, "route", "rm", "1", "1", "--all", "--store", url)
+    assert code == 1 and "would lose all of its 1 host(s)" in err and "--force" in err
+    assert len(err.strip().splitlines()) == 1 and version(url) == v2
+    code, out, _ = run(capsys, "route", "rm", "1", "1", "--all", "--force", "--store", url)
     assert code == 0 and "removed 1 host(s)" in out
     assert len(changes(url)) == 3
     code, out, _ = run(capsys, "route", "ls", "--json", "--store", url)

@@ -132,7 +132,11 @@ def test_import_adds_and_import_replace_makes_the_routes_exactly_the_file(
         {"modid": 2, "cmdid": 5, "hosts": ["192.168.1.177:80"]},
         {"modid": 7, "cmdid": 7, "hosts": ["10.0.0.7:7"]},
     ]
+    # 7/7 would lose its only host: refused without --force, nothing written.
     code, out, err = run(capsys, "route", "import", path, "--replace", "--store", url)
+    assert code == 1 and "7/7 would lose all of its 1 host(s)" in err and "--force" in err
+    assert len(routes(capsys, url)) == 3  # type: ignore[arg-type]
+    code, out, err = run(capsys, "route", "import", path, "--replace", "--force", "--store", url)
     assert code == 0, err
     assert "2 module(s) changed, 0 host(s) added, 2 removed" in out
     assert routes(capsys, url) == LISTED

@@ -316,7 +316,11 @@ def test_a_field_added_later_may_be_omitted_by_an_older_peer() -> None:
     # AgentStateRequest gained ``offset``: the three-field form still decodes.
     assert wire.decode_datagram(msgpack.packb([10, 5, 1, 2])) == AgentStateRequest(5, 1, 2, 0)
     assert wire.decode_datagram(msgpack.packb([10, 5, 1, 2, 9])) == AgentStateRequest(5, 1, 2, 9)
-    with pytest.raises(ProtocolError, match="takes 3 to 4 fields, got 2"):
+    # ... and later ``explain`` (issue 14)
+    assert wire.decode_datagram(msgpack.packb([10, 5, 1, 2, 9, 1])) == AgentStateRequest(
+        5, 1, 2, 9, 1
+    )
+    with pytest.raises(ProtocolError, match="takes 3 to 5 fields, got 2"):
         wire.decode_datagram(msgpack.packb([10, 5, 1]))
     with pytest.raises(ProtocolError, match="takes 3 fields, got 4"):  # no added field
         wire.decode_datagram(msgpack.packb([4, 5, 1, 2, 3]))

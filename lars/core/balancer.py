@@ -44,6 +44,19 @@ Route update
     New hosts enter idle; hosts that stay keep their state; vanished hosts leave every list
     and the host map.
 
+Scheduling (DESIGN §13, :mod:`lars.core.policy`)
+    A module with the default :class:`PolicySpec` (rr, no zone affinity, no panic, no slow
+    start) and no drained host takes the §6 path above unchanged. Any other takes
+    :meth:`LoadBalancer._choose`, layered: (1) §6 decides idle I, overloaded O and the probe
+    (drained hosts, weight 0, are neither chosen nor probed); (2) panic: if |I| / (|I| + |O|) <
+    ``panic_threshold``, candidates are I and O, else I; (3) zone affinity: with local hosts L
+    and h = |I ∩ L| / |L|, everything stays in the zone while h >= ``zone_failover``, else a
+    share h / zone_failover does and the rest goes to the other zones (h = 0: all of it);
+    (4) the policy picks among the candidates, with each weight ramped over ``slow_start``
+    seconds after a host is new or back from overload. While ``lars query --explain`` asked
+    lately (:meth:`LoadBalancer.explain`), every module takes that path and records its
+    last choices with their reasons; otherwise nothing is recorded.
+
 Cost: get_host and report are O(1) (amortised). The lists are ordered dicts used as rings:
 the head is served and moved to the tail; a host moves between lists in O(1). Overload
 expiry uses a second ordered dict in the order hosts became overloaded, so the oldest is
@@ -61,17 +74,62 @@ until the reporter acknowledges them, so an outage loses nothing and costs no ex
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+import math
+import random
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Mapping
 
 import attrs
 
-from lars.core.model import HostKey
+from lars.core import policy as pol
+from lars.core.model import POLICIES, HostKey, HostMeta, PolicySpec
 
 # Return codes of get_host (the same numbers as on the wire).
 SUCC = 0
 OVERLOAD = 1
 NOEXIST = 3
+
+DEFAULT_WEIGHT = HostMeta().weight
+DEFAULT_SPEC = PolicySpec()
+#: Choices kept for ``lars query --explain``, and for how long after it asked.
+CHOICES_KEPT = 32
+EXPLAIN_SECONDS = 60.0
+#: Seconds a plan holds while a host ramps up (its weight changes with time).
+PLAN_TTL = 0.05
+
+#: A group of candidates: keys, effective weights, states (parallel).
+#: A group of candidates: keys, effective weights, states, smooth-weighted scores (parallel),
+#: and the total weight.
+_Group = tuple[tuple[HostKey, ...], tuple[float, ...], list["HostState"], list[float], float]
+
+
+class _Plan:
+    """The candidates of layers (2) and (3) for one version of the host states."""
+
+    __slots__ = ("expires", "local", "panic", "ramping", "remote", "ring", "share", "version")
+
+    def __init__(
+        self,
+        version: int,
+        expires: float,
+        panic: bool,
+        share: float,
+        local: _Group,
+        remote: _Group,
+        ring: bool,
+    ) -> None:
+        self.version = version
+        self.expires = expires
+        self.panic = panic
+        self.share = share
+        self.local = local
+        self.remote = remote
+        self.ring = ring
+        self.ramping = False
+
+
+def _ms(latency: float | None) -> str:
+    return "?" if latency is None else f"{latency * 1000:.1f}ms"
 
 
 def _count(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
@@ -89,6 +147,16 @@ def _seconds(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
         raise ValueError(f"{attr.name} must be greater than 0, got {value!r}")
 
 
+def _policy(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+    if value not in POLICIES:
+        raise ValueError(f"{attr.name} must be one of {', '.join(POLICIES)}, got {value!r}")
+
+
+def _ramp(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
+    if type(value) not in (int, float) or not 0 <= value <= 3600:
+        raise ValueError(f"{attr.name} must be 0 to 3600 seconds, got {value!r}")
+
+
 @attrs.frozen
 class BalancerParams:
     """``[agent.loadbalance]``: the load balancer's thresholds (original Lars defaults)."""
@@ -104,6 +172,22 @@ class BalancerParams:
     idle_timeout: float = attrs.field(default=15.0, validator=_seconds)
     overload_timeout: float = attrs.field(default=15.0, validator=_seconds)
     update_timeout: float = attrs.field(default=15.0, validator=_seconds)
+    # The scheduling policy of modules without their own (DESIGN §13; defaults keep §6).
+    policy: str = attrs.field(default="rr", validator=_policy)
+    zone_affinity: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    zone_failover: float = attrs.field(default=0.7, validator=_rate)
+    panic_threshold: float = attrs.field(default=0.0, validator=_rate)
+    slow_start: float = attrs.field(default=0.0, validator=_ramp)
+
+    def policy_spec(self) -> PolicySpec:
+        """The default :class:`PolicySpec` these parameters give."""
+        return PolicySpec(
+            self.policy,
+            self.zone_affinity,
+            float(self.zone_failover),
+            float(self.panic_threshold),
+            float(self.slow_start),
+        )
 
 
 class HostState:
@@ -116,14 +200,19 @@ class HostState:
         "flight_succ",
         "idle_since",
         "key",
+        "latency",
         "overload_since",
         "overloaded",
+        "ramp_since",
+        "reason",
         "rerr",
         "rsucc",
         "stat_err",
         "stat_succ",
         "verr",
         "vsucc",
+        "weight",
+        "zone",
     )
 
     def __init__(self, key: HostKey) -> None:
@@ -142,6 +231,13 @@ class HostState:
         self.stat_err = 0
         self.flight_succ = 0
         self.flight_err = 0
+        # Scheduling: the route's weight and zone, when the slow start began, the rule
+        # that last made it overloaded, and its peak-EWMA latency.
+        self.weight = DEFAULT_WEIGHT
+        self.zone = ""
+        self.ramp_since = 0.0
+        self.reason = ""
+        self.latency = pol.PeakEwma()
 
     @property
     def since(self) -> float:
@@ -203,6 +299,26 @@ class LoadBalancer:
         #: Reports on this module's hosts since it was created: successes, failures.
         self.reports_ok = 0
         self.reports_failed = 0
+        # Scheduling (DESIGN §13): the module's policy, the agent's zone; ``plain`` while
+        # the §6 path alone decides (default policy, no drained host, no explain).
+        self.spec = DEFAULT_SPEC
+        self.zone = ""
+        self.plain = True
+        self.drained = 0
+        self.rng = random.Random()
+        # Bumped by every change of host states: the cached plan (_make_plan) is stale.
+        self._version = 0
+        self._plan: _Plan | None = None
+        self._rr = 0
+        self._swrr = pol.SmoothWeighted()
+        self._ring = pol.HashRing()
+        self._spill = pol.Spill()
+        #: Monotonic time until which choices are recorded (explain), and the record.
+        self.explain_until = 0.0
+        self.choices: deque[tuple[float, HostKey | None, str]] = deque(maxlen=CHOICES_KEPT)
+        #: The last panic / zone spill state seen by a choice (for explain).
+        self.panic = False
+        self.spill = 1.0
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -239,6 +355,7 @@ class LoadBalancer:
     def _become_idle(self, st: HostState, now: float, reason: str | None = None) -> None:
         """Make ``st`` idle afresh; ``reason`` names the rule when it was overloaded."""
         if st.overloaded:
+            self._version += 1
             del self._overload[st.key]
             del self._overload_order[st.key]
             self._idle[st.key] = st
@@ -246,6 +363,7 @@ class LoadBalancer:
             self.tally.overloaded -= 1
             if reason is not None:
                 self.tally.to_idle[reason] += 1
+            st.ramp_since = now
         st.vsucc = self.params.init_succ_cnt
         st.verr = 0
         st.rsucc = st.rerr = 0
@@ -254,12 +372,14 @@ class LoadBalancer:
 
     def _become_overloaded(self, st: HostState, now: float, reason: str) -> None:
         if not st.overloaded:
+            self._version += 1
             del self._idle[st.key]
             self._overload[st.key] = st
             self._overload_order[st.key] = st
             st.overloaded = True
             self.tally.overloaded += 1
             self.tally.to_overload[reason] += 1
+            st.reason = reason
         st.vsucc = 0
         st.verr = self.params.init_err_cnt
         st.rsucc = st.rerr = 0
@@ -278,8 +398,11 @@ class LoadBalancer:
 
     # --- the two hot calls -----------------------------------------------------------------
 
-    def get_host(self, now: float) -> tuple[int, HostKey | None]:
-        """Choose a host: ``(SUCC, host)``, ``(OVERLOAD, None)`` or ``(NOEXIST, None)``."""
+    def get_host(self, now: float, hkey: bytes | None = None) -> tuple[int, HostKey | None]:
+        """Choose a host: ``(SUCC, host)``, ``(OVERLOAD, None)`` or ``(NOEXIST, None)``.
+        ``hkey`` is the caller's key for the hash policy."""
+        if not self.plain:
+            return self._choose(now, hkey)
         if not self.hosts:
             return NOEXIST, None
         if self._overload_order:
@@ -300,11 +423,14 @@ class LoadBalancer:
         ring[key] = st
         return SUCC, key
 
-    def report(self, key: HostKey, success: bool, now: float) -> None:
-        """Record the result of one call to ``key``; unknown hosts are ignored."""
+    def report(self, key: HostKey, success: bool, now: float, latency: float | None = None) -> None:
+        """Record the result of one call to ``key`` (``latency``: its seconds, if known);
+        unknown hosts are ignored."""
         st = self.hosts.get(key)
         if st is None:
             return
+        if latency is not None:
+            st.latency.observe(latency, now)
         self.stats_pending = True
         p = self.params
         if success:
@@ -346,6 +472,7 @@ class LoadBalancer:
         new = set(keys)
         hosts = self.hosts
         tally = self.tally
+        self._version += 1
         for key in [k for k in hosts if k not in new]:
             st = hosts.pop(key)
             tally.hosts -= 1
@@ -363,8 +490,264 @@ class LoadBalancer:
                 hosts[key] = st
                 self._idle[key] = st
                 self._become_idle(st, now)
+                st.ramp_since = now
                 tally.hosts += 1
         self.last_update = now
+        if len(self._swrr.scores) > len(hosts):
+            self._swrr.forget(hosts)
+            self._ring.forget(hosts)
+
+    # --- scheduling (DESIGN §13) -------------------------------------------------------------
+
+    def set_policy(
+        self, spec: PolicySpec, meta: Mapping[HostKey, HostMeta] | None, zone: str
+    ) -> None:
+        """Set the module's policy, the hosts' weights and zones (a host missing from
+        ``meta`` has the defaults) and the agent's zone. Call after :meth:`update_route`."""
+        self.spec = spec
+        self.zone = zone
+        drained = 0
+        for key, st in self.hosts.items():
+            m = meta.get(key) if meta else None
+            if m is None:
+                st.weight, st.zone = DEFAULT_WEIGHT, ""
+            else:
+                st.weight, st.zone = m.weight, m.zone
+            drained += st.weight == 0
+        self.drained = drained
+        self._version += 1
+        self._replan(0.0)
+
+    def _replan(self, now: float) -> None:
+        """Whether the §6 path alone decides: rr, no layer in play, nothing to record."""
+        spec = self.spec
+        self.plain = (
+            spec.policy == "rr"
+            and not (spec.zone_affinity and self.zone)
+            and not spec.panic_threshold
+            and not spec.slow_start
+            and not self.drained
+            and now >= self.explain_until
+        )
+
+    def explain(self, now: float, seconds: float = EXPLAIN_SECONDS) -> None:
+        """Record choices and their reasons for the next ``seconds``."""
+        self.explain_until = now + seconds
+        self.plain = False
+
+    def _record(self, now: float, key: HostKey | None, reason: str) -> None:
+        if now < self.explain_until:
+            self.choices.append((now, key, reason))
+        elif self.explain_until:
+            self.explain_until = 0.0
+            self._replan(now)
+
+    def effective_weight(self, st: HostState, now: float) -> float:
+        """The host's weight with its slow start applied."""
+        return pol.ramp(float(st.weight), st.ramp_since, now, self.spec.slow_start)
+
+    def plan(self, now: float) -> tuple[dict[HostKey, float], bool, float]:
+        """What the layers give now, without choosing: each host's expected share of the
+        requests that are not probes (rr, p2c: equal within a group; weighted, hash: by
+        effective weight), whether panic is on, and the share staying in the agent's zone
+        (1.0 when zone affinity is off or not in play)."""
+        spec = self.spec
+        healthy = [st for st in self._idle.values() if st.weight]
+        failing = [st for st in self._overload.values() if st.weight]
+        total = len(healthy) + len(failing)
+        panic = bool(spec.panic_threshold and total and len(healthy) / total < spec.panic_threshold)
+        cands = healthy + failing if panic else healthy
+        groups: list[tuple[list[HostState], float]] = [(cands, 1.0)]
+        stay = 1.0
+        if spec.zone_affinity and self.zone:
+            local_all = [st for st in (*healthy, *failing) if st.zone == self.zone]
+            if local_all:
+                local = [st for st in cands if st.zone == self.zone]
+                remote = [st for st in cands if st.zone != self.zone]
+                healthy_local = sum(not st.overloaded for st in local)
+                stay = pol.local_share(healthy_local, len(local_all), spec.zone_failover)
+                if not remote:
+                    groups = [(local, 1.0)]
+                elif not local:
+                    groups = [(remote, 1.0)]
+                else:
+                    groups = [(local, stay), (remote, 1.0 - stay)]
+        shares: dict[HostKey, float] = dict.fromkeys(self.hosts, 0.0)
+        for group, part in groups:
+            if not group:
+                continue
+            if spec.policy in ("weighted", "hash"):
+                weights = [self.effective_weight(st, now) for st in group]
+            else:
+                weights = [pol.ramp(1.0, st.ramp_since, now, spec.slow_start) for st in group]
+            total_weight = sum(weights)
+            for st, weight in zip(group, weights, strict=True):
+                shares[st.key] += part * weight / total_weight
+        return shares, panic, stay
+
+    def _make_plan(self, now: float) -> _Plan:
+        """Layers (2) and (3) for the current host states: the candidate groups (one, or
+        local and remote with the share that stays local), kept until a state changes
+        (or, while a host ramps up, for PLAN_TTL seconds)."""
+        spec = self.spec
+        idle = self._idle
+        if self.drained:
+            healthy = [st for st in idle.values() if st.weight]
+            failing = [st for st in self._overload.values() if st.weight]
+        else:
+            healthy = list(idle.values())
+            failing = list(self._overload.values())
+        total = len(healthy) + len(failing)
+        panic = bool(spec.panic_threshold and total and len(healthy) / total < spec.panic_threshold)
+        cands = healthy + failing if panic else healthy
+        ring = cands is healthy and not self.drained  # rr may rotate §6's own idle ring
+        share = 1.0
+        local: list[HostState] = cands
+        remote: list[HostState] = []
+        if spec.zone_affinity and self.zone:
+            zone = self.zone
+            local_all = sum(st.zone == zone for st in healthy) + sum(
+                st.zone == zone for st in failing
+            )
+            if local_all:
+                local = [st for st in cands if st.zone == zone]
+                remote = [st for st in cands if st.zone != zone]
+                healthy_local = sum(not st.overloaded for st in local)
+                share = pol.local_share(healthy_local, local_all, spec.zone_failover)
+                ring = ring and not remote
+        slow = spec.slow_start
+        ramp_until = 0.0
+        if slow > 0:
+            ramp_until = max((st.ramp_since + slow for st in cands), default=0.0)
+        groups: list[_Group] = []
+        saved = self._swrr.scores
+        old = self._plan
+        if old is not None:  # the smooth-weighted scores carry over
+            for keys_, _, _, scores_, _ in (old.local, old.remote):
+                saved.update(zip(keys_, scores_, strict=True))
+        for group in (local, remote):
+            if spec.policy == "rr":
+                weights = tuple(pol.ramp(100.0, st.ramp_since, now, slow) for st in group)
+            else:
+                weights = tuple(self.effective_weight(st, now) for st in group)
+            keys = tuple(st.key for st in group)
+            scores = [saved.get(k, 0.0) for k in keys]
+            groups.append((keys, weights, group, scores, sum(weights)))
+        self.panic = panic
+        self.spill = share
+        expires = now + PLAN_TTL if ramp_until > now else math.inf
+        plan = _Plan(self._version, expires, panic, share, groups[0], groups[1], ring)
+        plan.ramping = ramp_until > now
+        self._plan = plan
+        return plan
+
+    def _choose(self, now: float, hkey: bytes | None) -> tuple[int, HostKey | None]:
+        """get_host through the layers of DESIGN §13 (see the module docstring)."""
+        if not self.hosts:
+            return NOEXIST, None
+        if self._overload_order:
+            self.expire_overloads(now)
+        over = self._overload
+        if over:
+            if self.access_cnt >= self.params.probe_num:
+                # (1) §6: a probe is due; drained hosts are not probed.
+                for _ in range(len(over)):
+                    key, st = over.popitem(last=False)
+                    over[key] = st
+                    if st.weight:
+                        self.access_cnt = 0
+                        self.tally.probes += 1
+                        if self.explain_until:
+                            self._record(now, key, "probe (every probe_num-th request)")
+                        return SUCC, key
+            else:
+                self.access_cnt += 1
+        plan = self._plan
+        if plan is None or plan.version != self._version or now >= plan.expires:
+            plan = self._make_plan(now)
+        # (3) zone affinity: local or remote
+        group = plan.local
+        where = ""
+        position = None
+        if plan.remote[0]:
+            if hkey is not None:
+                position = pol.key_position(hkey)
+                stay = pol.stays_local(position, plan.share)
+            else:
+                stay = self._spill.stay(plan.share)
+            if not stay or not group[0]:
+                group = plan.remote
+                where = "zone: spill; " if group is plan.remote and plan.local[0] else ""
+                if not plan.local[0]:
+                    where = "zone: spill (no healthy local host); "
+            elif plan.share < 1.0:
+                where = f"zone: local ({plan.share:.0%} stay); "
+        keys, weights, states, scores, total = group
+        if not keys:
+            if self.explain_until:
+                self._record(now, None, "overload: no idle host")
+            return OVERLOAD, None
+        # (4) the policy
+        name = self.spec.policy
+        if name == "rr" and not plan.ramping:
+            if plan.ring:
+                idle = self._idle
+                key, st = idle.popitem(last=False)  # §6's own ring: the same order
+                idle[key] = st
+            else:
+                self._rr += 1
+                key = keys[self._rr % len(keys)]
+            if self.explain_until:
+                self._record(now, key, self._why(plan, where) + "rr")
+            return SUCC, key
+        if name == "p2c":
+            n = len(keys)
+            if n == 1:
+                i = a = b = 0
+            else:
+                rand = self.rng.random
+                a = int(rand() * n)
+                b = int(rand() * (n - 1))
+                if b >= a:
+                    b += 1
+                # PeakEwma.cost, inlined: the value decayed since its last sample
+                ea, eb = states[a].latency, states[b].latency
+                la, lb = ea.value, eb.value
+                if la is not None and now > ea.at:
+                    la *= math.exp((ea.at - now) / pol.TAU)
+                if lb is not None and now > eb.at:
+                    lb *= math.exp((eb.at - now) / pol.TAU)
+                i = a
+                if la is None:
+                    if lb is not None and weights[b] > weights[a]:
+                        i = b
+                elif lb is not None:
+                    if lb / weights[b] < la / weights[a]:
+                        i = b
+                elif weights[b] > weights[a]:
+                    i = b
+            if self.explain_until:
+                why = f"p2c: {_ms(states[a].latency.value)} vs {_ms(states[b].latency.value)}"
+                self._record(now, keys[i], self._why(plan, where) + why)
+            return SUCC, keys[i]
+        if name == "hash" and hkey is not None:
+            if position is None:
+                position = pol.key_position(hkey)
+            i = self._ring.lookup(keys, weights, position)
+            if self.explain_until:
+                self._record(now, keys[i], self._why(plan, where) + "hash")
+            return SUCC, keys[i]
+        i = pol.swrr_pick(scores, weights, total)
+        if self.explain_until:
+            label = "weighted" if name == "weighted" else f"{name} (slow start)"
+            if name == "hash":
+                label = "hash: no key, weighted round robin"
+            self._record(now, keys[i], self._why(plan, where) + label)
+        return SUCC, keys[i]
+
+    @staticmethod
+    def _why(plan: _Plan, where: str) -> str:
+        return ("panic: all hosts serve; " if plan.panic else "") + where
 
     # --- reporter statistics ---------------------------------------------------------------
 

@@ -103,3 +103,74 @@ def host_key(ip: object, port: object) -> HostKey:
 def format_host(key: HostKey) -> str:
     """``(167772161, 7001)`` -> ``"10.0.0.1:7001"``."""
     return f"{socket.inet_ntoa(_pack_ip(key[0]))}:{key[1]}"
+
+
+# --- scheduling (DESIGN §13) ---------------------------------------------------------------
+
+#: Weight of a host that has none set; 0 drains a host (never chosen).
+DEFAULT_WEIGHT = 100
+WEIGHT_MAX = 1_000_000
+ZONE_MAX_LENGTH = 64
+#: The scheduling policies a module may use.
+POLICIES = ("rr", "weighted", "p2c", "hash")
+
+
+class HostMeta(NamedTuple):
+    """What a route says about one host besides its address: its ``weight`` (0 = drained)
+    and its availability ``zone`` ("" = none)."""
+
+    weight: int = DEFAULT_WEIGHT
+    zone: str = ""
+
+
+def check_weight(value: object) -> int:
+    """Return ``value`` if it is a weight from 0 to WEIGHT_MAX, else raise InvalidValue."""
+    if type(value) is not int or not 0 <= value <= WEIGHT_MAX:
+        raise InvalidValue(f"weight must be an integer from 0 to {WEIGHT_MAX}, got {value!r}")
+    return value
+
+
+def check_zone(value: object) -> str:
+    """Return ``value`` if it is a zone label (printable ASCII, at most ZONE_MAX_LENGTH
+    characters, "" for none), else raise InvalidValue."""
+    if (
+        type(value) is not str
+        or len(value) > ZONE_MAX_LENGTH
+        or not (value.isascii() and (value.isprintable() or not value))
+        or value != value.strip()
+    ):
+        raise InvalidValue(
+            f"zone must be printable ASCII of at most {ZONE_MAX_LENGTH} characters"
+            f" without surrounding spaces, got {value!r}"
+        )
+    return value
+
+
+class PolicySpec(NamedTuple):
+    """How one module's healthy hosts share its traffic (DESIGN §13); the agent's
+    ``[agent.loadbalance]`` gives the default of modules without their own."""
+
+    #: rr (the §6 round robin), weighted, p2c or hash.
+    policy: str = "rr"
+    #: Prefer hosts in the agent's own zone while enough of them are healthy.
+    zone_affinity: bool = False
+    #: Healthy share of the local zone below which traffic spills to other zones.
+    zone_failover: float = 0.7
+    #: Idle share of all hosts below which all hosts serve (0 = off).
+    panic_threshold: float = 0.0
+    #: Seconds over which a host that became idle ramps up from 10% of its weight (0 = off).
+    slow_start: float = 0.0
+
+    def check(self) -> PolicySpec:
+        """Return self if every field is valid, else raise InvalidValue naming it."""
+        if self.policy not in POLICIES:
+            raise InvalidValue(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if type(self.zone_affinity) is not bool:
+            raise InvalidValue("zone_affinity must be true or false")
+        for name in ("zone_failover", "panic_threshold"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not 0.0 <= value <= 1.0:
+                raise InvalidValue(f"{name} must be a number from 0 to 1, got {value!r}")
+        if type(self.slow_start) not in (int, float) or not 0.0 <= self.slow_start <= 3600.0:
+            raise InvalidValue(f"slow_start must be 0 to 3600 seconds, got {self.slow_start!r}")
+        return self

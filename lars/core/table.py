@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
 
 from lars.core.balancer import NOEXIST, SUCC, BalancerParams, LoadBalancer, Tally
-from lars.core.model import HostKey, ModuleKey, format_host
+from lars.core.model import HostKey, HostMeta, ModuleKey, PolicySpec, format_host
 
 #: Waiter kinds: the wire type ids of the requests that can wait.
 GET_HOST = 4
@@ -60,6 +60,8 @@ class Waiter:
     kind: int
     seq: int
     address: Any
+    #: The caller's key for the hash policy (GET_HOST).
+    hkey: bytes | None = None
 
 
 #: An answer to a waiter: (module, waiter, retcode, host for GET_HOST / hosts for GET_ROUTE).
@@ -94,6 +96,10 @@ class ModuleTable:
         self, params: BalancerParams, route_wait: float, max_modules: int = MAX_MODULES
     ) -> None:
         self.params = params
+        #: The agent's zone (``[agent] zone``, set by the agent), and the policy of modules
+        #: whose route brings none.
+        self.zone = ""
+        self.default_policy = params.policy_spec()
         self.route_wait = route_wait
         self.max_modules = max_modules
         #: Modules with a route, by key.
@@ -125,18 +131,23 @@ class ModuleTable:
     # --- requests --------------------------------------------------------------------------
 
     def get_host(
-        self, key: ModuleKey, now: float, seq: int = 0, address: Any = None
+        self,
+        key: ModuleKey,
+        now: float,
+        seq: int = 0,
+        address: Any = None,
+        hkey: bytes | None = None,
     ) -> tuple[int, Any]:
         """``(retcode, host)`` now, or ``(-1, None)`` when the request (``seq`` from
         ``address``) was queued to wait for the module's route. Without an address it never
-        waits."""
+        waits. ``hkey`` is the caller's key for the hash policy."""
         lb = self.modules.get(key)
         if lb is not None:
             if lb.needs_update(now):
                 self._refresh(key)
-            answer = lb.get_host(now)
+            answer = lb.get_host(now, hkey)
         else:
-            answer = self._absent(key, now, GET_HOST, seq, address)
+            answer = self._absent(key, now, GET_HOST, seq, address, hkey)
             if answer[0] < 0:
                 return answer  # counted when answered
         self.get_host_answers[answer[0]] += 1
@@ -159,14 +170,22 @@ class ModuleTable:
         self.get_route_answers[answer[0]] += 1
         return answer
 
-    def report(self, key: ModuleKey, host: HostKey, success: bool, now: float) -> None:
-        """Record a call result; unknown modules and hosts are ignored."""
+    def report(
+        self,
+        key: ModuleKey,
+        host: HostKey,
+        success: bool,
+        now: float,
+        latency: float | None = None,
+    ) -> None:
+        """Record a call result (``latency``: the call's seconds, if known); unknown
+        modules and hosts are ignored."""
         self.reports[success] += 1
         lb = self.modules.get(key)
         if lb is not None:
             if not lb.stats_pending:
                 self.stats_due[key] = lb
-            lb.report(host, success, now)
+            lb.report(host, success, now, latency)
 
     def _refresh(self, key: ModuleKey) -> None:
         if key not in self._refreshing:
@@ -174,7 +193,13 @@ class ModuleTable:
             self.want.add(key)
 
     def _absent(
-        self, key: ModuleKey, now: float, kind: int, seq: int, address: Any
+        self,
+        key: ModuleKey,
+        now: float,
+        kind: int,
+        seq: int,
+        address: Any,
+        hkey: bytes | None = None,
     ) -> tuple[int, Any]:
         expires = self.negative.get(key)
         if expires is not None:
@@ -197,7 +222,7 @@ class ModuleTable:
                 self._waiting[key] = pending
         if address is None or pending.expired or len(pending.waiters) >= MAX_WAITERS:
             return NOEXIST, None
-        pending.waiters.append(Waiter(kind, seq, address))
+        pending.waiters.append(Waiter(kind, seq, address, hkey))
         return -1, None
 
     def expire_waits(self, now: float) -> list[Answer]:
@@ -240,9 +265,18 @@ class ModuleTable:
 
     # --- routes from DNS -------------------------------------------------------------------
 
-    def apply_route(self, key: ModuleKey, hosts: Iterable[HostKey], now: float) -> list[Answer]:
-        """Apply a DNS answer or push; returns the answers for the module's waiters."""
-        return self._counted(self._apply_route(key, tuple(hosts), now))
+    def apply_route(
+        self,
+        key: ModuleKey,
+        hosts: Iterable[HostKey],
+        now: float,
+        meta: Mapping[HostKey, HostMeta] | None = None,
+        policy: PolicySpec | None = None,
+    ) -> list[Answer]:
+        """Apply a DNS answer or push; returns the answers for the module's waiters.
+        ``meta`` gives hosts' weights and zones (None, or a host missing: the defaults);
+        ``policy`` the module's policy (None: the agent's ``[agent.loadbalance]``)."""
+        return self._counted(self._apply_route(key, tuple(hosts), now, meta, policy))
 
     def _counted(self, answers: list[Answer]) -> list[Answer]:
         """Count answers to waiters like direct ones."""
@@ -251,7 +285,14 @@ class ModuleTable:
             counts[retcode] += 1
         return answers
 
-    def _apply_route(self, key: ModuleKey, hosts: tuple[HostKey, ...], now: float) -> list[Answer]:
+    def _apply_route(
+        self,
+        key: ModuleKey,
+        hosts: tuple[HostKey, ...],
+        now: float,
+        meta: Mapping[HostKey, HostMeta] | None = None,
+        policy: PolicySpec | None = None,
+    ) -> list[Answer]:
         self._refreshing.discard(key)
         pending = self._forget_pending(key)
         waiters = pending.waiters if pending is not None else []
@@ -265,10 +306,11 @@ class ModuleTable:
             lb = self.modules[key] = LoadBalancer(self.params, self.tally)
             self.negative.pop(key, None)
         lb.update_route(hosts, now)
+        lb.set_policy(policy if policy is not None else self.default_policy, meta, self.zone)
         answers: list[Answer] = []
         for w in waiters:
             if w.kind == GET_HOST:
-                retcode, host = lb.get_host(now)
+                retcode, host = lb.get_host(now, w.hkey)
                 answers.append((key, w, retcode, host))
             else:
                 answers.append((key, w, SUCC, lb.route()))
@@ -351,11 +393,17 @@ class ModuleTable:
         wall_now: float,
         offset: int = 0,
         limit: int | None = None,
+        explain: bool = False,
     ) -> dict[str, Any] | None:
         """The module's state for ``lars query`` (times as epoch seconds), or None.
 
         ``hosts`` holds the hosts from ``offset`` on (at most ``limit``), sorted by address
         so that pages of one route line up; ``host_count`` is the number of all of them.
+        With ``explain`` (``lars query --explain``) it adds the scheduling: the policy in
+        force, the agent's zone, whether panic and zone spill are on, and per host its
+        weight, zone, expected share, peak-EWMA latency and the rule that last overloaded
+        it and when; the first page adds the last choices and their reasons. Asking starts the
+        recording of choices for the next minute (before it, nothing is recorded).
         """
 
         def wall(t: float | None) -> float | None:
@@ -382,9 +430,41 @@ class ModuleTable:
             }
             for st in page
         ]
-        return {
+        state: dict[str, Any] = {
             "status": "ready",
             "last_update": wall(lb.last_update),
             "host_count": len(lb.hosts),
             "hosts": hosts,
         }
+        if explain:
+            lb.explain(now)
+            shares, panic, stay = lb.plan(now)
+            for line, st in zip(hosts, page, strict=True):
+                latency = st.latency.value
+                line.update(
+                    weight=st.weight,
+                    effective_weight=round(lb.effective_weight(st, now), 2),
+                    zone=st.zone,
+                    share=round(shares.get(st.key, 0.0), 4),
+                    latency_ms=None if latency is None else round(latency * 1000, 3),
+                    overload_rule=st.reason or None,
+                    overloaded_at=wall(st.overload_since) if st.reason else None,
+                )
+            spec = lb.spec
+            state.update(
+                policy=dict(spec._asdict()),
+                agent_zone=lb.zone,
+                panic=panic,
+                zone_spill=round(1.0 - stay, 4),
+                drained=lb.drained,
+            )
+            if offset == 0:
+                state["choices"] = [
+                    {
+                        "at": wall(at),
+                        "host": None if host is None else format_host(host),
+                        "reason": reason,
+                    }
+                    for at, host, reason in lb.choices
+                ]
+        return state

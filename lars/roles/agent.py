@@ -118,9 +118,11 @@ class Agent:
         #: Mutual TLS to the DNS and the reporter (None: plaintext; see lars.tls).
         self.tls = tls
         self.table = ModuleTable(config.loadbalance, config.route_wait)
+        self.table.zone = config.zone
         self.metrics = Metrics("agent")
-        # Tells clients what this agent's API takes (GetHostReportRequest from level 2).
-        self.metrics.set("api_level", wire.API_LEVEL_PIGGYBACK)
+        # Tells clients what this agent's API takes (GetHostReportRequest from level 2,
+        # GetHostKeyRequest and TimedReportRequest from level 3).
+        self.metrics.set("api_level", wire.API_LEVEL_POLICY)
         self.dns_address: str | None = None
         #: DNS addresses that said they are stale (DnsState), with when: avoided while
         #: another is not, for STALE_DNS_MEMORY seconds.
@@ -428,6 +430,8 @@ class Agent:
                         self._wake_trio(self._wake_waits)
                         return None
                     return wire.encode_get_host_response(seq, modid, cmdid, retcode, host)
+                if kind == wire.GetHostKeyRequest.TYPE:
+                    return self._keyed_get_host(msg, sock, address, now)
                 _, modid, cmdid, host, retcode = msg  # a ReportRequest
                 with self._lock:
                     table.report((modid, cmdid), host, retcode == 0, now)
@@ -436,6 +440,28 @@ class Agent:
             return self._other(msg, (sock, address, False), now)
         except Exception as exc:  # a bug: it costs this datagram, never the agent
             return self._internal_error(data, address, exc)
+
+    def _keyed_get_host(
+        self, msg: tuple[Any, ...], sock: socket.socket | None, address: Any, now: float
+    ) -> bytes | None:
+        """A GetHostKeyRequest ``(17, seq, modid, cmdid, key, reports)``: its reports (with
+        their latencies) first, in order, then the get_host with the caller's key."""
+        _, seq, modid, cmdid, hkey, reports = msg
+        table = self.table
+        with self._lock:
+            report = table.report
+            for item in reports:
+                latency = item[5] / 1e6 if len(item) == 6 and item[5] is not None else None
+                report((item[0], item[1]), (item[2], item[3]), item[4] == 0, now, latency)
+            wanted = bool(table.want)
+            retcode, host = table.get_host((modid, cmdid), now, seq, (sock, address, False), hkey)
+            wake_dns = not wanted and bool(table.want)
+        if wake_dns:
+            self._wake_trio(self._wake_dns)
+        if retcode < 0:
+            self._wake_trio(self._wake_waits)
+            return None
+        return wire.encode_get_host_response(seq, modid, cmdid, retcode, host)
 
     def _original_datagram(
         self, data: bytes, address: Any, sock: socket.socket | None
@@ -525,6 +551,12 @@ class Agent:
             return self._route_reply(msg.seq, key, retcode, hosts)
         if isinstance(msg, wire.AgentStateRequest):
             return self._state_reply(msg, now)
+        if isinstance(msg, wire.TimedReportRequest):
+            with self._lock:
+                self.table.report(
+                    (msg.modid, msg.cmdid), msg.host, msg.retcode == 0, now, msg.latency_us / 1e6
+                )
+            return None
         with self._lock:
             if isinstance(msg, wire.StatsRequest):
                 self.metrics.set("modules", len(self.table.modules))
@@ -542,7 +574,9 @@ class Agent:
         limit = STATE_PAGE
         while True:
             with self._lock:
-                state = self.table.describe(key, now, time.time(), msg.offset, limit)
+                state = self.table.describe(
+                    key, now, time.time(), msg.offset, limit, bool(msg.explain)
+                )
             retcode = wire.RetCode.NOEXIST if state is None else _SUCC
             reply = wire.AgentStateResponse(msg.seq, msg.modid, msg.cmdid, retcode, state or {})
             try:
@@ -697,8 +731,23 @@ class Agent:
     def _dns_message(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.GetRouteResponse):
             key = (msg.modid, msg.cmdid)
+            # Weights, zones and the module's policy (DESIGN §13), when the DNS sent any.
+            meta = dict(zip(msg.hosts, msg.meta, strict=True)) if msg.meta else None
+            policy = msg.policy
+            if policy is not None:
+                try:
+                    policy = policy.check()
+                except InvalidValue as exc:  # a newer DNS's policy: keep the default
+                    self._bad_input_log.warning(
+                        "module %d/%d: policy from dns ignored, the default applies: %s",
+                        *key,
+                        exc,
+                    )
+                    policy = None
             with self._lock:
-                answers = self.table.apply_route(key, msg.hosts, time.monotonic())
+                answers = self.table.apply_route(
+                    key, msg.hosts, time.monotonic(), meta=meta, policy=policy
+                )
                 self.metrics.incr("routes_received")
             for _, waiter, retcode, payload in answers:
                 self._answer(waiter, key, retcode, payload)

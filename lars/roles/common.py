@@ -417,6 +417,8 @@ PERMISSIONS: dict[str, dict[type[wire.Message], tuple[str, ...]]] = {
         wire.GetRouteRequest: ("agent", "admin"),
         wire.RouteChangeNotice: ("admin",),
         wire.StatsRequest: ("admin",),
+        # Serve a reload held by the shrink guard now (`lars route confirm`, DESIGN §13).
+        wire.ShrinkConfirm: ("admin",),
     },
     # Only agents write statistics.
     "reporter": {

@@ -45,6 +45,17 @@ The original protocol has no error reply: a frame in it that does not decode, or
 GetRouteRequest, is counted and skipped (its framing is intact), and only a broken framing
 closes the connection.
 
+Routes carry each host's weight and zone and the module's own policy (DESIGN §13): a Lars
+agent gets them in GetRouteResponse's appended fields (left out when all are defaults, so
+the frame is the one older agents know), an original agent the hosts alone. A change of any
+of them is a change of the module, pushed like one.
+
+Route protection (DESIGN §13): a reload that would remove more than ``shrink_guard`` of all
+hosts at once (and at least ``shrink_min_hosts``) is held, the previous routes keep serving,
+it is logged and counted (``shrinks_held``), and it is served once the loss has persisted for
+``shrink_hold`` seconds (each check re-reads it; a reload that no longer loses as much is
+served at once) or an admin confirms it (a ShrinkConfirm, `lars route confirm`).
+
 Connections come through a :class:`lars.roles.common.ConnectionGate` (DESIGN §16): at most
 ``max_connections`` with a reserve for admins, a deadline on a frame once started (and on the
 first frame of a plaintext connection arriving in a crowd), and change notices and
@@ -58,8 +69,9 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
+import attrs
 import trio
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -67,7 +79,7 @@ from prometheus_client.registry import Collector
 
 from lars import wire, wire_original
 from lars.config import DnsConfig
-from lars.core.model import UINT32_MAX, HostKey, ModuleKey
+from lars.core.model import UINT32_MAX, HostKey, HostMeta, ModuleKey
 from lars.errors import ProtocolError, StoreError
 from lars.roles.common import (
     ConnectionGate,
@@ -86,7 +98,14 @@ from lars.roles.common import (
     write_loop,
 )
 from lars.roles.http import Observed
-from lars.store import RouteDelta, RouteMap, RouteSnapshot, RouteStore
+from lars.store import (
+    MetaMap,
+    PolicyMap,
+    RouteDelta,
+    RouteMap,
+    RouteSnapshot,
+    RouteStore,
+)
 from lars.tls import TlsContexts
 from lars.wire_original import GET_ROUTE_REQUEST
 
@@ -113,6 +132,22 @@ MAX_BACKLOG = 1 << 20
 ENTRY_COST = 160
 
 _EMPTY: frozenset[HostKey] = frozenset()
+_DEFAULT_META = HostMeta()
+
+
+@attrs.define
+class HeldReload:
+    """A reload the shrink guard holds back: what it would serve, since when (trio time),
+    and how many of how many hosts it would remove."""
+
+    routes: RouteMap
+    version: int
+    changed: set[ModuleKey]
+    meta: MetaMap
+    policies: PolicyMap
+    since: float
+    lost: int
+    total: int
 
 
 class Subscriber(Outbox):
@@ -199,6 +234,14 @@ class DnsServer:
         self.routes: RouteMap | None = None
         #: Store version of ``routes``.
         self.version = 0
+        #: Weights and zones other than the defaults, and modules' own policies, of
+        #: ``routes`` (DESIGN §13).
+        self.meta: MetaMap = {}
+        self.policies: PolicyMap = {}
+        #: The reload the shrink guard holds back, if any.
+        self.held: HeldReload | None = None
+        #: Hosts in ``routes``.
+        self._host_count = 0
         self.subscribers: dict[ModuleKey, set[Subscriber]] = {}
         self.connections: set[Subscriber] = set()
         self.metrics = Metrics("dns")
@@ -403,6 +446,12 @@ class DnsServer:
                 return True
             self._update_gauges()
             return sub.queue_reply(self.metrics.response(msg.seq))
+        if isinstance(msg, wire.ShrinkConfirm):
+            if not session.allow_control():
+                return True
+            self.confirm_shrink(msg.version)
+            self._update_gauges()
+            return sub.queue_reply(self.metrics.response(msg.seq))
         self.metrics.incr("invalid_requests")
         seq = getattr(msg, "seq", 0)
         reason = f"the dns role does not serve {type(msg).__name__}"
@@ -423,6 +472,12 @@ class DnsServer:
         assert self.routes is not None
         hosts = tuple(sorted(self.routes.get(module, _EMPTY)))
         msg = wire.GetRouteResponse(module[0], module[1], hosts)
+        if hosts and not original:
+            known = self.meta.get(module)
+            meta = tuple(known.get(h, _DEFAULT_META) for h in hosts) if known else ()
+            policy = self.policies.get(module)
+            if meta or policy is not None:
+                msg = wire.GetRouteResponse(module[0], module[1], hosts, meta, policy)
         frame: bytes | None
         try:
             if original:
@@ -442,11 +497,21 @@ class DnsServer:
 
     # --- change tracking -------------------------------------------------------------------
 
-    def _swap(self, routes: RouteMap, version: int, changed: set[ModuleKey]) -> None:
+    def _swap(
+        self,
+        routes: RouteMap,
+        version: int,
+        changed: set[ModuleKey],
+        meta: MetaMap | None = None,
+        policies: PolicyMap | None = None,
+    ) -> None:
         """Serve ``routes`` from now on and push ``changed`` modules to their subscribers."""
         started = time.perf_counter()
         self.routes = routes
         self.version = version
+        self.meta = meta if meta is not None else {}
+        self.policies = policies if policies is not None else {}
+        self._host_count = sum(map(len, routes.values()))
         self._frames = {}
         self._original_frames = {}
         pushed = 0
@@ -471,29 +536,141 @@ class DnsServer:
         self.metrics.set("modules", len(routes))
 
     def apply_snapshot(self, snapshot: RouteSnapshot) -> None:
-        """Swap in a full reload; push every subscribed module whose route differs."""
+        """Swap in a full reload; push every subscribed module whose route, weights, zones
+        or policy differ (unless the shrink guard holds it)."""
         old = self.routes
-        new = snapshot.routes
+        new, meta, policies = snapshot.routes, snapshot.meta, snapshot.policies
         if old is None:  # first load: answer everyone who subscribed while waiting
             changed = set(self.subscribers)
         else:
-            changed = {m for m in self.subscribers if old.get(m) != new.get(m)}
+            changed = {
+                m
+                for m in self.subscribers
+                if old.get(m) != new.get(m)
+                or self.meta.get(m) != meta.get(m)
+                or self.policies.get(m) != policies.get(m)
+            }
             changed |= snapshot.changed & self.subscribers.keys()
-        self._swap(new, snapshot.version, changed)
+            if self._hold(new, snapshot.version, changed, meta, policies, old.keys()):
+                return
+        self._swap(new, snapshot.version, changed, meta, policies)
         self.metrics.incr("full_reloads")
 
     def apply_delta(self, delta: RouteDelta) -> None:
-        """Swap in the map patched with the changed modules; push them."""
+        """Swap in the map patched with the changed modules; push them (unless the shrink
+        guard holds it)."""
         assert self.routes is not None
         routes = dict(self.routes)
+        meta = dict(self.meta)
+        policies = dict(self.policies)
         for module in delta.changed:
             hosts = delta.routes.get(module)
             if hosts:
                 routes[module] = hosts
             else:
                 routes.pop(module, None)
-        self._swap(routes, delta.version, set(delta.changed))
+            if module in delta.meta:
+                meta[module] = delta.meta[module]
+            else:
+                meta.pop(module, None)
+            if module in delta.policies:
+                policies[module] = delta.policies[module]
+            else:
+                policies.pop(module, None)
+        changed = set(delta.changed)
+        if self._hold(routes, delta.version, changed, meta, policies, delta.changed):
+            return
+        self._swap(routes, delta.version, changed, meta, policies)
         self.metrics.incr("partial_reloads")
+
+    # --- route protection ------------------------------------------------------------------
+
+    def _hold(
+        self,
+        routes: RouteMap,
+        version: int,
+        changed: set[ModuleKey],
+        meta: MetaMap,
+        policies: PolicyMap,
+        candidates: Iterable[ModuleKey],
+    ) -> bool:
+        """True if the shrink guard holds this reload back (``candidates``: the modules
+        that may have lost hosts). A reload held for ``shrink_hold`` seconds is let go."""
+        old = self.routes
+        assert old is not None
+        guard = self.config.shrink_guard
+        total = self._host_count
+        lost = 0
+        if guard < 1.0 and total:
+            lost = sum(len(old[m] - routes.get(m, _EMPTY)) for m in candidates if m in old)
+        if lost < self.config.shrink_min_hosts or lost <= guard * total:
+            if self.held is not None:
+                log.warning(
+                    "route version %d no longer removes more than %.0f%% of the hosts:"
+                    " serving it (the held reload is dropped)",
+                    version,
+                    100 * guard,
+                )
+                self._clear_held()
+            return False
+        now = trio.current_time()
+        held = self.held
+        if held is None:
+            self.metrics.incr("shrinks_held")
+            log.error(
+                "route version %d would remove %d of the %d hosts at once (more than"
+                " shrink_guard %.0f%%): still serving version %d; it is served if it persists"
+                " %.0f s, or now with `lars route confirm`",
+                version,
+                lost,
+                total,
+                100 * guard,
+                self.version,
+                self.config.shrink_hold,
+            )
+            held = self.held = HeldReload(
+                routes, version, changed, meta, policies, now, lost, total
+            )
+        else:
+            held.routes, held.version, held.meta, held.policies = routes, version, meta, policies
+            held.changed |= changed
+            held.lost, held.total = lost, total
+        self.metrics.set("shrink_held", 1)
+        self.metrics.set("held_version", version)
+        if now - held.since >= self.config.shrink_hold:
+            log.warning(
+                "the loss of %d of %d hosts persisted %.0f s: serving route version %d",
+                lost,
+                total,
+                now - held.since,
+                version,
+            )
+            self.metrics.incr("shrinks_released")
+            self._clear_held()
+            return False
+        return True
+
+    def _clear_held(self) -> None:
+        self.held = None
+        self.metrics.set("shrink_held", 0)
+        self.metrics.set("held_version", 0)
+
+    def confirm_shrink(self, version: int = 0) -> bool:
+        """Serve the held reload now (an admin confirmed it); ``version`` other than 0 must
+        be the held one. True if a reload was released."""
+        held = self.held
+        if held is None or (version and version != held.version):
+            return False
+        log.warning(
+            "an admin confirmed the removal of %d of %d hosts: serving route version %d",
+            held.lost,
+            held.total,
+            held.version,
+        )
+        self.metrics.incr("shrinks_confirmed")
+        self._clear_held()
+        self._swap(held.routes, held.version, held.changed, held.meta, held.policies)
+        return True
 
     async def check(self) -> None:
         """Read the store's version; reload what changed. Raises StoreError."""
@@ -566,7 +743,8 @@ class DnsServer:
     def _next_check_in(self) -> float:
         """Seconds to the next check: ``check_interval``, or CATCH_UP_INTERVAL while a
         notified version is not read yet."""
-        if self._awaited_version > self.version:
+        seen = max(self.version, self.held.version if self.held is not None else 0)
+        if self._awaited_version > seen:
             if trio.current_time() < self._awaited_until:
                 self.metrics.incr("catch_up_rereads")
                 return min(CATCH_UP_INTERVAL, self.config.check_interval)
@@ -648,6 +826,9 @@ class DnsServer:
         self.metrics.set("connections", len(self.connections))
         self.metrics.set("subscribed_modules", len(self.subscribers))
         self.metrics.set("loaded", int(self.routes is not None))
+        self.metrics.set("route_version", self.version)
+        self.metrics.set("shrink_held", int(self.held is not None))
+        self.metrics.set("held_version", self.held.version if self.held else 0)
 
 
 class DnsCollector(Collector):
@@ -696,6 +877,14 @@ class DnsCollector(Collector):
         yield counter("malformed_frames", "Frames that did not decode (connection closed).")
         yield counter("invalid_requests", "Requests with invalid values.")
         yield counter("subscriptions_lapsed", "Subscriptions to absent modules that lapsed.")
+        yield counter(
+            "shrinks_held", "Reloads held back for removing too many hosts at once (shrink_guard)."
+        )
+        yield counter("shrinks_released", "Held reloads served after persisting shrink_hold.")
+        yield counter("shrinks_confirmed", "Held reloads served on an admin's confirmation.")
+        yield gauge(
+            "shrink_held", "1 while a reload that removes too many hosts is held.", bool(dns.held)
+        )
         yield from gate_metrics(
             counter, gauge, dns.gate, "Change notices and StatsRequests dropped over control_rate."
         )

@@ -35,6 +35,7 @@ from lars.store.sql import (
     HISTORY_COLUMNS,
     HISTORY_TABLE,
     NAME_TABLES,
+    POLICY_COLUMNS,
     STATUS_COLUMNS,
     STATUS_TABLE,
 )
@@ -58,11 +59,12 @@ ROLE_SCHEMA: dict[str, dict[str, tuple[str, ...]]] = {
     # The console reads and writes all of the above, the audit log, the names, the call
     # history and the alarms.
     "web": {
-        "RouteData": ("modid", "cmdid", "serverip", "serverport"),
+        "RouteData": ("modid", "cmdid", "serverip", "serverport", "weight", "zone"),
+        "RoutePolicy": ("modid", "cmdid", *POLICY_COLUMNS),
         "RouteVersion": ("id", "version"),
         "RouteChange": ("modid", "cmdid", "version"),
         STATUS_TABLE: STATUS_COLUMNS,
-        "RouteAudit": ("id", *AUDIT_COLUMNS),
+        "RouteAudit": ("id", *AUDIT_COLUMNS, "changes"),
         HISTORY_TABLE: HISTORY_COLUMNS,
         "AlarmRule": ("name", "definition", "updated", "actor"),
         "AlarmState": ALARM_STATE_COLUMNS,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import attrs
 
-from lars.core.model import HostKey, ModuleKey, format_host, int_to_ip
+from lars.core.model import HostKey, HostMeta, ModuleKey, PolicySpec, format_host, int_to_ip
 from lars.errors import InvalidValue, StoreError
 
 if TYPE_CHECKING:
@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 
 #: Module -> its hosts.
 RouteMap = dict[ModuleKey, frozenset[HostKey]]
+#: Module -> the weight and zone of those of its hosts that have other than the defaults
+#: (a host absent has HostMeta(); a module absent has only such hosts).
+MetaMap = dict[ModuleKey, dict[HostKey, HostMeta]]
+#: Module -> its own scheduling policy (a module absent uses the agents' default).
+PolicyMap = dict[ModuleKey, PolicySpec]
 
 
 @attrs.frozen
@@ -29,6 +34,10 @@ class RouteSnapshot:
     version: int
     routes: RouteMap
     changed: frozenset[ModuleKey] = frozenset()
+    #: The hosts' weights and zones other than the defaults (DESIGN §13).
+    meta: MetaMap = attrs.field(factory=dict)
+    #: The modules' own policies.
+    policies: PolicyMap = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -43,6 +52,10 @@ class RouteDelta:
     version: int
     changed: frozenset[ModuleKey]
     routes: RouteMap
+    #: As :attr:`RouteSnapshot.meta`, for the changed modules.
+    meta: MetaMap = attrs.field(factory=dict)
+    #: The policies of the changed modules that have one.
+    policies: PolicyMap = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -128,6 +141,10 @@ class AuditEntry:
     added: tuple[HostKey, ...]
     removed: tuple[HostKey, ...]
     version: int
+    #: What else the write changed (``RouteAudit.changes``): ``{"hosts": {"ip:port":
+    #: {"weight": [old, new], "zone": [old, new]}}, "policy": [old, new]}``, either part
+    #: absent when unchanged; a policy is a map of PolicySpec's fields, or None.
+    changes: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -183,6 +200,8 @@ class RouteWrite:
     #: Hosts added and removed, over all modules.
     added: int = 0
     removed: int = 0
+    #: Hosts whose weight or zone changed, over all modules.
+    updated: int = 0
 
     @property
     def changed(self) -> bool:
@@ -408,22 +427,39 @@ class RouteStore(abc.ABC):
         add: Mapping[ModuleKey, Collection[HostKey]] | None = None,
         remove: Mapping[ModuleKey, Collection[HostKey] | None] | None = None,
         *,
+        meta: Mapping[ModuleKey, Mapping[HostKey, HostMeta]] | None = None,
         actor: Actor | None = None,
+        force: bool = True,
+        policies: Mapping[ModuleKey, PolicySpec | None] | None = None,
     ) -> RouteWrite:
-        """Add and remove hosts in one transaction.
+        """Add and remove hosts, set weights and zones and modules' ``policies`` (None:
+        remove the module's own), in one transaction.
 
         ``remove[module] = None`` removes every host of the module; a host both removed and
-        added stays. If anything changes, the version is raised once and one ``RouteChange``
-        row is written per module changed, and with an ``actor`` one ``RouteAudit`` row per
-        module changed, in the same transaction; a write that changes nothing writes
-        nothing. A module id or host out of range is :class:`InvalidValue`.
+        added stays. ``meta`` gives hosts added or kept their weight and zone (a host in
+        neither is :class:`InvalidValue`; hosts added without take HostMeta()). If anything
+        changes, the version is raised once and one ``RouteChange`` row is written per
+        module changed, and with an ``actor`` one ``RouteAudit`` row per module changed, in
+        the same transaction; a write that changes nothing writes nothing. A module id,
+        host, weight or zone out of range is :class:`InvalidValue`. Without ``force``, a
+        write that removes more than half of a module's hosts, or all of them, is
+        :class:`~lars.errors.ShrinkRefused` and writes nothing (the command line, the
+        console and its API ask for it; library callers default to forcing).
         """
 
     async def add_hosts(
-        self, module: ModuleKey, hosts: Collection[HostKey], *, actor: Actor | None = None
+        self,
+        module: ModuleKey,
+        hosts: Collection[HostKey],
+        *,
+        meta: Mapping[HostKey, HostMeta] | None = None,
+        actor: Actor | None = None,
     ) -> RouteWrite:
-        """Add hosts to a module's route (hosts already there are left alone)."""
-        return await self.change_routes(add={module: hosts}, actor=actor)
+        """Add hosts to a module's route (hosts already there are left alone, but take the
+        weight and zone ``meta`` gives them)."""
+        return await self.change_routes(
+            add={module: hosts}, meta=None if meta is None else {module: meta}, actor=actor
+        )
 
     async def remove_hosts(
         self,
@@ -431,17 +467,65 @@ class RouteStore(abc.ABC):
         hosts: Collection[HostKey] | None,
         *,
         actor: Actor | None = None,
+        force: bool = True,
     ) -> RouteWrite:
         """Remove hosts from a module's route; ``None`` removes them all."""
-        return await self.change_routes(remove={module: hosts}, actor=actor)
+        return await self.change_routes(remove={module: hosts}, actor=actor, force=force)
 
     async def replace_routes(
-        self, routes: Mapping[ModuleKey, Collection[HostKey]], *, actor: Actor | None = None
+        self,
+        routes: Mapping[ModuleKey, Collection[HostKey]],
+        *,
+        meta: Mapping[ModuleKey, Mapping[HostKey, HostMeta]] | None = None,
+        actor: Actor | None = None,
+        force: bool = True,
+        policies: Mapping[ModuleKey, PolicySpec] | None = None,
     ) -> RouteWrite:
         """Make the routes exactly ``routes`` in one transaction: modules absent from it (or
-        given no hosts) lose every host. Version, ``RouteChange`` and (with an ``actor``)
-        ``RouteAudit`` rows as :meth:`change_routes`."""
+        given no hosts) lose every host. With ``meta``, weights and zones become exactly its
+        (hosts it omits take HostMeta()); without, they stay. With ``policies``, the modules'
+        own policies become exactly its; without, they stay. Version, ``RouteChange``,
+        ``RouteAudit`` rows and ``force`` as :meth:`change_routes`."""
         raise self._unsupported("replace routes")
+
+    # --- weights, zones and policies (DESIGN §13) --------------------------------------------
+
+    async def set_host_meta(
+        self,
+        module: ModuleKey,
+        host: HostKey,
+        *,
+        weight: int | None = None,
+        zone: str | None = None,
+        actor: Actor | None = None,
+    ) -> RouteWrite:
+        """Set the weight and/or the zone of a host of a module's route (one of them at
+        least; :class:`InvalidValue` when the host is not in the route). A change is a route
+        change: version, ``RouteChange`` and ``RouteAudit`` rows as :meth:`change_routes`."""
+        raise self._unsupported("keep weights and zones")
+
+    async def list_route_meta(
+        self, modid: int | None = None, cmdid: int | None = None
+    ) -> dict[ModuleKey, dict[HostKey, HostMeta]]:
+        """As :meth:`list_routes`, with every host's weight and zone."""
+        routes = await self.list_routes(modid, cmdid)
+        return {module: dict.fromkeys(hosts, HostMeta()) for module, hosts in routes.items()}
+
+    async def list_policies(self) -> dict[ModuleKey, PolicySpec]:
+        """Every module's own policy (``RoutePolicy``)."""
+        return {}
+
+    async def get_policy(self, module: ModuleKey) -> PolicySpec | None:
+        """The module's own policy, or None (the agents' ``[agent.loadbalance]`` applies)."""
+        return None
+
+    async def set_policy(
+        self, module: ModuleKey, spec: PolicySpec | None, *, actor: Actor | None = None
+    ) -> RouteWrite:
+        """Give a module its own policy, or remove it (``None``). A change raises the
+        version and writes ``RouteChange`` and (with an actor) ``RouteAudit`` rows, so DNS
+        pushes it to agents like a route; setting the policy it has writes nothing."""
+        raise self._unsupported("keep policies")
 
     # --- the console's reads and the names (issue 9) -----------------------------------------
 

@@ -184,19 +184,23 @@ def _plan_dedup(
     columns = ", ".join(key.columns)
     primary = indexes.get("PRIMARY", (False, ()))[1]
     pk = primary[0] if len(primary) == 1 else None
+    others = sorted(set(declared) - set(key.columns) - set(primary))
+    # How many values each other column takes within a group: 1 everywhere = identical rows.
+    distinct = "".join(f", COUNT(DISTINCT {c})" for c in others)
     groups = (
         yield (
-            f"SELECT {columns}, COUNT(*), {f'MIN({pk})' if pk else 'NULL'} FROM {table.name}"
-            f" GROUP BY {columns} HAVING COUNT(*) > 1",
+            f"SELECT {columns}, COUNT(*), {f'MIN({pk})' if pk else 'NULL'}{distinct}"
+            f" FROM {table.name} GROUP BY {columns} HAVING COUNT(*) > 1",
             (),
         )
     ).rows
     if not groups:
         return []
-    others = set(declared) - set(key.columns) - set(primary)
-    if pk is None or others or not all(type(v) is int for g in groups for v in g):
+    differ = sum(1 for g in groups if any(int(n) > 1 for n in g[len(key.columns) + 2 :]))
+    groups = [tuple(g[: len(key.columns) + 2]) for g in groups]
+    if pk is None or differ or not all(type(v) is int for g in groups for v in g):
         blockers.append(
-            f"{table.name}: {len(groups)} sets of rows repeat ({columns}) and may differ"
+            f"{table.name}: {differ or len(groups)} sets of rows repeat ({columns}) and may differ"
             f" otherwise; remove the repeated rows by hand before the unique key {key.name}"
         )
         return []

@@ -19,17 +19,21 @@ from typing import Any, TypeVar
 import attrs
 
 from lars.core.model import (
+    DEFAULT_WEIGHT,
     PORT_MAX,
     UINT32_MAX,
+    WEIGHT_MAX,
     HostKey,
+    HostMeta,
     ModuleKey,
+    PolicySpec,
     check_id,
     format_host,
     host_key,
     ip_to_int,
     parse_module,
 )
-from lars.errors import InvalidValue
+from lars.errors import InvalidValue, ShrinkRefused
 from lars.store.base import (
     ALARM_NAME_MAX,
     ALARM_RULE_MAX_BYTES,
@@ -50,7 +54,9 @@ from lars.store.base import (
     HostCalls,
     HostStatus,
     Lease,
+    MetaMap,
     ModuleSummary,
+    PolicyMap,
     RouteDelta,
     RouteMap,
     RouteSnapshot,
@@ -296,23 +302,82 @@ def route_version() -> Op[int]:
     return int(rows[0][0]) if rows else 0
 
 
-def _route_rows(rows: list[tuple[Any, ...]]) -> RouteMap:
+@attrs.frozen
+class RouteFeatures:
+    """What of DESIGN §13 a database holds: RouteData's ``weight`` and ``zone`` columns, the
+    RoutePolicy table (an original database, or one not upgraded, has neither: its routes
+    load with the defaults)."""
+
+    meta: bool
+    policy: bool
+
+
+#: RouteData's columns of the original schema, and with weight and zone.
+_ROUTE_SELECT = "SELECT modid, cmdid, serverip, serverport FROM RouteData"
+_META_SELECT = "SELECT modid, cmdid, serverip, serverport, weight, zone FROM RouteData"
+#: RoutePolicy's columns besides the module, in PolicySpec's order.
+POLICY_COLUMNS = ("policy", "zone_affinity", "zone_failover", "panic_threshold", "slow_start")
+_POLICY_SELECT = f"SELECT modid, cmdid, {', '.join(POLICY_COLUMNS)} FROM RoutePolicy"
+
+
+def route_features(dialect: Dialect) -> Op[RouteFeatures]:
+    """Read which of the weight and zone columns and the RoutePolicy table exist."""
+    tables = {str(_text(row[0])).lower() for row in (yield (dialect.list_tables, ())).rows}
+    columns = {
+        str(_text(row[0])).lower() for row in (yield (dialect.list_columns, ("RouteData",))).rows
+    }
+    return RouteFeatures({"weight", "zone"} <= columns, "routepolicy" in tables)
+
+
+def _route_rows(rows: list[tuple[Any, ...]]) -> tuple[RouteMap, MetaMap]:
+    """Routes from RouteData rows (``modid, cmdid, serverip, serverport`` and optionally
+    ``weight, zone``), and the hosts whose weight or zone is not the default."""
     routes: dict[ModuleKey, set[HostKey]] = {}
+    meta: MetaMap = {}
     skipped = 0
-    for modid, cmdid, ip, port in rows:
+    for row in rows:
+        modid, cmdid, ip, port = row[:4]
         if not (0 <= ip <= UINT32_MAX and 1 <= port <= PORT_MAX):
             skipped += 1
             continue
         routes.setdefault((modid, cmdid), set()).add((ip, port))
+        if len(row) > 4:
+            weight, zone = min(int(row[4]), WEIGHT_MAX), _text(row[5])
+            if weight != DEFAULT_WEIGHT or zone:
+                meta.setdefault((modid, cmdid), {})[ip, port] = HostMeta(weight, zone)
     if skipped:
         log.warning("skipped %d RouteData rows with an invalid ip or port", skipped)
-    return {module: frozenset(hosts) for module, hosts in routes.items()}
+    return {module: frozenset(hosts) for module, hosts in routes.items()}, meta
 
 
-def load_routes(changes_since: int | None) -> Op[RouteSnapshot]:
-    """Read the version, every route and the modules changed after ``changes_since``."""
+def policy_from_row(row: Sequence[Any]) -> PolicySpec:
+    """A PolicySpec from RoutePolicy's POLICY_COLUMNS values (InvalidValue if out of range)."""
+    policy, affinity, failover, panic, slow = row
+    return PolicySpec(
+        _text(policy), bool(int(affinity)), float(failover), float(panic), float(slow)
+    ).check()
+
+
+def _policy_rows(rows: list[tuple[Any, ...]]) -> PolicyMap:
+    policies: PolicyMap = {}
+    for modid, cmdid, *values in rows:
+        try:
+            policies[int(modid), int(cmdid)] = policy_from_row(values)
+        except (InvalidValue, ValueError, TypeError) as exc:
+            log.warning("RoutePolicy of %s/%s ignored (the default applies): %s", modid, cmdid, exc)
+    return policies
+
+
+def load_routes(
+    dialect: Dialect, changes_since: int | None
+) -> Op[tuple[RouteSnapshot, RouteFeatures]]:
+    """Read the version, every route with its weights, zones and policies, and the modules
+    changed after ``changes_since``; and what of DESIGN §13 the database holds."""
+    features = yield from route_features(dialect)
     version = yield from route_version()
-    rows = (yield ("SELECT modid, cmdid, serverip, serverport FROM RouteData", ())).rows
+    rows = (yield (_META_SELECT if features.meta else _ROUTE_SELECT, ())).rows
+    routes, meta = _route_rows(rows)
+    policies = _policy_rows((yield (_POLICY_SELECT, ())).rows) if features.policy else {}
     changed: frozenset[ModuleKey] = frozenset()
     if changes_since is not None:
         result = yield (
@@ -320,22 +385,30 @@ def load_routes(changes_since: int | None) -> Op[RouteSnapshot]:
             (changes_since,),
         )
         changed = frozenset((int(m), int(c)) for m, c in result.rows)
-    return RouteSnapshot(version, _route_rows(rows), changed)
+    return RouteSnapshot(version, routes, changed, meta, policies), features
 
 
-def load_changes(since: int) -> Op[RouteDelta]:
-    """Read the version, the modules changed after ``since`` and those modules' routes."""
+def _modules_clause(chunk: Sequence[ModuleKey]) -> tuple[str, tuple[int, ...]]:
+    where = " OR ".join(["(modid = ? AND cmdid = ?)"] * len(chunk))
+    return where, tuple(v for module in chunk for v in module)
+
+
+def load_changes(since: int, features: RouteFeatures) -> Op[RouteDelta]:
+    """Read the version, the modules changed after ``since`` and those modules' routes,
+    weights, zones and policies."""
     version = yield from route_version()
     result = yield ("SELECT DISTINCT modid, cmdid FROM RouteChange WHERE version > ?", (since,))
     changed = sorted((int(m), int(c)) for m, c in result.rows)
     rows: list[tuple[Any, ...]] = []
+    policy_rows: list[tuple[Any, ...]] = []
+    select = _META_SELECT if features.meta else _ROUTE_SELECT
     for chunk in _chunks(changed):
-        where = " OR ".join(["(modid = ? AND cmdid = ?)"] * len(chunk))
-        flat = tuple(v for module in chunk for v in module)
-        rows += (
-            yield (f"SELECT modid, cmdid, serverip, serverport FROM RouteData WHERE {where}", flat)
-        ).rows
-    return RouteDelta(version, frozenset(changed), _route_rows(rows))
+        where, flat = _modules_clause(chunk)
+        rows += (yield (f"{select} WHERE {where}", flat)).rows
+        if features.policy:
+            policy_rows += (yield (f"{_POLICY_SELECT} WHERE {where}", flat)).rows
+    routes, meta = _route_rows(rows)
+    return RouteDelta(version, frozenset(changed), routes, meta, _policy_rows(policy_rows))
 
 
 #: Modules above which a write reads every route in one scan rather than module by module.
@@ -361,6 +434,11 @@ def _as_host(module: ModuleKey, value: object) -> HostKey:
         return host_key(*value)
     except InvalidValue as exc:
         raise InvalidValue(f"module {module[0]}/{module[1]}: {exc}") from None
+
+
+def check_host(module: ModuleKey, host: object) -> HostKey:
+    """A host of ``module``, validated (:class:`InvalidValue` naming the module)."""
+    return _as_host(module, host)
 
 
 def check_routes(
@@ -411,11 +489,131 @@ def _hosts_of(modules: Sequence[ModuleKey]) -> Op[dict[ModuleKey, set[HostKey]]]
 
 @attrs.frozen
 class _ModuleChange:
-    """What a write does to one module: the hosts it had, those it adds and removes."""
+    """What a write does to one module: the hosts it had, those it adds (with their weight
+    and zone) and removes, and the kept hosts whose weight or zone changes."""
 
     had: frozenset[HostKey]
     added: frozenset[HostKey]
     removed: frozenset[HostKey]
+    #: Weight and zone of the added hosts that do not take the defaults.
+    added_meta: Mapping[HostKey, HostMeta] = attrs.field(factory=dict)
+    #: ``host -> (old, new)`` of kept hosts whose weight or zone changes.
+    updated: Mapping[HostKey, tuple[HostMeta, HostMeta]] = attrs.field(factory=dict)
+    #: ``(old, new)`` when the module's own policy changes (None: it has none).
+    policy: tuple[PolicySpec | None, PolicySpec | None] | None = None
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.added or self.removed or self.updated or self.policy)
+
+
+#: Per module, the weight and zone a write gives some of its hosts.
+MetaWrite = Mapping[ModuleKey, Mapping[HostKey, HostMeta]]
+#: Per module, the policy a write gives it (None: remove its own).
+PolicyWrite = Mapping[ModuleKey, PolicySpec | None]
+
+
+def check_policies(policies: object) -> dict[ModuleKey, PolicySpec | None]:
+    """``policies`` checked: :class:`InvalidValue` naming the first bad module or value."""
+    if not isinstance(policies, Mapping):
+        raise InvalidValue(f"policies must map modules to PolicySpec, got {policies!r:.80}")
+    checked: dict[ModuleKey, PolicySpec | None] = {}
+    for module, spec in policies.items():
+        key = _as_module(module)
+        checked[key] = None if spec is None else check_policy(spec, key)
+    return checked
+
+
+def check_policy(spec: object, module: ModuleKey | None = None) -> PolicySpec:
+    """A valid PolicySpec with float parameters (:class:`InvalidValue` otherwise)."""
+    where = f"module {module[0]}/{module[1]}: " if module else ""
+    if not isinstance(spec, PolicySpec):
+        raise InvalidValue(f"{where}a policy must be a PolicySpec, got {spec!r:.80}")
+    try:
+        spec = PolicySpec(*spec).check()
+    except InvalidValue as exc:
+        raise InvalidValue(f"{where}{exc}") from None
+    return spec._replace(
+        zone_failover=float(spec.zone_failover),
+        panic_threshold=float(spec.panic_threshold),
+        slow_start=float(spec.slow_start),
+    )
+
+
+def check_meta(meta: object) -> dict[ModuleKey, dict[HostKey, HostMeta]]:
+    """``meta`` checked (module ids, hosts, weights and zones): :class:`InvalidValue` naming
+    the first bad value."""
+    from lars.core.model import check_weight, check_zone
+
+    if not isinstance(meta, Mapping):
+        raise InvalidValue(f"meta must map modules to hosts, got {meta!r:.80}")
+    checked: dict[ModuleKey, dict[HostKey, HostMeta]] = {}
+    for module, hosts in meta.items():
+        key = _as_module(module)
+        if not isinstance(hosts, Mapping):
+            raise InvalidValue(f"module {key[0]}/{key[1]}: meta must map hosts to HostMeta")
+        for host, value in hosts.items():
+            host_ = _as_host(key, host)
+            if not isinstance(value, HostMeta):
+                raise InvalidValue(f"module {key[0]}/{key[1]}: {value!r:.80} is not a HostMeta")
+            try:
+                value = HostMeta(check_weight(value.weight), check_zone(value.zone))
+            except InvalidValue as exc:
+                raise InvalidValue(
+                    f"module {key[0]}/{key[1]} host {format_host(host_)}: {exc}"
+                ) from None
+            checked.setdefault(key, {})[host_] = value
+    return checked
+
+
+def _meta_of(modules: Sequence[ModuleKey]) -> Op[dict[ModuleKey, dict[HostKey, HostMeta]]]:
+    """The weight and zone of every host of ``modules``."""
+    current: dict[ModuleKey, dict[HostKey, HostMeta]] = {}
+    for module in modules:
+        rows = (
+            yield (
+                "SELECT serverip, serverport, weight, zone FROM RouteData"
+                " WHERE modid = ? AND cmdid = ?",
+                module,
+            )
+        ).rows
+        current[module] = {
+            (int(ip), int(port)): HostMeta(int(weight), _text(zone))
+            for ip, port, weight, zone in rows
+        }
+    return current
+
+
+def _module_change(
+    module: ModuleKey,
+    had: set[HostKey],
+    adding: set[HostKey],
+    gone: set[HostKey],
+    meta: Mapping[HostKey, HostMeta] | None,
+    old_meta: Mapping[HostKey, HostMeta],
+    *,
+    strict: bool = True,
+) -> _ModuleChange:
+    """One module's change; ``meta`` gives hosts added or kept their weight and zone (a host
+    neither there nor added is :class:`InvalidValue` when ``strict``)."""
+    added = adding - had
+    removed = gone - adding
+    kept = had - removed
+    added_meta: dict[HostKey, HostMeta] = {}
+    updated: dict[HostKey, tuple[HostMeta, HostMeta]] = {}
+    for host, value in (meta or {}).items():
+        if host in added:
+            if value != HostMeta():
+                added_meta[host] = value
+        elif host in kept:
+            old = old_meta.get(host, HostMeta())
+            if old != value:
+                updated[host] = (old, value)
+        elif strict:
+            raise InvalidValue(
+                f"module {module[0]}/{module[1]}: {format_host(host)} is not in its route"
+            )
+    return _ModuleChange(frozenset(had), frozenset(added), frozenset(removed), added_meta, updated)
 
 
 def change_routes(
@@ -424,28 +622,40 @@ def change_routes(
     remove: Mapping[ModuleKey, Collection[HostKey] | None],
     now: float,
     actor: Actor | None = None,
+    meta: MetaWrite | None = None,
+    force: bool = True,
+    policies: PolicyWrite | None = None,
 ) -> Op[RouteWrite]:
-    """Apply adds and removes (a host both removed and added stays); on any change raise the
+    """Apply adds and removes (a host both removed and added stays), the weights and zones
+    of ``meta`` (hosts added or kept) and the modules' ``policies``; on any change raise the
     version once and log RouteChange rows, and RouteAudit rows when an ``actor`` is given.
+    Without ``force``, a write removing more than half of a module's hosts is
+    :class:`ShrinkRefused`.
 
     The first statement locks the RouteVersion row, which serialises every route writer:
     versions rise in commit order and two writers never both insert the same host.
     """
     old_version = yield from _lock_version(dialect)
-    modules = sorted(set(add) | set(remove))
+    meta = meta or {}
+    policies = policies or {}
+    modules = sorted(set(add) | set(remove) | set(meta) | set(policies))
     current = yield from _hosts_of(modules)
+    old_meta = yield from _meta_of([m for m in modules if meta.get(m)])
+    old_policies = (yield from get_policies(sorted(policies))) if policies else {}
     changes = {}
     for module in modules:
         had = current[module]
-        adding = set(add.get(module, ()))
         gone: set[HostKey] = set()
         if module in remove:
             wanted = remove[module]
             gone = set(had) if wanted is None else had & set(wanted)
-        changes[module] = _ModuleChange(
-            frozenset(had), frozenset(adding - had), frozenset(gone - adding)
+        change = _module_change(
+            module, had, set(add.get(module, ())), gone, meta.get(module), old_meta.get(module, {})
         )
-    return (yield from _write_changes(changes, old_version, now, actor))
+        if module in policies and old_policies.get(module) != policies[module]:
+            change = attrs.evolve(change, policy=(old_policies.get(module), policies[module]))
+        changes[module] = change
+    return (yield from _write_changes(changes, old_version, now, actor, force))
 
 
 def replace_routes(
@@ -453,19 +663,63 @@ def replace_routes(
     routes: Mapping[ModuleKey, Collection[HostKey]],
     now: float,
     actor: Actor | None = None,
+    meta: MetaWrite | None = None,
+    force: bool = True,
+    policies: PolicyWrite | None = None,
 ) -> Op[RouteWrite]:
     """Make RouteData exactly ``routes`` (other modules lose every host), logged as
-    :func:`change_routes` logs its writes."""
+    :func:`change_routes` logs its writes. With ``meta``, the weights and zones become
+    exactly its (a host it omits takes the defaults); without, they stay as they are. With
+    ``policies``, the modules' own policies become exactly its; without, they stay."""
     old_version = yield from _lock_version(dialect)
     current = yield from _all_hosts()
+    old_policies: PolicyMap = {}
+    if policies is not None:
+        old_policies = yield from get_policies(None)
+    modules = sorted(set(routes) | set(current) | set(old_policies) | set(policies or {}))
+    old_meta: dict[ModuleKey, dict[HostKey, HostMeta]] = {}
+    if meta is not None:
+        old_meta = yield from _meta_of([m for m in modules if m in routes and m in current])
     changes = {}
-    for module in sorted(set(routes) | set(current)):
+    for module in modules:
         had = current.get(module, set())
         wanted = set(routes.get(module, ()))
-        changes[module] = _ModuleChange(
-            frozenset(had), frozenset(wanted - had), frozenset(had - wanted)
+        exact = None
+        if meta is not None:
+            given = meta.get(module, {})
+            exact = {host: given.get(host, HostMeta()) for host in wanted}
+        change = _module_change(
+            module, had, wanted, had - wanted, exact, old_meta.get(module, {}), strict=False
         )
-    return (yield from _write_changes(changes, old_version, now, actor))
+        if policies is not None:
+            old, new = old_policies.get(module), policies.get(module)
+            if old != new:
+                change = attrs.evolve(change, policy=(old, new))
+        changes[module] = change
+    return (yield from _write_changes(changes, old_version, now, actor, force))
+
+
+def set_host_meta(
+    dialect: Dialect,
+    module: ModuleKey,
+    host: HostKey,
+    weight: int | None,
+    zone: str | None,
+    now: float,
+    actor: Actor | None,
+) -> Op[RouteWrite]:
+    """Set the weight and/or zone of one host of a module's route (:class:`InvalidValue`
+    if it is not there)."""
+    old_version = yield from _lock_version(dialect)
+    current = (yield from _meta_of([module]))[module]
+    if host not in current:
+        raise InvalidValue(
+            f"module {module[0]}/{module[1]}: {format_host(host)} is not in its route"
+        )
+    old = current[host]
+    new = HostMeta(old.weight if weight is None else weight, old.zone if zone is None else zone)
+    change = _module_change(module, set(current), set(), set(), {host: new}, current)
+    return (yield from _write_changes({module: change}, old_version, now, actor, True))
 
 
 def _host_list(hosts: Collection[HostKey]) -> str:
@@ -473,18 +727,69 @@ def _host_list(hosts: Collection[HostKey]) -> str:
     return json.dumps([format_host(host) for host in sorted(hosts)], separators=(",", ":"))
 
 
+def _meta_json(meta: HostMeta) -> dict[str, Any]:
+    return {"weight": meta.weight, "zone": meta.zone}
+
+
+def _changes_json(change: _ModuleChange) -> str | None:
+    """RouteAudit.changes of a module's change: the weights and zones set (on hosts kept,
+    and on hosts added when not the defaults), or None."""
+    hosts: dict[str, dict[str, list[Any]]] = {}
+    for host, value in sorted(change.added_meta.items()):
+        hosts[format_host(host)] = {
+            k: [None, v] for k, v in _meta_json(value).items() if v != getattr(HostMeta(), k)
+        }
+    for host, (old, new) in sorted(change.updated.items()):
+        hosts[format_host(host)] = {
+            k: [getattr(old, k), getattr(new, k)]
+            for k in HostMeta._fields
+            if getattr(old, k) != getattr(new, k)
+        }
+    detail: dict[str, Any] = {"hosts": hosts} if hosts else {}
+    if change.policy is not None:
+        detail["policy"] = [_policy_json(change.policy[0]), _policy_json(change.policy[1])]
+    if not detail:
+        return None
+    return json.dumps(detail, separators=(",", ":"), sort_keys=True)
+
+
+def check_shrink(changes: Mapping[ModuleKey, _ModuleChange]) -> None:
+    """:class:`ShrinkRefused` if a write removes more than half of a module's hosts (or
+    all of them) (DESIGN §13)."""
+    shrinks = tuple(
+        (module, len(c.had), len(c.removed))
+        for module, c in sorted(changes.items())
+        if c.had and 2 * len(c.removed) > len(c.had)
+    )
+    if not shrinks:
+        return
+    parts = [
+        f"{m[0]}/{m[1]} would lose {'all' if lost == had else lost} of its {had} host(s)"
+        for m, had, lost in shrinks[:5]
+    ]
+    more = f" and {len(shrinks) - 5} more module(s)" if len(shrinks) > 5 else ""
+    raise ShrinkRefused(
+        f"refused: module {'; '.join(parts)}{more} (more than half); nothing was written",
+        shrinks,
+    )
+
+
 def _write_changes(
     changes: Mapping[ModuleKey, _ModuleChange],
     old_version: int,
     now: float,
     actor: Actor | None,
+    force: bool = True,
 ) -> Op[RouteWrite]:
-    """Delete and insert RouteData rows, then raise the version and write the RouteAudit
-    and RouteChange rows of the modules that change."""
-    changed = sorted(module for module, c in changes.items() if c.added or c.removed)
+    """Delete, insert and update RouteData rows, then raise the version and write the
+    RouteAudit and RouteChange rows of the modules that change."""
+    changed = sorted(module for module, c in changes.items() if c.changes)
     if not changed:
         return RouteWrite(None)
-    inserts: list[tuple[int, ...]] = []
+    if not force:
+        check_shrink({m: changes[m] for m in changed})
+    inserts: list[tuple[Any, ...]] = []
+    meta_inserts: list[tuple[Any, ...]] = []
     for module in changed:
         change = changes[module]
         if change.removed and change.removed == change.had:
@@ -496,33 +801,116 @@ def _write_changes(
                     f"DELETE FROM RouteData WHERE modid = ? AND cmdid = ? AND ({hosts})",
                     (*module, *(v for host in chunk for v in host)),
                 )
-        inserts += [(*module, *host) for host in sorted(change.added)]
+        for host in sorted(change.added):
+            value = change.added_meta.get(host)
+            if value is None:  # the original's columns only: fits a database not upgraded
+                inserts.append((*module, *host))
+            else:
+                meta_inserts.append((*module, *host, value.weight, value.zone))
+        for host, (_, new) in sorted(change.updated.items()):
+            yield (
+                "UPDATE RouteData SET weight = ?, zone = ?"
+                " WHERE modid = ? AND cmdid = ? AND serverip = ? AND serverport = ?",
+                (new.weight, new.zone, *module, *host),
+            )
+        if change.policy is not None:
+            yield ("DELETE FROM RoutePolicy WHERE modid = ? AND cmdid = ?", module)
+            spec = change.policy[1]
+            if spec is not None:
+                yield from _insert(
+                    "RoutePolicy",
+                    ("modid", "cmdid", *POLICY_COLUMNS),
+                    [(*module, spec.policy, int(spec.zone_affinity), *spec[2:])],
+                )
     yield from _insert("RouteData", ("modid", "cmdid", "serverip", "serverport"), inserts)
-    new_version = max(old_version + 1, int(now))
-    yield ("UPDATE RouteVersion SET version = ? WHERE id = 1", (new_version,))
+    yield from _insert(
+        "RouteData", ("modid", "cmdid", "serverip", "serverport", "weight", "zone"), meta_inserts
+    )
+    audit = []
     if actor is not None:
         audit = [
             (
-                now,
-                actor.name,
-                actor.source,
                 *module,
                 _host_list(changes[module].added),
                 _host_list(changes[module].removed),
-                new_version,
+                _changes_json(changes[module]),
             )
             for module in changed
         ]
-        yield from _insert("RouteAudit", AUDIT_COLUMNS, audit, _AUDIT_CHUNK)
+    write = yield from _finish_write(changed, old_version, now, actor, audit)
+    return attrs.evolve(
+        write,
+        added=sum(len(changes[m].added) for m in changed),
+        removed=sum(len(changes[m].removed) for m in changed),
+        updated=sum(len(changes[m].updated) for m in changed),
+    )
+
+
+def _finish_write(
+    changed: Sequence[ModuleKey],
+    old_version: int,
+    now: float,
+    actor: Actor | None,
+    audit: Sequence[tuple[int, int, str, str, str | None]],
+) -> Op[RouteWrite]:
+    """Raise the version, write the RouteAudit rows (``modid, cmdid, added, removed,
+    changes``: the column ``changes`` only in rows that have some, so that a database
+    without it takes the others) and a RouteChange row per module."""
+    new_version = max(old_version + 1, int(now))
+    yield ("UPDATE RouteVersion SET version = ? WHERE id = 1", (new_version,))
+    if actor is not None:
+        plain = []
+        detailed = []
+        for modid, cmdid, added, removed, detail in audit:
+            row = (now, actor.name, actor.source, modid, cmdid, added, removed, new_version)
+            if detail is None:
+                plain.append(row)
+            else:
+                detailed.append((*row, detail))
+        yield from _insert("RouteAudit", AUDIT_COLUMNS, plain, _AUDIT_CHUNK)
+        yield from _insert("RouteAudit", (*AUDIT_COLUMNS, "changes"), detailed, _AUDIT_CHUNK)
     yield from _insert(
         "RouteChange", ("modid", "cmdid", "version"), [(*m, new_version) for m in changed]
     )
-    return RouteWrite(
-        new_version,
-        frozenset(changed),
-        added=sum(len(changes[m].added) for m in changed),
-        removed=sum(len(changes[m].removed) for m in changed),
-    )
+    return RouteWrite(new_version, frozenset(changed))
+
+
+# --- policies (DESIGN §13) -------------------------------------------------------------------
+
+
+def _policy_json(spec: PolicySpec | None) -> dict[str, Any] | None:
+    return None if spec is None else spec._asdict()
+
+
+def get_policies(modules: Sequence[ModuleKey] | None) -> Op[PolicyMap]:
+    """The RoutePolicy rows of ``modules`` (None: every module)."""
+    if modules is None:
+        return _policy_rows((yield (_POLICY_SELECT, ())).rows)
+    rows: list[tuple[Any, ...]] = []
+    for chunk in _chunks(modules):
+        where, flat = _modules_clause(chunk)
+        rows += (yield (f"{_POLICY_SELECT} WHERE {where}", flat)).rows
+    return _policy_rows(rows)
+
+
+def read_policies(dialect: Dialect, modules: Sequence[ModuleKey] | None) -> Op[PolicyMap]:
+    """:func:`get_policies`, or none on a database without the RoutePolicy table."""
+    features = yield from route_features(dialect)
+    if not features.policy:
+        return {}
+    return (yield from get_policies(modules))
+
+
+def set_policy(
+    dialect: Dialect,
+    module: ModuleKey,
+    spec: PolicySpec | None,
+    now: float,
+    actor: Actor | None,
+) -> Op[RouteWrite]:
+    """Give a module its own policy (``None``: remove it, the agents' default applies); a
+    change raises the version and writes RouteChange (DNS pushes it) and RouteAudit rows."""
+    return (yield from change_routes(dialect, {}, {}, now, actor, policies={module: spec}))
 
 
 def _insert(
@@ -539,7 +927,11 @@ def _insert(
 
 def list_routes(modid: int | None, cmdid: int | None) -> Op[dict[ModuleKey, list[HostKey]]]:
     """Routes sorted by module and host, filtered by modid and cmdid when given."""
-    sql = "SELECT modid, cmdid, serverip, serverport FROM RouteData"
+    routes, _ = yield from _list_routes(_ROUTE_SELECT, modid, cmdid)
+    return {module: sorted(routes[module]) for module in sorted(routes)}
+
+
+def _list_routes(sql: str, modid: int | None, cmdid: int | None) -> Op[tuple[RouteMap, MetaMap]]:
     args: tuple[int, ...] = ()
     if modid is not None:
         sql += " WHERE modid = ?"
@@ -547,8 +939,24 @@ def list_routes(modid: int | None, cmdid: int | None) -> Op[dict[ModuleKey, list
         if cmdid is not None:
             sql += " AND cmdid = ?"
             args = (modid, cmdid)
-    routes = _route_rows((yield (sql, args)).rows)
-    return {module: sorted(routes[module]) for module in sorted(routes)}
+    return _route_rows((yield (sql, args)).rows)
+
+
+def list_route_meta(
+    dialect: Dialect, modid: int | None, cmdid: int | None
+) -> Op[dict[ModuleKey, dict[HostKey, HostMeta]]]:
+    """Routes sorted by module and host with every host's weight and zone (the defaults
+    on a database without the columns)."""
+    features = yield from route_features(dialect)
+    routes, meta = yield from _list_routes(
+        _META_SELECT if features.meta else _ROUTE_SELECT, modid, cmdid
+    )
+    return {
+        module: {
+            host: meta.get(module, {}).get(host, HostMeta()) for host in sorted(routes[module])
+        }
+        for module in sorted(routes)
+    }
 
 
 def purge_changes(dialect: Dialect, older_than: float) -> Op[int]:
@@ -757,7 +1165,11 @@ def _newest_first(
 
 
 def list_audit(
-    module: ModuleKey | None, actor: str | None, limit: int, before_id: int | None
+    dialect: Dialect,
+    module: ModuleKey | None,
+    actor: str | None,
+    limit: int,
+    before_id: int | None,
 ) -> Op[list[AuditEntry]]:
     """RouteAudit rows, newest first, filtered by module, actor name and ``id < before_id``."""
     filters: list[tuple[str, tuple[Any, ...]]] = []
@@ -765,7 +1177,13 @@ def list_audit(
         filters.append(("modid = ? AND cmdid = ?", module))
     if actor is not None:
         filters.append(("actor = ?", (actor,)))
-    rows = (yield _newest_first(_AUDIT_SELECT, filters, before_id, limit)).rows
+    columns = {
+        str(_text(row[0])).lower() for row in (yield (dialect.list_columns, ("RouteAudit",))).rows
+    }
+    select = _AUDIT_SELECT
+    if "changes" in columns:
+        select = select.replace(" FROM RouteAudit", ", changes FROM RouteAudit")
+    rows = (yield _newest_first(select, filters, before_id, limit)).rows
     return [
         AuditEntry(
             int(id_),
@@ -777,9 +1195,22 @@ def list_audit(
             _parse_host_list(added),
             _parse_host_list(removed),
             int(version),
+            _parse_changes(detail[0] if detail else None),
         )
-        for id_, ts, name, source, modid, cmdid, added, removed, version in rows
+        for id_, ts, name, source, modid, cmdid, added, removed, version, *detail in rows
     ]
+
+
+def _parse_changes(text: object) -> dict[str, Any]:
+    """RouteAudit.changes as a map ({} for NULL or unreadable)."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(_text(text))
+    except ValueError:
+        log.warning("unreadable changes in RouteAudit: %.80r", text)
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def recent_changes(limit: int) -> Op[list[tuple[int, int, int]]]:

@@ -21,7 +21,9 @@ CREATE TABLE IF NOT EXISTS RouteData (
     modid INTEGER NOT NULL,
     cmdid INTEGER NOT NULL,
     serverip INTEGER NOT NULL,
-    serverport INTEGER NOT NULL
+    serverport INTEGER NOT NULL,
+    weight INTEGER NOT NULL DEFAULT 100,
+    zone TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS RouteData_module ON RouteData (modid, cmdid);
 CREATE TABLE IF NOT EXISTS RouteVersion (
@@ -69,7 +71,19 @@ CREATE TABLE IF NOT EXISTS RouteAudit (
     cmdid INTEGER NOT NULL,
     added TEXT NOT NULL,
     removed TEXT NOT NULL,
-    version INTEGER NOT NULL
+    version INTEGER NOT NULL,
+    changes TEXT
+);
+-- Weights, zones and policies (DESIGN §13): see mysql_schema.sql.
+CREATE TABLE IF NOT EXISTS RoutePolicy (
+    modid INTEGER NOT NULL,
+    cmdid INTEGER NOT NULL,
+    policy TEXT NOT NULL DEFAULT 'rr',
+    zone_affinity INTEGER NOT NULL DEFAULT 0,
+    zone_failover REAL NOT NULL DEFAULT 0.7,
+    panic_threshold REAL NOT NULL DEFAULT 0,
+    slow_start REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (modid, cmdid)
 );
 -- The call history and the alarms (issue 10): see mysql_schema.sql for what they hold.
 CREATE TABLE IF NOT EXISTS CallHistory (

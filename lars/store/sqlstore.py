@@ -15,7 +15,15 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
-from lars.core.model import HostKey, ModuleKey, check_id
+from lars.core.model import (
+    HostKey,
+    HostMeta,
+    ModuleKey,
+    PolicySpec,
+    check_id,
+    check_weight,
+    check_zone,
+)
 from lars.errors import InvalidValue
 from lars.store import schema, sql
 from lars.store.base import (
@@ -50,6 +58,8 @@ class SqlStore(RouteStore):
     dialect: sql.Dialect
     #: The number of modules at a route version, from the last overview without a search.
     _module_count: sql.ModuleCount | None = None
+    #: Whether the database has the weight and zone columns and the RoutePolicy table.
+    _features: sql.RouteFeatures | None = None
 
     @abc.abstractmethod
     async def _run(self, make_op: Callable[[], sql.Op[T]], txn: Txn = None) -> T:
@@ -79,30 +89,103 @@ class SqlStore(RouteStore):
         return await self._run(sql.route_version)
 
     async def load_routes(self, changes_since: int | None = None) -> RouteSnapshot:
-        return await self._run(functools.partial(sql.load_routes, changes_since), "read")
+        op = functools.partial(sql.load_routes, self.dialect, changes_since)
+        snapshot, self._features = await self._run(op, "read")
+        return snapshot
 
     async def load_changes(self, since: int) -> RouteDelta:
-        return await self._run(functools.partial(sql.load_changes, since), "read")
+        if self._features is None:  # learnt by every full load (a DNS starts with one)
+            self._features = await self._run(functools.partial(sql.route_features, self.dialect))
+        return await self._run(functools.partial(sql.load_changes, since, self._features), "read")
 
     async def change_routes(
         self,
         add: Mapping[ModuleKey, Collection[HostKey]] | None = None,
         remove: Mapping[ModuleKey, Collection[HostKey] | None] | None = None,
         *,
+        meta: Mapping[ModuleKey, Mapping[HostKey, HostMeta]] | None = None,
         actor: Actor | None = None,
+        force: bool = True,
+        policies: Mapping[ModuleKey, PolicySpec | None] | None = None,
     ) -> RouteWrite:
         add, remove = add or {}, remove or {}
         sql.check_routes(add, remove)
+        checked = sql.check_meta(meta) if meta is not None else None
+        specs = sql.check_policies(policies) if policies is not None else None
         _check_actor(actor)
-        op = functools.partial(sql.change_routes, self.dialect, add, remove, time.time(), actor)
+        op = functools.partial(
+            sql.change_routes, self.dialect, add, remove, time.time(), actor, checked, force, specs
+        )
         return await self._run(op, "write")
 
     async def replace_routes(
-        self, routes: Mapping[ModuleKey, Collection[HostKey]], *, actor: Actor | None = None
+        self,
+        routes: Mapping[ModuleKey, Collection[HostKey]],
+        *,
+        meta: Mapping[ModuleKey, Mapping[HostKey, HostMeta]] | None = None,
+        actor: Actor | None = None,
+        force: bool = True,
+        policies: Mapping[ModuleKey, PolicySpec | None] | None = None,
     ) -> RouteWrite:
         sql.check_routes(routes)
+        checked = sql.check_meta(meta) if meta is not None else None
+        specs = sql.check_policies(policies) if policies is not None else None
         _check_actor(actor)
-        op = functools.partial(sql.replace_routes, self.dialect, routes, time.time(), actor)
+        op = functools.partial(
+            sql.replace_routes, self.dialect, routes, time.time(), actor, checked, force, specs
+        )
+        return await self._run(op, "write")
+
+    async def set_host_meta(
+        self,
+        module: ModuleKey,
+        host: HostKey,
+        *,
+        weight: int | None = None,
+        zone: str | None = None,
+        actor: Actor | None = None,
+    ) -> RouteWrite:
+        key = sql.check_module(module)
+        sql.check_routes({key: [host]})
+        if weight is None and zone is None:
+            raise InvalidValue("give a weight or a zone to set")
+        if weight is not None:
+            check_weight(weight)
+        if zone is not None:
+            check_zone(zone)
+        _check_actor(actor)
+        op = functools.partial(
+            sql.set_host_meta,
+            self.dialect,
+            key,
+            sql.check_host(key, host),
+            weight,
+            zone,
+            time.time(),
+            actor,
+        )
+        return await self._run(op, "write")
+
+    async def list_route_meta(
+        self, modid: int | None = None, cmdid: int | None = None
+    ) -> dict[ModuleKey, dict[HostKey, HostMeta]]:
+        return await self._run(functools.partial(sql.list_route_meta, self.dialect, modid, cmdid))
+
+    async def list_policies(self) -> dict[ModuleKey, PolicySpec]:
+        return await self._run(functools.partial(sql.read_policies, self.dialect, None))
+
+    async def get_policy(self, module: ModuleKey) -> PolicySpec | None:
+        key = sql.check_module(module)
+        return (await self._run(functools.partial(sql.read_policies, self.dialect, [key]))).get(key)
+
+    async def set_policy(
+        self, module: ModuleKey, spec: PolicySpec | None, *, actor: Actor | None = None
+    ) -> RouteWrite:
+        key = sql.check_module(module)
+        if spec is not None:
+            spec = sql.check_policy(spec)
+        _check_actor(actor)
+        op = functools.partial(sql.set_policy, self.dialect, key, spec, time.time(), actor)
         return await self._run(op, "write")
 
     async def list_routes(
@@ -148,7 +231,7 @@ class SqlStore(RouteStore):
         sql.check_limit(limit)
         if before_id is not None and (type(before_id) is not int or before_id < 0):
             raise InvalidValue(f"before_id must be an integer of 0 or more, got {before_id!r}")
-        op = functools.partial(sql.list_audit, module, actor, limit, before_id)
+        op = functools.partial(sql.list_audit, self.dialect, module, actor, limit, before_id)
         return await self._run(op)
 
     async def recent_changes(self, limit: int = 50) -> list[tuple[int, int, int]]:

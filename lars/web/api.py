@@ -10,6 +10,7 @@ field when one is to blame) with the status of :func:`~lars.web.service.http_sta
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -17,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from lars.alarms.rules import Rule
-from lars.core.model import format_host
+from lars.core.model import HostKey, HostMeta, PolicySpec, format_host
 from lars.store import AuditEntry, HostStatus, ModuleSummary
 from lars.store.base import CALL_STATUS_SORTS, PAGE_MAX, CallPoint
 from lars.web.charts import fill
@@ -38,6 +39,9 @@ from lars.web.service import (
     parse_kind,
     parse_module,
     parse_name,
+    parse_policy,
+    parse_weight,
+    parse_zone,
 )
 
 # --- JSON shapes -----------------------------------------------------------------------------
@@ -60,10 +64,13 @@ def summary_json(s: ModuleSummary) -> dict[str, Any]:
     }
 
 
-def host_json(h: HostStatus) -> dict[str, Any]:
-    """A host of a module, with one status row per caller."""
+def host_json(h: HostStatus, meta: Mapping[HostKey, HostMeta] | None = None) -> dict[str, Any]:
+    """A host of a module, its weight and zone, with one status row per caller."""
+    value = (meta or {}).get(h.host, HostMeta())
     return {
         "host": format_host(h.host),
+        "weight": value.weight,
+        "zone": value.zone,
         "overloaded": any(r.overload for r in h.callers),
         "callers": [
             {k: v for k, v in r.as_json().items() if k not in ("modid", "cmdid", "host")}
@@ -84,7 +91,13 @@ def audit_json(a: AuditEntry) -> dict[str, Any]:
         "added": [format_host(h) for h in a.added],
         "removed": [format_host(h) for h in a.removed],
         "version": a.version,
+        "changes": dict(a.changes),
     }
+
+
+def policy_json(spec: PolicySpec | None) -> dict[str, Any] | None:
+    """A module's own policy (None: the agents' default applies)."""
+    return None if spec is None else spec._asdict()
 
 
 def outcome_json(o: Outcome) -> dict[str, Any]:
@@ -94,6 +107,7 @@ def outcome_json(o: Outcome) -> dict[str, Any]:
         "added": o.added,
         "removed": o.removed,
         "modules": o.modules,
+        "updated": o.updated,
         "warnings": list(o.warnings),
     }
 
@@ -194,16 +208,65 @@ async def get_module(request: Request) -> Response:
     return ok(
         {
             **summary_json(view.summary),
-            "hosts": [host_json(h) for h in view.hosts],
+            "policy": policy_json(view.policy),
+            "hosts": [host_json(h, view.meta) for h in view.hosts],
             "changes": [audit_json(a) for a in view.audit],
         }
     )
 
 
+def _force(request: Request, body: Mapping[str, Any] | None = None) -> bool:
+    """The ``force`` flag of a write that may remove many hosts: ``?force=true`` or
+    ``"force": true`` in the body."""
+    value = (body or {}).get("force", request.query_params.get("force"))
+    return bool(parse_bool(value, "force", default=False))
+
+
 async def delete_module(request: Request) -> Response:
-    """``DELETE /api/v1/modules/MODID/CMDID``: remove every host."""
-    outcome = await console(request).service.remove_module(actor(request), _module(request))
+    """``DELETE /api/v1/modules/MODID/CMDID?force=true``: remove every host (409 without
+    ``force``, DESIGN §13)."""
+    force = _force(request)
+    outcome = await console(request).service.remove_module(actor(request), _module(request), force)
     return ok(outcome_json(outcome))
+
+
+async def set_host(request: Request) -> Response:
+    """``PUT /api/v1/modules/MODID/CMDID/hosts/IP:PORT {"weight": N, "zone": "Z"}``
+    (either or both; 404 if the host is not in the module)."""
+    module = _module(request)
+    (host,) = parse_hosts([request.path_params["host"]], "host")
+    body = await json_body(request)
+    unknown = sorted(set(body) - {"weight", "zone"})
+    if unknown:
+        raise BadInput(unknown[0], "unknown field")
+    weight, zone = parse_weight(body.get("weight")), parse_zone(body.get("zone"))
+    outcome = await console(request).service.set_host(actor(request), module, host, weight, zone)
+    return ok(outcome_json(outcome))
+
+
+async def get_policy(request: Request) -> Response:
+    """``GET /api/v1/modules/MODID/CMDID/policy``: ``{"policy": {...} or null}``."""
+    spec = await console(request).service.policy(_module(request))
+    return ok({"policy": policy_json(spec)})
+
+
+async def put_policy(request: Request) -> Response:
+    """``PUT /api/v1/modules/MODID/CMDID/policy {"policy": "weighted", "zone_affinity":
+    true, ...}``: the module's own policy (fields left out take the defaults)."""
+    module = _module(request)
+    body = await json_body(request)
+    unknown = sorted(set(body) - set(PolicySpec._fields))
+    if unknown:
+        raise BadInput(unknown[0], "unknown field")
+    spec = parse_policy(body)
+    outcome = await console(request).service.set_policy(actor(request), module, spec)
+    return ok({"policy": policy_json(spec), "result": outcome_json(outcome)})
+
+
+async def delete_policy(request: Request) -> Response:
+    """``DELETE /api/v1/modules/MODID/CMDID/policy``: back to the agents' default."""
+    outcome = await console(request).service.set_policy(actor(request), _module(request), None)
+    return ok({"policy": None, "result": outcome_json(outcome)})
 
 
 async def add_hosts(request: Request) -> Response:
@@ -215,19 +278,24 @@ async def add_hosts(request: Request) -> Response:
 
 
 async def remove_hosts(request: Request) -> Response:
-    """``DELETE /api/v1/modules/MODID/CMDID/hosts {"hosts": [...]}`` (404 if one is not
-    there)."""
+    """``DELETE /api/v1/modules/MODID/CMDID/hosts {"hosts": [...], "force": false}`` (404 if
+    one is not there; 409 if they are more than half of the module's and not forced)."""
     module = _module(request)
-    hosts = parse_hosts((await json_body(request)).get("hosts"))
-    outcome = await console(request).service.remove_hosts(actor(request), module, hosts)
+    body = await json_body(request)
+    hosts = parse_hosts(body.get("hosts"))
+    outcome = await console(request).service.remove_hosts(
+        actor(request), module, hosts, _force(request, body)
+    )
     return ok(outcome_json(outcome))
 
 
 async def remove_host(request: Request) -> Response:
-    """``DELETE /api/v1/modules/MODID/CMDID/hosts/IP:PORT``: one host."""
+    """``DELETE /api/v1/modules/MODID/CMDID/hosts/IP:PORT?force=true``: one host."""
     module = _module(request)
     hosts = parse_hosts([request.path_params["host"]], "host")
-    outcome = await console(request).service.remove_hosts(actor(request), module, hosts)
+    outcome = await console(request).service.remove_hosts(
+        actor(request), module, hosts, _force(request)
+    )
     return ok(outcome_json(outcome))
 
 
@@ -308,16 +376,18 @@ async def export(request: Request) -> Response:
 
 async def import_routes(request: Request) -> Response:
     """``POST /api/v1/import {"data": "...", "format": "json|csv", "replace": false,
-    "dry_run": true}``: the diff, and with ``dry_run`` false the write."""
+    "dry_run": true, "force": false}``: the diff, and with ``dry_run`` false the write (a
+    replace removing more than half of a module's hosts needs ``force``)."""
     body = await json_body(request)
     replace = bool(parse_bool(body.get("replace"), "replace", default=False))
+    force = _force(request, body)
     dry_run = bool(parse_bool(body.get("dry_run"), "dry_run", default=False))
     service = console(request).service
     plan = await service.plan_import(body.get("data"), body.get("format"), replace)
     result: dict[str, Any] = {"dry_run": dry_run, **plan_json(plan)}
     if not dry_run:
         outcome = await service.apply_import(
-            actor(request), body.get("data"), body.get("format"), replace
+            actor(request), body.get("data"), body.get("format"), replace, force
         )
         result["result"] = outcome_json(outcome)
     return ok(result)

@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 
-from lars.core.model import format_host
+from lars.core.model import PolicySpec, format_host
 from lars.errors import LarsError
 from lars.store.base import CALL_STATUS_SORTS
 from lars.web import charts as charts_
@@ -38,6 +38,7 @@ from lars.web.service import (
     IMPORT_FORMATS,
     IMPORT_MAX_BYTES,
     BadInput,
+    NeedsForce,
     NotFound,
     http_status,
     parse_bool,
@@ -48,6 +49,9 @@ from lars.web.service import (
     parse_int,
     parse_module,
     parse_name,
+    parse_policy,
+    parse_weight,
+    parse_zone,
 )
 
 #: Rows per page of the overview and the call status.
@@ -256,8 +260,42 @@ async def add_hosts(request: Request) -> Response:
     return redirect(f"/modules/{module[0]}/{module[1]}")
 
 
+async def set_host(request: Request) -> Response:
+    """Set the weight and/or the zone of a host of the module (DESIGN §13)."""
+    form = await checked_form(request)
+    try:
+        module = _module_of(request)
+        (host,) = parse_hosts([form_text(form, "host")], "host")
+        weight = parse_weight(form_text(form, "weight").strip())
+        zone_text = form_text(form, "zone")
+        zone = parse_zone(zone_text.strip()) if zone_text.strip() or "clear_zone" in form else None
+        outcome = await console(request).service.set_host(
+            actor(request), module, host, weight, zone
+        )
+    except LarsError as exc:
+        return await module_page(request, error=str(exc), status=http_status(exc))
+    _report(request, f"module {module[0]}/{module[1]}: {outcome.describe()}", outcome.warnings)
+    return redirect(f"/modules/{module[0]}/{module[1]}")
+
+
+async def set_policy(request: Request) -> Response:
+    """Set the module's own policy, or (``remove``) go back to the agents' default."""
+    form = await checked_form(request)
+    try:
+        module = _module_of(request)
+        fields = {name: form_text(form, name) or None for name in PolicySpec._fields}
+        fields["zone_affinity"] = "1" if form_text(form, "zone_affinity") else "0"
+        spec = None if form_text(form, "action") == "remove" else parse_policy(fields)
+        outcome = await console(request).service.set_policy(actor(request), module, spec)
+    except LarsError as exc:
+        return await module_page(request, error=str(exc), status=http_status(exc))
+    _report(request, f"module {module[0]}/{module[1]}: {outcome.describe()}", outcome.warnings)
+    return redirect(f"/modules/{module[0]}/{module[1]}")
+
+
 async def remove_hosts(request: Request) -> Response:
-    """Remove the hosts ticked on the module page."""
+    """Remove the hosts ticked on the module page (more than half of them, or all, only
+    with the confirmation box ticked)."""
     form = await checked_form(request)
     try:
         module = _module_of(request)
@@ -265,7 +303,10 @@ async def remove_hosts(request: Request) -> Response:
         if not picked:
             raise BadInput("host", "tick at least one host to remove")
         service = console(request).service
-        outcome = await service.remove_hosts(actor(request), module, parse_hosts(picked, "host"))
+        force = bool(parse_bool(form_text(form, "force"), "force", default=False))
+        outcome = await service.remove_hosts(
+            actor(request), module, parse_hosts(picked, "host"), force
+        )
     except LarsError as exc:
         return await module_page(request, error=str(exc), status=http_status(exc))
     _report(request, f"module {module[0]}/{module[1]}: {outcome.describe()}", outcome.warnings)
@@ -292,11 +333,23 @@ async def delete_module_page(request: Request) -> Response:
 
 
 async def delete_module(request: Request) -> Response:
-    """Remove every host of a module (after the confirmation page)."""
-    await checked_form(request)
+    """Remove every host of a module (after the confirmation page, whose box must be
+    ticked: DESIGN §13)."""
+    form = await checked_form(request)
     module = _module_of(request)
     try:
-        outcome = await console(request).service.remove_module(actor(request), module)
+        force = bool(parse_bool(form_text(form, "force"), "force", default=False))
+        outcome = await console(request).service.remove_module(actor(request), module, force)
+    except NeedsForce:
+        view = await console(request).service.module(module)
+        return render(
+            request,
+            "delete_module.html",
+            status=409,
+            module=module,
+            view=view,
+            error="tick the box to confirm that every host of the module goes",
+        )
     except NotFound as exc:
         return render(
             request,
@@ -464,7 +517,10 @@ async def import_apply(request: Request) -> Response:
     replace = bool(parse_bool(form_text(form, "replace"), "replace", default=False))
     data = form_text(form, "data")
     try:
-        outcome = await console(request).service.apply_import(actor(request), data, fmt, replace)
+        force = bool(parse_bool(form_text(form, "force"), "force", default=False))
+        outcome = await console(request).service.apply_import(
+            actor(request), data, fmt, replace, force
+        )
     except LarsError as exc:
         return render(
             request,

@@ -21,8 +21,21 @@ from typing import Generic, TypeVar
 import attrs
 
 from lars import routes_io
-from lars.core.model import UINT32_MAX, Host, HostKey, ModuleKey, check_id, format_host, ip_to_int
-from lars.errors import InvalidValue, LarsError, StoreError, StoreUnavailable
+from lars.core.model import (
+    POLICIES,
+    UINT32_MAX,
+    Host,
+    HostKey,
+    HostMeta,
+    ModuleKey,
+    PolicySpec,
+    check_id,
+    check_weight,
+    check_zone,
+    format_host,
+    ip_to_int,
+)
+from lars.errors import InvalidValue, LarsError, ShrinkRefused, StoreError, StoreUnavailable
 from lars.store import (
     Actor,
     AuditEntry,
@@ -211,9 +224,66 @@ def parse_name(value: object, field: str = "name") -> str:
     return text
 
 
-def parse_import(
-    data: object, fmt: object, field: str = "data"
-) -> tuple[str, dict[ModuleKey, frozenset[HostKey]]]:
+class NeedsForce(Conflict):
+    """A write would remove more than half of a module's hosts, or all of them, and was not
+    confirmed (DESIGN §13): nothing was written (HTTP 409)."""
+
+
+def parse_weight(value: object, field: str = "weight") -> int | None:
+    """A host's weight (a number or its text), or None when not given."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        if not (value.strip().isascii() and value.strip().isdigit()):
+            raise BadInput(field, "must be a whole number")
+        value = int(value.strip())
+    try:
+        return check_weight(value)
+    except InvalidValue as exc:
+        raise BadInput(field, str(exc)) from None
+
+
+def parse_zone(value: object, field: str = "zone") -> str | None:
+    """A host's zone ("" for none), or None when not given."""
+    if value is None:
+        return None
+    try:
+        return check_zone(value)
+    except InvalidValue as exc:
+        raise BadInput(field, str(exc)) from None
+
+
+def _parse_fraction(value: object, field: str, default: float, high: float = 1.0) -> float:
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        raise BadInput(field, "must be a number") from None
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise BadInput(field, "must be a number")
+    if not 0.0 <= number <= high:
+        raise BadInput(field, f"must be a number from 0 to {high:g}")
+    return float(number)
+
+
+def parse_policy(data: Mapping[str, object]) -> PolicySpec:
+    """A policy from a form or a JSON object (fields as PolicySpec's; missing ones take
+    PolicySpec's defaults)."""
+    spec = PolicySpec(
+        parse_choice(data.get("policy"), "policy", POLICIES, default="rr"),
+        bool(parse_bool(data.get("zone_affinity"), "zone_affinity", default=False)),
+        _parse_fraction(data.get("zone_failover"), "zone_failover", PolicySpec().zone_failover),
+        _parse_fraction(data.get("panic_threshold"), "panic_threshold", 0.0),
+        _parse_fraction(data.get("slow_start"), "slow_start", 0.0, high=3600.0),
+    )
+    try:
+        return spec.check()
+    except InvalidValue as exc:
+        raise BadInput("policy", str(exc)) from None
+
+
+def parse_import(data: object, fmt: object, field: str = "data") -> tuple[str, routes_io.RouteFile]:
     """An import file's text and format into routes. Nothing partial: any malformed entry
     is a BadInput naming it."""
     fmt = parse_choice(fmt, "format", IMPORT_FORMATS, default="json")
@@ -231,7 +301,7 @@ def parse_import(
     if len(data) > IMPORT_MAX_BYTES:
         raise BadInput(field, f"larger than {IMPORT_MAX_BYTES >> 20} MiB")
     try:
-        return fmt, routes_io.parse_routes(data, fmt)
+        return fmt, routes_io.parse_route_file(data, fmt)
     except InvalidValue as exc:
         raise BadInput(field, str(exc)) from None
 
@@ -267,6 +337,10 @@ class ModuleView:
     summary: ModuleSummary
     hosts: list[HostStatus]
     audit: list[AuditEntry]
+    #: Every host's weight and zone (DESIGN §13).
+    meta: Mapping[HostKey, HostMeta] = attrs.field(factory=dict)
+    #: The module's own policy (None: the agents' default).
+    policy: PolicySpec | None = None
 
 
 @attrs.frozen
@@ -289,6 +363,8 @@ class Outcome:
     removed: int = 0
     modules: int = 0
     warnings: tuple[str, ...] = ()
+    #: Hosts whose weight or zone changed.
+    updated: int = 0
 
     def describe(self) -> str:
         """One line for people."""
@@ -299,6 +375,10 @@ class Outcome:
             parts.append(f"added {self.added} host(s)")
         if self.removed:
             parts.append(f"removed {self.removed} host(s)")
+        if self.updated:
+            parts.append(f"updated {self.updated} host(s)")
+        if not parts:
+            parts.append("changed the policy")
         where = f" in {self.modules} modules" if self.modules > 1 else ""
         return f"{', '.join(parts)}{where}; route version {self.version}"
 
@@ -353,7 +433,9 @@ class ConsoleService:
             ModuleSummary(*module, "", "", len(hosts), 0, 0, 0, None),
         )
         audit = await self.store.list_audit(module=module, limit=MODULE_AUDIT_ROWS)
-        return ModuleView(summary, hosts, audit)
+        meta = (await self.store.list_route_meta(*module)).get(module, {})
+        policy = await self.store.get_policy(module)
+        return ModuleView(summary, hosts, audit, meta, policy)
 
     async def call_status(
         self,
@@ -410,13 +492,13 @@ class ConsoleService:
     async def export(self, fmt: str) -> str:
         """Every route as a JSON or CSV file."""
         fmt = parse_choice(fmt, "format", IMPORT_FORMATS, default="json")
-        routes = await self.store.list_routes()
-        return routes_io.export_routes(routes, fmt)
+        meta = await self.store.list_route_meta()
+        return routes_io.export_routes(meta, fmt, meta, await self.store.list_policies())
 
     async def plan_import(self, data: object, fmt: object, replace: bool) -> ImportPlan:
-        """What importing the file would change (writes nothing)."""
-        fmt_name, routes = parse_import(data, fmt)
-        return await self._plan(fmt_name, routes, replace)
+        """What importing the file would change in hosts (writes nothing)."""
+        fmt_name, parsed = parse_import(data, fmt)
+        return await self._plan(fmt_name, parsed.routes, replace)
 
     async def _plan(
         self, fmt: str, routes: Mapping[ModuleKey, frozenset[HostKey]], replace: bool
@@ -437,8 +519,24 @@ class ConsoleService:
                 for failure in await self.notify(result.version)
             ]
         return Outcome(
-            result.version, result.added, result.removed, len(result.modules), tuple(warnings)
+            result.version,
+            result.added,
+            result.removed,
+            len(result.modules),
+            tuple(warnings),
+            result.updated,
         )
+
+    async def _guarded(self, write: Awaitable[RouteWrite]) -> Outcome:
+        """The outcome of a write that may remove many hosts: NeedsForce when it removes
+        more than half of a module's hosts unconfirmed."""
+        try:
+            result = await write
+        except ShrinkRefused as exc:
+            raise NeedsForce(
+                f'{exc}; confirm the removal to do it anyway (API: "force": true)'
+            ) from None
+        return await self._written(result)
 
     async def create_module(
         self, actor: Actor, module: ModuleKey, hosts: Sequence[HostKey]
@@ -461,9 +559,10 @@ class ConsoleService:
         return await self._written(await self.store.add_hosts(module, hosts, actor=actor))
 
     async def remove_hosts(
-        self, actor: Actor, module: ModuleKey, hosts: Sequence[HostKey]
+        self, actor: Actor, module: ModuleKey, hosts: Sequence[HostKey], force: bool = False
     ) -> Outcome:
-        """Remove hosts from a module; NotFound if the module or any host is not there."""
+        """Remove hosts from a module; NotFound if the module or any host is not there;
+        NeedsForce if they are more than half of its hosts and ``force`` is not given."""
         current = set(await self._hosts_of(module))
         missing = [format_host(h) for h in hosts if h not in current]
         if missing:
@@ -471,12 +570,37 @@ class ConsoleService:
                 f"module {module[0]}/{module[1]} has no host {', '.join(missing)};"
                 " nothing was removed"
             )
-        return await self._written(await self.store.remove_hosts(module, hosts, actor=actor))
+        return await self._guarded(self.store.remove_hosts(module, hosts, actor=actor, force=force))
 
-    async def remove_module(self, actor: Actor, module: ModuleKey) -> Outcome:
-        """Remove every host of a module; NotFound if it has none."""
+    async def remove_module(self, actor: Actor, module: ModuleKey, force: bool = False) -> Outcome:
+        """Remove every host of a module (which needs ``force``); NotFound if it has none."""
         await self._hosts_of(module)
-        return await self._written(await self.store.remove_hosts(module, None, actor=actor))
+        return await self._guarded(self.store.remove_hosts(module, None, actor=actor, force=force))
+
+    async def set_host(
+        self,
+        actor: Actor,
+        module: ModuleKey,
+        host: HostKey,
+        weight: int | None,
+        zone: str | None,
+    ) -> Outcome:
+        """Set a host's weight and/or zone; NotFound if the host is not in the module."""
+        if weight is None and zone is None:
+            raise BadInput("weight", "give a weight, a zone or both")
+        if host not in set(await self._hosts_of(module)):
+            raise NotFound(f"module {module[0]}/{module[1]} has no host {format_host(host)}")
+        return await self._written(
+            await self.store.set_host_meta(module, host, weight=weight, zone=zone, actor=actor)
+        )
+
+    async def policy(self, module: ModuleKey) -> PolicySpec | None:
+        """The module's own policy, or None."""
+        return await self.store.get_policy(module)
+
+    async def set_policy(self, actor: Actor, module: ModuleKey, spec: PolicySpec | None) -> Outcome:
+        """Give a module its own policy, or (None) remove it."""
+        return await self._written(await self.store.set_policy(module, spec, actor=actor))
 
     async def _hosts_of(self, module: ModuleKey) -> list[HostKey]:
         hosts = (await self.store.list_routes(*module)).get(module)
@@ -484,15 +608,28 @@ class ConsoleService:
             raise NotFound(f"module {module[0]}/{module[1]} has no hosts")
         return hosts
 
-    async def apply_import(self, actor: Actor, data: object, fmt: object, replace: bool) -> Outcome:
+    async def apply_import(
+        self, actor: Actor, data: object, fmt: object, replace: bool, force: bool = False
+    ) -> Outcome:
         """Import a route file in one transaction: add its hosts, or with ``replace`` make
-        the routes exactly the file's."""
-        _, routes = parse_import(data, fmt)
+        the routes exactly the file's (removing more than half of a module's hosts needs
+        ``force``). The file's weights, zones and policies are written too."""
+        _, parsed = parse_import(data, fmt)
         if replace:
-            result = await self.store.replace_routes(routes, actor=actor)
-        else:
-            result = await self.store.change_routes(add=routes, actor=actor)
-        return await self._written(result)
+            return await self._guarded(
+                self.store.replace_routes(
+                    parsed.routes,
+                    meta=parsed.meta,
+                    policies=parsed.policies,
+                    actor=actor,
+                    force=force,
+                )
+            )
+        return await self._written(
+            await self.store.change_routes(
+                add=parsed.routes, meta=parsed.meta, policies=parsed.policies, actor=actor
+            )
+        )
 
     async def set_name(self, kind: str, ident: int, name: str) -> None:
         """Name a modid or cmdid (a new entry, or a new name for an old one)."""

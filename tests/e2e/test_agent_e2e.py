@@ -156,7 +156,7 @@ async def test_hosts_added_and_removed_in_the_database_reach_the_agent(
             await s.route("rm", "2", "1", str(H1))
             await wait_for(lambda: client.get_route(2, 1) == [H2])
             assert {client.get_host(2, 1) for _ in range(4)} == {H2}
-            await s.route("rm", "2", "1", "--all")
+            await s.route("rm", "2", "1", "--all", "--force")
             await wait_for(lambda: _no_route(client, 2, 1))
             assert (await s.query(2, 1))["status"] == "unknown"  # dropped from the agent
 

@@ -54,7 +54,7 @@ async def test_add_remove_and_delete_reach_a_watching_query(tmp_path: Path, db_u
             await route(tmp_path, db_url, [address], "rm", "1", "1", "10.0.0.1:7001")
             assert (await next_route(watch))["hosts"] == ["10.0.0.2:7002"]
 
-            await route(tmp_path, db_url, [address], "rm", "1", "1", "--all")
+            await route(tmp_path, db_url, [address], "rm", "1", "1", "--all", "--force")
             assert (await next_route(watch))["hosts"] == []  # module gone: empty push
 
 

@@ -160,11 +160,13 @@ def test_db_init_upgrades_an_original_database_without_touching_data(
     out = capsys.readouterr().out
     assert "added column RouteChange.created" in out
     assert "added column ServerCallStatus.succ_total" in out
+    assert "added column RouteData.weight" in out and "added column RouteData.zone" in out
     # The original tables are kept; only Lars's own new tables are created.
     assert [line for line in out.splitlines() if line.startswith("created table")] == [
         f"created table {table}"
         for table in (
             "RouteAudit",
+            "RoutePolicy",
             "CallHistory",
             "AlarmRule",
             "AlarmState",
@@ -175,3 +177,32 @@ def test_db_init_upgrades_an_original_database_without_touching_data(
     assert route_ls(legacy_url, capsys) == EXPECTED
     assert main(["db", "init", "--store", legacy_url]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_an_original_database_takes_weights_zones_and_policies_after_db_init(
+    legacy_url: str,
+) -> None:
+    from lars.core.model import HostMeta, PolicySpec
+
+    async def before() -> None:
+        async with open_store(legacy_url) as store:
+            # Not upgraded: routes load with the defaults, plain writes work.
+            snapshot = await store.load_routes()
+            assert snapshot.meta == {} and snapshot.policies == {}
+            await store.add_hosts((9, 9), [(167772161, 80)])
+            listed = await store.list_route_meta(9)
+            assert listed == {(9, 9): {(167772161, 80): HostMeta()}}
+
+    async def after() -> None:
+        async with open_store(legacy_url) as store:
+            old_rows = await store.list_route_meta(1, 2)
+            assert set(old_rows[(1, 2)].values()) == {HostMeta()}  # the column defaults
+            await store.set_host_meta((1, 2), (3232235954, 7776), weight=5, zone="z")
+            await store.set_policy((1, 2), PolicySpec("p2c"))
+            snapshot = await store.load_routes()
+            assert snapshot.meta == {(1, 2): {(3232235954, 7776): HostMeta(5, "z")}}
+            assert snapshot.policies == {(1, 2): PolicySpec("p2c")}
+
+    trio.run(before)
+    assert main(["db", "init", "--store", legacy_url]) == 0
+    trio.run(after)

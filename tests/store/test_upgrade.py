@@ -290,3 +290,54 @@ def test_db_init_adds_the_audit_table_and_keys_to_an_older_sqlite_store(
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
     assert {"RouteAudit_module", "RouteChange_module", "ModIDConfig_modid"} <= names
+
+
+def test_upgrade_of_a_sqlite_store_from_before_weights_adds_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import sqlite3
+
+    from lars.core.model import HostMeta, PolicySpec
+
+    with sqlite3.connect("pre14.db") as conn:
+        conn.execute(
+            "CREATE TABLE RouteData (id INTEGER PRIMARY KEY AUTOINCREMENT, modid INTEGER NOT"
+            " NULL, cmdid INTEGER NOT NULL, serverip INTEGER NOT NULL, serverport INTEGER NOT NULL)"
+        )
+        conn.execute("INSERT INTO RouteData (modid, cmdid, serverip, serverport) VALUES (1,1,5,80)")
+    conn.close()
+    url = "sqlite:///pre14.db"
+    code, out, err = run(capsys, "db", "upgrade", "--store", url)
+    assert code == 0, err
+    assert "ALTER TABLE RouteData ADD COLUMN weight INTEGER NOT NULL DEFAULT 100" in out
+    assert "ALTER TABLE RouteData ADD COLUMN zone" in out
+    assert "CREATE TABLE IF NOT EXISTS RoutePolicy" in out
+
+    async def use() -> None:
+        async with open_store(url) as store:
+            assert await store.list_route_meta() == {(1, 1): {(5, 80): HostMeta()}}
+            await store.set_host_meta((1, 1), (5, 80), weight=3)
+            await store.set_policy((1, 1), PolicySpec("p2c"))
+            snapshot = await store.load_routes()
+            assert snapshot.meta == {(1, 1): {(5, 80): HostMeta(3, "")}}
+            assert snapshot.policies == {(1, 1): PolicySpec("p2c")}
+
+    trio.run(use)
+
+
+@pytest.mark.mysql
+def test_upgrade_keeps_repeated_routes_that_differ_in_weight(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for url in make_database(
+        "CREATE TABLE RouteData (id int(10) unsigned NOT NULL AUTO_INCREMENT, modid int(10)"
+        " unsigned NOT NULL, cmdid int(10) unsigned NOT NULL, serverip int(10) unsigned NOT"
+        " NULL, serverport int(10) unsigned NOT NULL, weight int(10) unsigned NOT NULL"
+        " DEFAULT 100, zone varchar(64) NOT NULL DEFAULT '', PRIMARY KEY (id))",
+        "INSERT INTO RouteData (modid, cmdid, serverip, serverport, weight) VALUES"
+        " (1, 1, 5, 80, 100), (1, 1, 5, 80, 7), (2, 2, 6, 80, 100), (2, 2, 6, 80, 100)",
+    ):
+        code, out, err = run(capsys, "db", "upgrade", "--store", url, "--dry-run")
+        assert code == 1 and "1 sets of rows repeat" in err, (out, err)
+        # Rows that repeat exactly (weights and zones too) are still deduplicated.
+        assert "duplicate" not in err

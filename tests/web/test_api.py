@@ -50,7 +50,11 @@ async def test_a_module_is_created_read_changed_and_removed(open_console: Consol
         assert two.json()["removed"] == 1
         assert await store.list_routes() == {(1, 2): [A]}
 
-        gone = await http.delete("/api/v1/modules/1/2")
+        # Removing all of a module's hosts needs "force" (DESIGN §13).
+        refused = await http.delete("/api/v1/modules/1/2")
+        assert refused.status_code == 409 and "would lose all" in refused.json()["error"]
+        assert await store.list_routes() == {(1, 2): [A]}
+        gone = await http.delete("/api/v1/modules/1/2?force=true")
         assert gone.json()["removed"] == 1
         assert (await http.get("/api/v1/modules/1/2")).status_code == 404
     assert await store.list_routes() == {}
@@ -239,7 +243,11 @@ async def test_changes_names_export_and_import(open_console: Console) -> None:
             ],
         }
         assert await store.list_routes() == {(1, 1): [A]}
-        applied = await http.post("/api/v1/import", json={"data": new, "replace": True})
+        refused = await http.post("/api/v1/import", json={"data": new, "replace": True})
+        assert refused.status_code == 409 and "1/1 would lose all" in refused.json()["error"]
+        applied = await http.post(
+            "/api/v1/import", json={"data": new, "replace": True, "force": True}
+        )
         assert applied.json()["result"]["removed"] == 1
         assert await store.list_routes() == {(2, 2): [C]}
         assert open_console.notified[-1] == applied.json()["result"]["version"]

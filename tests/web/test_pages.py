@@ -101,16 +101,25 @@ async def test_hosts_are_added_and_removed_on_the_module_page(
     assert duplicate.status_code == 409
     assert "already has 10.0.0.1:7001; nothing was added" in duplicate.text
     assert "10.0.0.1:7001" in duplicate.text  # the form keeps what was typed
+    two = ["10.0.0.1:7001", "10.0.0.3:7003"]  # 2 of 3: more than half needs the box
+    refused = await http.post("/modules/1/1/hosts/remove", data={"csrf": csrf, "host": two})
+    assert refused.status_code == 409 and "would lose 2 of its 3 host(s)" in refused.text
     removed = await http.post(
-        "/modules/1/1/hosts/remove", data={"csrf": csrf, "host": ["10.0.0.1:7001", "10.0.0.3:7003"]}
+        "/modules/1/1/hosts/remove", data={"csrf": csrf, "host": two, "force": "1"}
     )
     assert removed.status_code == 303 and removed.headers["location"] == "/modules/1/1"
     assert await store.list_routes() == {(1, 1): [B]}
     nothing = await http.post("/modules/1/1/hosts/remove", data={"csrf": csrf})
     assert nothing.status_code == 400
     assert "tick at least one host" in nothing.text
-    last = await http.post(
+    # The last host: removing all of a module's hosts needs the box ticked (DESIGN §13).
+    refused = await http.post(
         "/modules/1/1/hosts/remove", data={"csrf": csrf, "host": "10.0.0.2:7002"}
+    )
+    assert refused.status_code == 409 and "would lose all of its 1 host(s)" in refused.text
+    assert await store.list_routes() == {(1, 1): [B]}
+    last = await http.post(
+        "/modules/1/1/hosts/remove", data={"csrf": csrf, "host": "10.0.0.2:7002", "force": "1"}
     )
     assert last.headers["location"] == "/"  # the module is gone with its last host
     assert await store.list_routes() == {}
@@ -127,12 +136,15 @@ async def test_removing_a_module_asks_first(
     assert confirm.status_code == 200
     assert "Remove module 3/4?" in confirm.text
     assert await store.list_routes() == {(3, 4): [A, B]}  # asking removes nothing
-    done = await http.post("/modules/3/4/delete", data={"csrf": csrf})
+    unconfirmed = await http.post("/modules/3/4/delete", data={"csrf": csrf})
+    assert unconfirmed.status_code == 409 and "tick the box" in unconfirmed.text
+    assert await store.list_routes() == {(3, 4): [A, B]}
+    done = await http.post("/modules/3/4/delete", data={"csrf": csrf, "force": "1"})
     assert done.status_code == 303
     assert await store.list_routes() == {}
     overview = await http.get("/")
     assert "module 3/4 removed: removed 2 host(s)" in overview.text
-    again = await http.post("/modules/3/4/delete", data={"csrf": csrf})
+    again = await http.post("/modules/3/4/delete", data={"csrf": csrf, "force": "1"})
     assert again.status_code == 404
     assert (await http.get("/modules/3/4")).status_code == 404
     assert (await http.get("/modules/3/4/delete")).status_code == 404

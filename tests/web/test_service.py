@@ -14,6 +14,7 @@ from lars.web.service import (
     BadInput,
     Conflict,
     ConsoleService,
+    NeedsForce,
     NotFound,
     http_status,
     parse_bool,
@@ -198,7 +199,9 @@ async def test_removing_hosts_and_the_module_is_audited(
     await service.add_hosts(ALICE, M, [A, B, C])
     removed = await service.remove_hosts(Actor("bob", "192.0.2.8"), M, [B])
     assert removed.removed == 1
-    gone = await service.remove_module(ALICE, M)
+    with pytest.raises(NeedsForce, match="would lose all of its 2 host"):
+        await service.remove_module(ALICE, M)
+    gone = await service.remove_module(ALICE, M, force=True)
     assert gone.removed == 2
     assert await store.list_routes() == {}
     entries = await store.list_audit(module=M)
@@ -302,7 +305,9 @@ async def test_import_previews_then_adds_or_replaces_in_one_write(
     outcome = await service.apply_import(ALICE, data, "json", replace=False)
     assert (outcome.added, outcome.removed, outcome.modules) == (2, 0, 2)
     assert await store.list_routes() == {M: [A, B], (2, 2): [A], (3, 3): [C]}
-    outcome = await service.apply_import(ALICE, data, "json", replace=True)
+    with pytest.raises(NeedsForce, match="3/3 would lose all"):
+        await service.apply_import(ALICE, data, "json", replace=True)
+    outcome = await service.apply_import(ALICE, data, "json", replace=True, force=True)
     assert await store.list_routes() == {M: [B], (2, 2): [A]}
     assert notify.versions[-1] == outcome.version
 
