@@ -567,16 +567,7 @@ class LarsClient:
                     request = wire.encode_get_host_key_request(seq, modid, cmdid, None, reports)
                 else:
                     request = wire.encode_get_host_report_request(seq, modid, cmdid, reports)
-        lane.used += 1
-        data, reply = self._exchange_on(lane, modid, cmdid, seq, request, plain)
-        try:  # the usual answer, read without building a message
-            if reply[0] == 5 and reply[4] == 0:
-                host = self._hosts.get(reply[5])
-                if host is not None:
-                    return host
-        except Exception:  # anything else takes the general path, which names it
-            pass
-        return self._host_reply(data, seq, modid, cmdid)
+        return self._ask_host(lane, modid, cmdid, seq, request, plain)
 
     def _get_host_keyed(self, modid: int, cmdid: int, key: str | bytes) -> Host:
         """get_host with a hash key: a GetHostKeyRequest (with the pending reports), or a
@@ -605,6 +596,12 @@ class LarsClient:
                 lane.timed = False
             if reports:
                 request = wire.encode_get_host_key_request(seq, modid, cmdid, hkey, reports)
+        return self._ask_host(lane, modid, cmdid, seq, request, plain)
+
+    def _ask_host(
+        self, lane: _Lane, modid: int, cmdid: int, seq: int, request: bytes, plain: bytes
+    ) -> Host:
+        """Send a get_host ``request`` (resent as ``plain``) and return its host."""
         lane.used += 1
         data, reply = self._exchange_on(lane, modid, cmdid, seq, request, plain)
         try:  # the usual answer, read without building a message
