@@ -447,19 +447,14 @@ class Agent:
         """A GetHostKeyRequest ``(17, seq, modid, cmdid, key, reports)``: its reports (with
         their latencies) first, in order, then the get_host with the caller's key."""
         _, seq, modid, cmdid, hkey, reports = msg
-        table = self.table
         with self._lock:
-            report = table.report
+            report = self.table.report
             for item in reports:
                 latency = item[5] / 1e6 if len(item) == 6 and item[5] is not None else None
                 report((item[0], item[1]), (item[2], item[3]), item[4] == 0, now, latency)
-            wanted = bool(table.want)
-            retcode, host = table.get_host((modid, cmdid), now, seq, (sock, address, False), hkey)
-            wake_dns = not wanted and bool(table.want)
-        if wake_dns:
-            self._wake_trio(self._wake_dns)
+        reply_to = (sock, address, False)
+        retcode, host = self._lookup(True, (modid, cmdid), now, seq, reply_to, hkey)
         if retcode < 0:
-            self._wake_trio(self._wake_waits)
             return None
         return wire.encode_get_host_response(seq, modid, cmdid, retcode, host)
 
@@ -503,15 +498,24 @@ class Agent:
         return self._original_route_reply(key, payload or ())
 
     def _lookup(
-        self, get_host: bool, key: ModuleKey, now: float, seq: int, reply_to: Any
+        self,
+        get_host: bool,
+        key: ModuleKey,
+        now: float,
+        seq: int,
+        reply_to: Any,
+        hkey: bytes | None = None,
     ) -> tuple[int, Any]:
-        """``table.get_host`` (or ``get_route``) under the lock; wakes trio when the module is
-        to be asked of DNS, or when the request now waits for its route (retcode -1)."""
+        """``table.get_host`` (with the caller's hash key ``hkey``, if any) or ``get_route``
+        under the lock; wakes trio when the module is to be asked of DNS, or when the request
+        now waits for its route (retcode -1)."""
         table = self.table
         with self._lock:
             wanted = bool(table.want)
-            lookup = table.get_host if get_host else table.get_route
-            retcode, payload = lookup(key, now, seq, reply_to)
+            if get_host:
+                retcode, payload = table.get_host(key, now, seq, reply_to, hkey)
+            else:
+                retcode, payload = table.get_route(key, now, seq, reply_to)
             wake_dns = not wanted and bool(table.want)
         if wake_dns:
             self._wake_trio(self._wake_dns)
