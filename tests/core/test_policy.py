@@ -20,19 +20,10 @@ from lars.core import policy as pol
 from lars.core.balancer import OVERLOAD, SUCC, BalancerParams, LoadBalancer
 from lars.core.model import HostKey, HostMeta, PolicySpec, ip_to_int
 from lars.core.table import ModuleTable
+from tests.core import test_balancer
 
-QUIET = BalancerParams(
-    probe_num=1_000_000,
-    init_succ_cnt=1000,
-    init_err_cnt=5,
-    err_rate=1.0,
-    succ_rate=1.0,
-    contin_err_limit=1000,
-    contin_succ_limit=1000,
-    window_err_rate=1.0,
-    idle_timeout=1000.0,
-    overload_timeout=1000.0,
-)
+#: test_balancer's parameters that keep the §6 rules out of the way, without probes either.
+QUIET = attrs.evolve(test_balancer.QUIET, probe_num=1_000_000)
 
 
 def key(n: int, port: int = 7000) -> HostKey:
