@@ -32,7 +32,10 @@ import attrs
 import msgpack
 
 from lars.core.model import (
+    DRAIN_MAX_MS,
     PORT_MAX,
+    TTL_MAX,
+    TTL_MIN,
     UINT32_MAX,
     WEIGHT_MAX,
     ZONE_MAX_LENGTH,
@@ -50,7 +53,9 @@ __all__ = [
     "AgentStateResponse",
     "ApiGetRouteRequest",
     "ApiGetRouteResponse",
+    "DeregisterRequest",
     "DnsState",
+    "Drop",
     "ErrorReply",
     "FrameDecoder",
     "GetHostKeyRequest",
@@ -60,8 +65,13 @@ __all__ = [
     "GetRouteRequest",
     "GetRouteResponse",
     "HostResult",
+    "Lease",
+    "LeaseReply",
+    "LeaseUpdate",
     "Message",
     "ProtocolError",
+    "RegisterReply",
+    "RegisterRequest",
     "ReportRequest",
     "ReportStatusAck",
     "ReportStatusRequest",
@@ -214,6 +224,10 @@ _modid = _u32("modid")
 _cmdid = _u32("cmdid")
 
 
+def _port(v: Any) -> int:
+    return _int(v, PORT_MAX, "port", lo=1)
+
+
 # --- messages --------------------------------------------------------------------------------
 
 
@@ -295,8 +309,10 @@ class GetRouteResponse(Message):
     Lars additions (DESIGN §13), both optional: ``meta``, each host's ``(weight, zone)``
     parallel to ``hosts`` (empty: every host HostMeta()), and the module's own ``policy``
     (``[policy, zone_affinity, zone_failover, panic_threshold, slow_start]``, None: the
-    agent's default). Trailing defaults are not encoded, so a route without either is the
-    3-field frame of before, which older agents decode.
+    agent's default). ``demoted`` (DESIGN §14, the fleet view): hosts that enough callers see
+    overloaded; an agent starts them overloaded (still probed). Trailing defaults are not
+    encoded, so a route without any of these is the 3-field frame of before, which older
+    agents decode.
     """
 
     TYPE = 2
@@ -305,8 +321,9 @@ class GetRouteResponse(Message):
     hosts: tuple[HostKey, ...]
     meta: tuple[HostMeta, ...] = ()
     policy: PolicySpec | None = None
-    _FIELDS = (_modid, _cmdid, _hosts, _metas, _policy)
-    _ADDED = 2
+    demoted: tuple[HostKey, ...] = ()
+    _FIELDS = (_modid, _cmdid, _hosts, _metas, _policy, _hosts)
+    _ADDED = 3
 
     def __attrs_post_init__(self) -> None:
         if self.meta and len(self.meta) != len(self.hosts):
@@ -315,9 +332,11 @@ class GetRouteResponse(Message):
             )
 
     def _values(self) -> tuple[Any, ...]:
-        values = (self.modid, self.cmdid, self.hosts, self.meta, self.policy)
-        if self.policy is not None:
+        values = (self.modid, self.cmdid, self.hosts, self.meta, self.policy, self.demoted)
+        if self.demoted:
             return values
+        if self.policy is not None:
+            return values[:5]
         return values[:4] if self.meta else values[:3]
 
 
@@ -644,6 +663,220 @@ class ShrinkConfirm(Message):
     seq: int
     version: int
     _FIELDS = (_seq, _u64("version"))
+
+
+# --- self-registration (DESIGN §14) ---------------------------------------------------------
+
+
+def _reg_ip(v: Any) -> int:
+    return _int(v, UINT32_MAX, "ip")
+
+
+def _reg_weight(v: Any) -> int:
+    return _int(v, WEIGHT_MAX, "weight", lo=-1)
+
+
+def _opt_zone(v: Any) -> str | None:
+    if v is None:
+        return None
+    zone = _str(v)
+    if len(zone) > ZONE_MAX_LENGTH:
+        raise _Invalid(f"zone longer than {ZONE_MAX_LENGTH} characters")
+    return zone
+
+
+def _ttl(v: Any) -> int:
+    return _int(v, TTL_MAX, "ttl", lo=TTL_MIN)
+
+
+def _drain_ms(v: Any) -> int:
+    return _int(v, DRAIN_MAX_MS, "drain_ms")
+
+
+#: Most leases or drops one LeaseUpdate carries (an agent sends more in several frames).
+MAX_LEASE_ITEMS = 1024
+
+
+@attrs.frozen
+class Lease:
+    """One registration as an agent holds it and heartbeats it to the DNS.
+
+    ``weight`` -1: none given (a new row takes DEFAULT_WEIGHT, a static row keeps its own);
+    ``zone`` None: likewise. ``age_ms``: how long ago the registering client last renewed
+    it, so the DNS dates the lease from the client, not from the agent's batching."""
+
+    modid: int
+    cmdid: int
+    ip: int
+    port: int
+    weight: int
+    zone: str | None
+    ttl: int
+    age_ms: int
+
+    @property
+    def module(self) -> tuple[int, int]:
+        return self.modid, self.cmdid
+
+    @property
+    def host(self) -> HostKey:
+        return self.ip, self.port
+
+
+@attrs.frozen
+class Drop:
+    """One deregistration: drain the host (weight 0) now and remove it after ``drain_ms``."""
+
+    modid: int
+    cmdid: int
+    ip: int
+    port: int
+    drain_ms: int
+
+    @property
+    def module(self) -> tuple[int, int]:
+        return self.modid, self.cmdid
+
+    @property
+    def host(self) -> HostKey:
+        return self.ip, self.port
+
+
+def _leases(v: Any) -> tuple[Lease, ...]:
+    items = _array(v, None, "leases")
+    if len(items) > MAX_LEASE_ITEMS:
+        raise _Invalid(f"more than {MAX_LEASE_ITEMS} leases in one update")
+    out = []
+    for item in items:
+        modid, cmdid, ip, port, weight, zone, ttl, age = _array(item, 8, "lease")
+        out.append(
+            Lease(
+                _modid(modid),
+                _cmdid(cmdid),
+                _reg_ip(ip),
+                _port(port),
+                _reg_weight(weight),
+                _opt_zone(zone),
+                _ttl(ttl),
+                _int(age, UINT32_MAX, "age_ms"),
+            )
+        )
+    return tuple(out)
+
+
+def _drops(v: Any) -> tuple[Drop, ...]:
+    items = _array(v, None, "drops")
+    if len(items) > MAX_LEASE_ITEMS:
+        raise _Invalid(f"more than {MAX_LEASE_ITEMS} drops in one update")
+    out = []
+    for item in items:
+        modid, cmdid, ip, port, drain = _array(item, 5, "drop")
+        out.append(
+            Drop(
+                _modid(modid),
+                _cmdid(cmdid),
+                _reg_ip(ip),
+                _port(port),
+                _drain_ms(drain),
+            )
+        )
+    return tuple(out)
+
+
+def _errors(v: Any) -> tuple[tuple[int, str], ...]:
+    return tuple(
+        (_int(index, UINT32_MAX, "index"), _str(reason))
+        for index, reason in (_array(item, 2, "error") for item in _array(v, None, "errors"))
+    )
+
+
+@_register
+@attrs.frozen
+class RegisterRequest(Message):
+    """Client -> agent (UDP): register this host for the module, or renew the registration
+    (the same request again, every ttl/3). ``ip`` 0: the agent's own address. ``weight``
+    -1 and ``zone`` nil: not given. Answered by a RegisterReply once the DNS has taken a
+    new registration (a renewal is answered at once). Agents from API_LEVEL_REGISTER."""
+
+    TYPE = 22
+    seq: int
+    modid: int
+    cmdid: int
+    ip: int
+    port: int
+    weight: int
+    zone: str | None
+    ttl: int
+    _FIELDS = (_seq, _modid, _cmdid, _reg_ip, _port, _reg_weight, _opt_zone, _ttl)
+
+
+@_register
+@attrs.frozen
+class DeregisterRequest(Message):
+    """Client -> agent (UDP): end this registration. The DNS drains the host (weight 0)
+    at once and removes it after ``drain_ms``. Answered by a RegisterReply."""
+
+    TYPE = 23
+    seq: int
+    modid: int
+    cmdid: int
+    ip: int
+    port: int
+    drain_ms: int
+    _FIELDS = (_seq, _modid, _cmdid, _reg_ip, _port, _drain_ms)
+
+
+@_register
+@attrs.frozen
+class RegisterReply(Message):
+    """Agent -> client: ``retcode`` SUCC, or BAD_REQUEST / SYSTEM_ERROR with ``reason``;
+    ``ip`` the address registered (the agent's own when the request said 0)."""
+
+    TYPE = 24
+    seq: int
+    retcode: int
+    ip: int
+    reason: str
+    _FIELDS = (_seq, _retcode, _reg_ip, _str)
+
+
+@_register
+@attrs.frozen
+class LeaseUpdate(Message):
+    """Agent -> DNS (its route session): registrations, new or renewed, and deregistrations,
+    batched. On a new session an agent sends every registration it holds. Answered by a
+    LeaseReply with the same ``seq``."""
+
+    TYPE = 25
+    seq: int
+    leases: tuple[Lease, ...]
+    drops: tuple[Drop, ...]
+    _FIELDS = (_seq, _leases, _drops)
+
+    def _values(self) -> tuple[Any, ...]:
+        return (
+            self.seq,
+            [attrs.astuple(lease) for lease in self.leases],
+            [attrs.astuple(drop) for drop in self.drops],
+        )
+
+
+@_register
+@attrs.frozen
+class LeaseReply(Message):
+    """DNS -> agent: the LeaseUpdate ``seq`` is stored. ``retcode`` SYSTEM_ERROR: nothing
+    was (store unavailable; the agent sends it again). ``errors``: ``(index, reason)`` of
+    items refused, counting leases first and then drops; the others were stored."""
+
+    TYPE = 26
+    seq: int
+    retcode: int
+    errors: tuple[tuple[int, str], ...]
+    _FIELDS = (_seq, _retcode, _errors)
+
+
+#: The agent API level that takes RegisterRequest and DeregisterRequest.
+API_LEVEL_REGISTER = 4
 
 
 #: Message types whose first field is a sequence number, echoed in the reply.

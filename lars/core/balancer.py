@@ -77,7 +77,7 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 
 import attrs
 
@@ -194,8 +194,10 @@ class HostState:
     """The balancer's view of one host. Mutable; owned by one :class:`LoadBalancer`."""
 
     __slots__ = (
+        "called",
         "contin_err",
         "contin_succ",
+        "demoted",
         "flight_err",
         "flight_succ",
         "idle_since",
@@ -238,6 +240,10 @@ class HostState:
         self.ramp_since = 0.0
         self.reason = ""
         self.latency = pol.PeakEwma()
+        # The fleet view (DESIGN §14): whether the DNS says enough callers see this host
+        # overloaded, and whether this agent has had a report on it yet.
+        self.demoted = False
+        self.called = False
 
     @property
     def since(self) -> float:
@@ -262,7 +268,7 @@ class Tally:
     __slots__ = ("hosts", "overloaded", "probes", "to_idle", "to_overload")
 
     def __init__(self) -> None:
-        self.to_overload = {"err_rate": 0, "contin_err": 0, "window": 0}
+        self.to_overload = {"err_rate": 0, "contin_err": 0, "window": 0, "demoted": 0}
         self.to_idle = {"succ_rate": 0, "contin_succ": 0, "timeout": 0}
         #: Probes: overloaded hosts chosen by get_host.
         self.probes = 0
@@ -288,6 +294,8 @@ class LoadBalancer:
         # Overloaded hosts in the order they became overloaded: the head expires first.
         self._overload_order: OrderedDict[HostKey, HostState] = OrderedDict()
         self.access_cnt = 0
+        # How many hosts the route says are demoted.
+        self._demoted = 0
         #: When the route was last set from DNS; ``None`` while no answer has arrived.
         self.last_update: float | None = None
         # Hosts removed from the route whose statistics are not yet sent.
@@ -431,6 +439,7 @@ class LoadBalancer:
             return
         if latency is not None:
             st.latency.observe(latency, now)
+        st.called = True
         self.stats_pending = True
         p = self.params
         if success:
@@ -467,8 +476,14 @@ class LoadBalancer:
 
     # --- route updates ---------------------------------------------------------------------
 
-    def update_route(self, keys: Iterable[HostKey], now: float) -> None:
-        """Replace the route: add new hosts as idle, keep the rest, remove vanished hosts."""
+    def update_route(
+        self, keys: Iterable[HostKey], now: float, demoted: Collection[HostKey] = ()
+    ) -> None:
+        """Replace the route: add new hosts as idle, keep the rest, remove vanished hosts.
+
+        ``demoted`` (the fleet view, DESIGN §14): hosts that enough callers see overloaded.
+        One this agent has not called yet starts overloaded (reason ``demoted``); it is
+        probed and recovers by the usual rules."""
         new = set(keys)
         hosts = self.hosts
         tally = self.tally
@@ -492,6 +507,14 @@ class LoadBalancer:
                 self._become_idle(st, now)
                 st.ramp_since = now
                 tally.hosts += 1
+        if demoted or self._demoted:
+            self._demoted = 0
+            for key, st in hosts.items():
+                st.demoted = key in demoted
+                if st.demoted:
+                    self._demoted += 1
+                    if not st.called and not st.overloaded:
+                        self._become_overloaded(st, now, "demoted")
         self.last_update = now
         if len(self._swrr.scores) > len(hosts):
             self._swrr.forget(hosts)

@@ -174,3 +174,22 @@ class PolicySpec(NamedTuple):
         if type(self.slow_start) not in (int, float) or not 0.0 <= self.slow_start <= 3600.0:
             raise InvalidValue(f"slow_start must be 0 to 3600 seconds, got {self.slow_start!r}")
         return self
+
+
+# --- self-registration (DESIGN §14) ---------------------------------------------------------
+
+#: A registration's lease, in whole seconds.
+TTL_MIN = 1
+TTL_MAX = 3600
+#: Longest drain a deregistration may ask for, in milliseconds.
+DRAIN_MAX_MS = 3_600_000
+
+
+def check_ttl(value: object) -> int:
+    """Return ``value`` if it is a lease TTL from TTL_MIN to TTL_MAX seconds, else raise
+    InvalidValue."""
+    if type(value) is not int or not TTL_MIN <= value <= TTL_MAX:
+        raise InvalidValue(
+            f"ttl must be an integer from {TTL_MIN} to {TTL_MAX} seconds, got {value!r}"
+        )
+    return value

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -272,11 +272,13 @@ class ModuleTable:
         now: float,
         meta: Mapping[HostKey, HostMeta] | None = None,
         policy: PolicySpec | None = None,
+        demoted: Collection[HostKey] = (),
     ) -> list[Answer]:
         """Apply a DNS answer or push; returns the answers for the module's waiters.
         ``meta`` gives hosts' weights and zones (None, or a host missing: the defaults);
-        ``policy`` the module's policy (None: the agent's ``[agent.loadbalance]``)."""
-        return self._counted(self._apply_route(key, tuple(hosts), now, meta, policy))
+        ``policy`` the module's policy (None: the agent's ``[agent.loadbalance]``);
+        ``demoted`` the hosts the fleet view demotes (DESIGN §14)."""
+        return self._counted(self._apply_route(key, tuple(hosts), now, meta, policy, demoted))
 
     def _counted(self, answers: list[Answer]) -> list[Answer]:
         """Count answers to waiters like direct ones."""
@@ -292,6 +294,7 @@ class ModuleTable:
         now: float,
         meta: Mapping[HostKey, HostMeta] | None = None,
         policy: PolicySpec | None = None,
+        demoted: Collection[HostKey] = (),
     ) -> list[Answer]:
         self._refreshing.discard(key)
         pending = self._forget_pending(key)
@@ -305,7 +308,7 @@ class ModuleTable:
                 return [(key, w, NOEXIST, _nothing(w)) for w in waiters]
             lb = self.modules[key] = LoadBalancer(self.params, self.tally)
             self.negative.pop(key, None)
-        lb.update_route(hosts, now)
+        lb.update_route(hosts, now, frozenset(demoted) if demoted else ())
         lb.set_policy(policy if policy is not None else self.default_policy, meta, self.zone)
         answers: list[Answer] = []
         for w in waiters:
@@ -427,6 +430,7 @@ class ModuleTable:
                 "rerr": st.rerr,
                 "contin_succ": st.contin_succ,
                 "contin_err": st.contin_err,
+                "demoted": st.demoted,
             }
             for st in page
         ]

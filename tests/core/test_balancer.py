@@ -1211,3 +1211,40 @@ def test_defaults_round_robin_serves_each_idle_host_equally(n_hosts: int) -> Non
     lb = balancer(*hosts, p=BalancerParams())
     served = Counter(lb.get_host(0.0)[1] for _ in range(10 * n_hosts))
     assert served == Counter({h: 10 for h in hosts})
+
+
+# --- the fleet view (DESIGN §14) -----------------------------------------------------------------
+
+
+def test_demoted_host_new_to_the_agent_starts_overloaded_and_is_still_probed() -> None:
+    lb = LoadBalancer(params(probe_num=2))
+    lb.update_route([A, B], 1.0, demoted={B})
+    assert_idle(lb, A, since=1.0)
+    assert_overloaded(lb, B, since=1.0)
+    assert lb.hosts[B].reason == "demoted" and lb.hosts[B].demoted
+    assert lb.tally.to_overload["demoted"] == 1
+    picks = [lb.get_host(2.0)[1] for _ in range(9)]
+    assert B in picks and picks.count(A) > picks.count(B)  # probed every probe_num-th time
+
+
+def test_demoted_host_recovers_by_the_usual_rules() -> None:
+    p = params(contin_succ_limit=3)
+    lb = LoadBalancer(p)
+    lb.update_route([A, B], 1.0, demoted={B})
+    for _ in range(p.contin_succ_limit + 1):
+        lb.report(B, True, 2.0)
+    assert_idle(lb, B, since=2.0)
+    lb.update_route([A, B], 3.0, demoted={B})  # already called: the flag no longer demotes it
+    assert_idle(lb, B, since=2.0)
+    assert lb.hosts[B].demoted
+
+
+def test_demotion_spares_a_host_this_agent_has_called() -> None:
+    lb = LoadBalancer(params())
+    lb.update_route([A, B], 1.0)
+    lb.report(B, True, 1.5)
+    lb.update_route([A, B], 2.0, demoted={A, B})
+    assert_overloaded(lb, A, since=2.0)
+    assert_idle(lb, B, since=1.0)
+    lb.update_route([A, B], 3.0)
+    assert not lb.hosts[A].demoted and not lb.hosts[B].demoted

@@ -217,6 +217,7 @@ def test_describe_reports_state_with_wall_clock_times() -> None:
         "rerr",
         "contin_succ",
         "contin_err",
+        "demoted",
     }
 
 
