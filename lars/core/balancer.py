@@ -77,7 +77,7 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
@@ -128,6 +128,13 @@ class _Plan:
         self.ramping = False
 
 
+def _mean_latency(states: Sequence[HostState], now: float) -> float | None:
+    """The mean peak-EWMA latency, as of ``now``, of the hosts that have one (p2c's cost
+    of a host without samples), or None if none has."""
+    known = [c for c in (st.latency.cost(now) for st in states) if c is not None]
+    return sum(known) / len(known) if known else None
+
+
 def _ms(latency: float | None) -> str:
     return "?" if latency is None else f"{latency * 1000:.1f}ms"
 
@@ -162,6 +169,9 @@ class BalancerParams:
     """``[agent.loadbalance]``: the load balancer's thresholds (original Lars defaults)."""
 
     probe_num: int = attrs.field(default=10, validator=_count)
+    #: Lars addition: at most one probe of each overloaded host per this many seconds
+    #: (0 = off: every probe_num-th request probes, as in the original).
+    probe_interval: float = attrs.field(default=0.0, validator=_ramp)
     init_succ_cnt: int = attrs.field(default=180, validator=_count)
     init_err_cnt: int = attrs.field(default=5, validator=_count)
     err_rate: float = attrs.field(default=0.1, validator=_rate)
@@ -205,6 +215,7 @@ class HostState:
         "latency",
         "overload_since",
         "overloaded",
+        "probed_at",
         "ramp_since",
         "reason",
         "rerr",
@@ -228,6 +239,8 @@ class HostState:
         self.contin_err = 0
         self.idle_since = 0.0
         self.overload_since = 0.0
+        #: When it was last probed, or became overloaded (for ``probe_interval``).
+        self.probed_at = 0.0
         # Reporter statistics: counted since the last send / sent and not yet acknowledged.
         self.stat_succ = 0
         self.stat_err = 0
@@ -392,7 +405,7 @@ class LoadBalancer:
         st.verr = self.params.init_err_cnt
         st.rsucc = st.rerr = 0
         st.contin_succ = st.contin_err = 0
-        st.overload_since = now
+        st.overload_since = st.probed_at = now
 
     def expire_overloads(self, now: float) -> None:
         """Return to idle every overloaded host whose ``overload_timeout`` has passed."""
@@ -418,9 +431,12 @@ class LoadBalancer:
         idle = self._idle
         if idle and not self._overload:
             ring = idle
-        elif self.access_cnt >= self.params.probe_num:
+        elif self.access_cnt >= self.params.probe_num and (
+            not self.params.probe_interval or self._probe_due(now)
+        ):
             self.access_cnt = 0
             ring = self._overload
+            next(iter(ring.values())).probed_at = now
             self.tally.probes += 1
         else:
             self.access_cnt += 1
@@ -430,6 +446,12 @@ class LoadBalancer:
         key, st = ring.popitem(last=False)
         ring[key] = st
         return SUCC, key
+
+    def _probe_due(self, now: float) -> bool:
+        """With ``probe_interval``: whether the next overloaded host in probe order was
+        last probed long enough ago (it is the one probed longest ago)."""
+        st = next(iter(self._overload.values()))
+        return now - st.probed_at >= self.params.probe_interval
 
     def report(self, key: HostKey, success: bool, now: float, latency: float | None = None) -> None:
         """Record the result of one call to ``key`` (``latency``: its seconds, if known);
@@ -673,11 +695,13 @@ class LoadBalancer:
         over = self._overload
         if over:
             if self.access_cnt >= self.params.probe_num:
-                # (1) §6: a probe is due; drained hosts are not probed.
-                for _ in range(len(over)):
-                    key, st = over.popitem(last=False)
-                    over[key] = st
-                    if st.weight:
+                # (1) §6: a probe is due; drained hosts are not probed, and with
+                # probe_interval nor are hosts probed less than that long ago.
+                interval = self.params.probe_interval
+                for key, st in over.items():
+                    if st.weight and (not interval or now - st.probed_at >= interval):
+                        over.move_to_end(key)
+                        st.probed_at = now
                         self.access_cnt = 0
                         self.tally.probes += 1
                         if self.explain_until:
@@ -740,14 +764,15 @@ class LoadBalancer:
                     la *= math.exp((ea.at - now) / pol.TAU)
                 if lb is not None and now > eb.at:
                     lb *= math.exp((eb.at - now) / pol.TAU)
+                if la is None or lb is None:  # unknown: the candidates' mean
+                    mean = _mean_latency(states, now)
+                    la = mean if la is None else la
+                    lb = mean if lb is None else lb
                 i = a
-                if la is None:
-                    if lb is not None and weights[b] > weights[a]:
+                if la is None or lb is None:
+                    if weights[b] > weights[a]:
                         i = b
-                elif lb is not None:
-                    if lb / weights[b] < la / weights[a]:
-                        i = b
-                elif weights[b] > weights[a]:
+                elif lb / weights[b] < la / weights[a]:
                     i = b
             if self.explain_until:
                 why = f"p2c: {_ms(states[a].latency.value)} vs {_ms(states[b].latency.value)}"

@@ -16,8 +16,8 @@ hands the remaining candidates to one of the pickers here:
     lower cost wins; cost = peak-EWMA latency / effective weight. A latency sample above
     the average replaces it at once (the peak), samples below pull it down with a decay of
     ``tau`` (10 s), and time without samples decays it towards 0. A host without samples
-    costs as much as the other of the two (the mean of the known); if neither has any,
-    the higher weight wins (the first drawn on a tie).
+    costs the mean latency of the candidates that have some; if none has any, the higher
+    weight wins (the first drawn on a tie).
 ``hash``
     :class:`HashRing`: consistent hashing of the caller's key on a ring with
     ``VNODES * weight / 100`` points per host (at most ``VNODES_MAX``), each host's points
@@ -203,7 +203,8 @@ def p2c_pick(
     costs: Sequence[float | None], weights: Sequence[float], rng: random.Random
 ) -> tuple[int, int, int]:
     """Power of two choices: ``(chosen, first, second)`` indexes. Cost = latency / weight;
-    unknown latency = the mean of the known ones among the two (equal costs: the first).
+    unknown latency = the mean of the known ones among all candidates (DESIGN §13; none
+    known: the higher weight; equal costs: the first).
     The balancer inlines this (LoadBalancer._choose), with PeakEwma.cost as the latency."""
     n = len(costs)
     if n == 1:
@@ -213,13 +214,13 @@ def p2c_pick(
     if b >= a:
         b += 1
     la, lb = costs[a], costs[b]
-    if la is None and lb is None:
+    if la is None or lb is None:
+        known = [c for c in costs if c is not None]
+        mean = sum(known) / len(known) if known else None
+        la = mean if la is None else la
+        lb = mean if lb is None else lb
+    if la is None or lb is None:
         return (b if weights[b] > weights[a] else a), a, b
-    if la is None:
-        la = lb
-    elif lb is None:
-        lb = la
-    assert la is not None and lb is not None
     ca = la / weights[a]
     cb = lb / weights[b]
     return (b if cb < ca else a), a, b

@@ -32,7 +32,7 @@ from lars.core.balancer import (
     LoadBalancer,
     StatLine,
 )
-from lars.core.model import HostKey, ip_to_int
+from lars.core.model import HostKey, PolicySpec, ip_to_int
 
 
 def key(n: int, port: int = 7000) -> HostKey:
@@ -1248,3 +1248,51 @@ def test_demotion_spares_a_host_this_agent_has_called() -> None:
     assert_idle(lb, B, since=1.0)
     lb.update_route([A, B], 3.0)
     assert not lb.hosts[A].demoted and not lb.hosts[B].demoted
+
+
+# --- probe_interval (Lars addition) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layered", [False, True])
+def test_probe_interval_probes_each_overloaded_host_at_most_once_per_interval(
+    layered: bool,
+) -> None:
+    p = params(probe_num=2, contin_err_limit=1, probe_interval=1.0)
+    lb = LoadBalancer(p)
+    lb.update_route([A, B, C], 0.0)
+    if layered:  # the layered path (_choose) instead of §6's plain one
+        lb.set_policy(PolicySpec("weighted"), None, "")
+        assert not lb.plain
+    overload(lb, B, 0.0)
+    overload(lb, C, 0.0)
+    assert lb.hosts[B].probed_at == 0.0
+    # within the interval of their overload: no probe at all, however many requests
+    assert [lb.get_host(0.5)[1] for _ in range(30)] == [A] * 30
+    # once due, each is probed once, then not again until a further interval has passed
+    picks = [lb.get_host(1.0)[1] for _ in range(30)]
+    assert picks.count(B) == 1 and picks.count(C) == 1
+    assert lb.tally.probes == 2
+    assert [lb.get_host(1.9)[1] for _ in range(30)] == [A] * 30
+    picks = [lb.get_host(2.0)[1] for _ in range(30)]
+    assert picks.count(B) == 1 and picks.count(C) == 1
+
+
+def test_probe_interval_with_every_host_overloaded_answers_overload_between_probes() -> None:
+    p = params(probe_num=1, contin_err_limit=1, probe_interval=1.0)
+    lb = LoadBalancer(p)
+    lb.update_route([A], 0.0)
+    overload(lb, A, 0.0)
+    assert [lb.get_host(0.5)[0] for _ in range(5)] == [OVERLOAD] * 5
+    assert [lb.get_host(1.0) for _ in range(3)] == [
+        (SUCC, A),
+        (OVERLOAD, None),
+        (OVERLOAD, None),
+    ]
+
+
+def test_probe_interval_zero_keeps_the_original_count() -> None:
+    assert BalancerParams().probe_interval == 0.0
+    lb = LoadBalancer(params(probe_num=2, contin_err_limit=1))
+    lb.update_route([A, B], 0.0)
+    overload(lb, B, 0.0)
+    assert [lb.get_host(0.0)[1] for _ in range(9)].count(B) == 3

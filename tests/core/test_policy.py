@@ -158,10 +158,34 @@ def test_p2c_sends_less_to_the_slow_host() -> None:
 
 
 def test_p2c_unknown_latency_is_the_mean_of_the_known() -> None:
+    # candidates 0 (unknown), 1 (slow, 0.09 s), 2 and 3 (fast, 0.01 s): mean of the known
+    # is 0.03 s, so the unknown host beats the slow one and loses to the fast ones.
+    costs = [None, 0.09, 0.01, 0.01]
+    weights = [100.0] * 4
     rng = random.Random(1)
-    for _ in range(100):
-        chosen, a, _ = pol.p2c_pick([None, 0.05], [100.0, 100.0], rng)
-        assert chosen == a  # equal costs: the first drawn
+    seen = set()
+    for _ in range(400):
+        chosen, a, b = pol.p2c_pick(costs, weights, rng)
+        pair = {a, b}
+        seen.add(frozenset(pair))
+        if pair == {0, 1}:
+            assert chosen == 0
+        elif 0 in pair:
+            assert chosen == (pair - {0}).pop()
+    assert frozenset({0, 1}) in seen and frozenset({0, 2}) in seen
+    # nothing known: the higher weight
+    assert pol.p2c_pick([None, None], [100.0, 300.0], random.Random(2))[0] == 1
+
+
+def test_p2c_in_the_balancer_costs_an_unknown_host_the_mean() -> None:
+    hosts = [key(i) for i in range(3)]
+    lb = balancer(hosts, PolicySpec("p2c"))
+    lb.report(hosts[0], True, 0.0, latency=0.100)  # slow
+    lb.report(hosts[1], True, 0.0, latency=0.010)  # fast; hosts[2] has no sample: 0.055
+    counts = picks(lb, 3000)
+    # hosts[2] beats hosts[0] whenever the two are drawn (a tie would split them)
+    assert counts[hosts[0]] == 0
+    assert counts[hosts[2]] > 800
 
 
 # --- hash ------------------------------------------------------------------------------------
