@@ -22,10 +22,16 @@ CREATE TABLE IF NOT EXISTS `RouteData` (
     -- read and write the first columns only.
     `weight` int(10) unsigned NOT NULL DEFAULT 100,
     `zone` varchar(64) NOT NULL DEFAULT '',
+    -- Lars addition (DESIGN §14): a self-registered host's lease, unix milliseconds; the
+    -- row is removed once it passes (any DNS instance sweeps). NULL: a static route (the
+    -- CLI, the console, an import, the original's tools), which never expires.
+    `lease_expires` bigint(20) DEFAULT NULL,
     PRIMARY KEY (`id`),
     -- Lars addition: a host is in a module's route once. Also serves lookups by module.
     -- `lars db upgrade` adds it to an existing database (after removing repeated rows).
-    UNIQUE KEY `uniq_node` (`modid`, `cmdid`, `serverip`, `serverport`)
+    UNIQUE KEY `uniq_node` (`modid`, `cmdid`, `serverip`, `serverport`),
+    -- Lars addition (DESIGN §14): the sweep of expired leases reads only those.
+    KEY `idx_lease` (`lease_expires`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8;
 
 -- A single row, id = 1. Every route write raises `version`.

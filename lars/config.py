@@ -148,6 +148,20 @@ class DnsConfig(ListenerLimits):
     #: Fewest hosts a reload must remove to be held (a small deployment's routine removal
     #: of a few hosts is not a truncated table).
     shrink_min_hosts: int = attrs.field(default=10, validator=attrs.validators.ge(1))
+    #: Self-registration (DESIGN §14): seconds between this DNS's sweeps of expired leases,
+    #: each after a flush of the renewals due (one batched write).
+    lease_sweep: float = attrs.field(default=0.25, validator=_positive)
+    #: Registrations one agent session may hold; more are refused, one by one.
+    max_leases_per_session: int = attrs.field(default=1024, validator=_positive)
+    #: The fleet view (DESIGN §14), off by default: a host that at least ``demote_callers``
+    #: callers, and ``demote_share`` of those reporting on it in the last ``demote_window``
+    #: seconds, see overloaded is sent demoted with its route (re-read every
+    #: ``fleet_interval`` seconds).
+    fleet_view: bool = False
+    demote_callers: int = attrs.field(default=3, validator=_positive)
+    demote_share: float = attrs.field(default=0.5, validator=_rate)
+    demote_window: float = attrs.field(default=30.0, validator=_positive)
+    fleet_interval: float = attrs.field(default=2.0, validator=_positive)
 
 
 @attrs.frozen

@@ -415,6 +415,7 @@ PERMISSIONS: dict[str, dict[type[wire.Message], tuple[str, ...]]] = {
     # send change notices and ask for counters.
     "dns": {
         wire.GetRouteRequest: ("agent", "admin"),
+        wire.LeaseUpdate: ("agent",),  # its services' registrations (DESIGN §14)
         wire.RouteChangeNotice: ("admin",),
         wire.StatsRequest: ("admin",),
         # Serve a reload held by the shrink guard now (`lars route confirm`, DESIGN §13).

@@ -61,6 +61,24 @@ Connections come through a :class:`lars.roles.common.ConnectionGate` (DESIGN §1
 first frame of a plaintext connection arriving in a crowd), and change notices and
 StatsRequests at most ``control_rate`` a second per connection. Notices also coalesce: a
 burst of them arriving during a check costs one more check.
+
+Self-registration (DESIGN §14): agents send their services' leases in LeaseUpdates over
+their session (TLS: only ``lars://agent``). :mod:`lars.roles.dns_leases` sorts each update
+(its rules are there): heartbeats of leases the session holds stay in memory and are answered
+at once; registrations and deregistrations go to one writer task, which stores those of every
+session waiting in one transaction (each audited as its agent's, ``lease:ADDRESS``) and
+answers each LeaseReply once committed, or SYSTEM_ERROR when the store failed (nothing is
+held: the agent sends it again). Every ``lease_sweep`` the DNS writes the renewals due in one
+batched write, then sweeps expired leases (any instance may: see
+:meth:`lars.store.RouteStore.expire_leases`). After each of its own route writes it checks
+the store at once, so its agents get the change within milliseconds; other instances see it
+at their ``check_interval``. A closed session's leases are forgotten: their rows expire.
+
+The fleet view (``fleet_view``, off by default): every ``fleet_interval`` the DNS reads the
+hosts that enough callers report overloaded (:meth:`lars.store.RouteStore.demoted_hosts`),
+sends them in every route frame of their module (``GetRouteResponse.demoted``: answers and
+pushes, Lars agents only) and pushes a module whose demoted hosts change. When the read
+fails the last set stays.
 """
 
 from __future__ import annotations
@@ -69,7 +87,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import attrs
 import trio
@@ -97,8 +115,13 @@ from lars.roles.common import (
     stream_decoder,
     write_loop,
 )
+from lars.roles.dns_leases import LeaseBook, LeasePlan, Renewal
 from lars.roles.http import Observed
 from lars.store import (
+    ACTOR_NAME_MAX,
+    ACTOR_SOURCE_MAX,
+    Actor,
+    LeaseBatch,
     MetaMap,
     PolicyMap,
     RouteDelta,
@@ -130,6 +153,16 @@ MAX_ABSENT_SUBSCRIPTIONS = 1_000
 MAX_BACKLOG = 1 << 20
 #: Bytes of memory one queued route frame costs beyond the frame itself (key and slot).
 ENTRY_COST = 160
+#: LeaseUpdates with something to write waiting for the lease writer, over all sessions, and
+#: per session; beyond either, an update is answered SYSTEM_ERROR at once (sent again).
+MAX_QUEUED_LEASE_UPDATES = 256
+MAX_QUEUED_LEASE_UPDATES_PER_SESSION = 8
+#: Registrations and deregistrations the lease writer puts in one transaction at most.
+MAX_LEASE_BATCH = 4096
+#: Who the audit log names for the DNS's own lease writes (expiry, and the renewals that
+#: find their row gone and register it again).
+EXPIRY_ACTOR = Actor("lease:expired", "dns")
+RENEWAL_ACTOR = Actor("lease:renewal", "dns")
 
 _EMPTY: frozenset[HostKey] = frozenset()
 _DEFAULT_META = HostMeta()
@@ -167,6 +200,9 @@ class Subscriber(Outbox):
         self.replies: list[wire.Message] = []
         #: Subscriptions to modules without a route (counted toward their cap).
         self.absent = 0
+        #: Its LeaseUpdates waiting for the lease writer.
+        self.leases_queued = 0
+        self._actor: Actor | None = None
         self._room = trio.Event()
 
     def queue_route(self, module: ModuleKey, frame: bytes) -> None:
@@ -191,6 +227,14 @@ class Subscriber(Outbox):
         self.ring()
         return True
 
+    @property
+    def actor(self) -> Actor:
+        """Who the audit log names for this agent's lease writes: ``lease:ADDRESS``."""
+        if self._actor is None:
+            host = self.peer.rpartition(":")[0].strip("[]") or self.peer or "?"
+            self._actor = Actor(f"lease:{host}"[:ACTOR_NAME_MAX], host[:ACTOR_SOURCE_MAX])
+        return self._actor
+
     def take(self) -> bytes:
         data = b"".join(self.pending.values())
         data += b"".join(wire.encode_frame(m) for m in self.replies)
@@ -211,9 +255,13 @@ class DnsServer:
         *,
         tls: TlsContexts | None = None,
         read_store: RouteStore | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
+        #: Epoch seconds, for lease expiries and the fleet view's window (the store's
+        #: RouteData.lease_expires and ServerCallStatus.ts are wall-clock times).
+        self.wall_clock = wall_clock
         #: Where routes are read from (``[dns] store_read``; else ``store``).
         self.read_store = read_store or store
         #: True while agents are told the routes may be out of date (see DnsState).
@@ -240,6 +288,17 @@ class DnsServer:
         self.policies: PolicyMap = {}
         #: The reload the shrink guard holds back, if any.
         self.held: HeldReload | None = None
+        #: The agents' leases (DESIGN §14), and the updates waiting to be written.
+        self.leases = LeaseBook(config.max_leases_per_session)
+        self._lease_send, self._lease_receive = trio.open_memory_channel[LeasePlan](
+            MAX_QUEUED_LEASE_UPDATES
+        )
+        #: Held by each lease write of registrations or renewals, so that a renewal never
+        #: races a deregistration of its lease (and brings the row back).
+        self._lease_lock = trio.Lock()
+        self._lease_log = RateLimitedLog(log)
+        #: The fleet view: per module, the hosts sent demoted (empty unless ``fleet_view``).
+        self.demoted: dict[ModuleKey, frozenset[HostKey]] = {}
         #: Hosts in ``routes``.
         self._host_count = 0
         self.subscribers: dict[ModuleKey, set[Subscriber]] = {}
@@ -293,6 +352,10 @@ class DnsServer:
             nursery.start_soon(self._poll_loop)
             nursery.start_soon(self._purge_loop)
             nursery.start_soon(self._stale_loop)
+            nursery.start_soon(self._lease_writer)
+            nursery.start_soon(self._lease_loop)
+            if self.config.fleet_view:
+                nursery.start_soon(self._fleet_loop)
 
     def poke(self) -> None:
         """Check the store now instead of at the next interval."""
@@ -321,6 +384,8 @@ class DnsServer:
     def _drop(self, sub: Subscriber) -> None:
         sub.closed = True
         self.connections.discard(sub)
+        if self.leases.close(sub):
+            self.metrics.set("leases", self.leases.held)
         for module in sub.modules:
             self._unsubscribe_one(sub, module)
         sub.modules.clear()
@@ -435,6 +500,8 @@ class DnsServer:
                 if module not in self.routes:
                     self._absent_for(sub, module)
             return True
+        if isinstance(msg, wire.LeaseUpdate):
+            return self._take_leases(sub, msg)
         if isinstance(msg, wire.RouteChangeNotice):
             if session.allow_control():  # else dropped, and the connection read slowly
                 self.metrics.incr("change_notices")
@@ -470,14 +537,16 @@ class DnsServer:
         if module in cache:
             return cache[module]
         assert self.routes is not None
-        hosts = tuple(sorted(self.routes.get(module, _EMPTY)))
+        route = self.routes.get(module, _EMPTY)
+        hosts = tuple(sorted(route))
         msg = wire.GetRouteResponse(module[0], module[1], hosts)
         if hosts and not original:
             known = self.meta.get(module)
             meta = tuple(known.get(h, _DEFAULT_META) for h in hosts) if known else ()
             policy = self.policies.get(module)
-            if meta or policy is not None:
-                msg = wire.GetRouteResponse(module[0], module[1], hosts, meta, policy)
+            demoted = tuple(sorted(self.demoted.get(module, _EMPTY) & route))
+            if meta or policy is not None or demoted:
+                msg = wire.GetRouteResponse(module[0], module[1], hosts, meta, policy, demoted)
         frame: bytes | None
         try:
             if original:
@@ -814,6 +883,205 @@ class DnsServer:
                     )
             await trio.sleep(PURGE_INTERVAL)
 
+    # --- self-registration (DESIGN §14) ----------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return int(self.wall_clock() * 1000)
+
+    def _take_leases(self, sub: Subscriber, msg: wire.LeaseUpdate) -> bool:
+        """Sort an agent's LeaseUpdate: heartbeats of leases it holds are kept in memory and
+        answered at once; registrations and deregistrations go to the lease writer, which
+        answers once they are stored. False if the connection should close."""
+        self.metrics.incr("lease_updates")
+        plan = self.leases.take_update(sub, msg, self._now_ms())
+        if plan.errors:
+            self.metrics.incr("lease_errors", len(plan.errors))
+            self._lease_log.warning(
+                "%s: %d lease item(s) refused, the first: %s",
+                sub.peer,
+                len(plan.errors),
+                plan.errors[0][1],
+            )
+        if not plan.writes:
+            return sub.queue_reply(wire.LeaseReply(msg.seq, wire.RetCode.SUCC, tuple(plan.errors)))
+        if sub.leases_queued < MAX_QUEUED_LEASE_UPDATES_PER_SESSION:
+            try:
+                self._lease_send.send_nowait(plan)
+            except trio.WouldBlock:
+                pass
+            else:
+                sub.leases_queued += 1
+                return True
+        # The writer is behind (a slow store): the agent sends it again.
+        self.leases.abandon(plan)
+        self.metrics.incr("lease_updates_refused")
+        reply = wire.LeaseReply(msg.seq, wire.RetCode.SYSTEM_ERROR, tuple(plan.errors))
+        return sub.queue_reply(reply)
+
+    async def _lease_writer(self) -> None:
+        """Write the queued registrations and deregistrations, as many agents' at once as
+        are waiting (one transaction), and answer each update."""
+        async for plan in self._lease_receive:
+            plans = [plan]
+            items = len(plan.grants) + len(plan.drops)
+            while items < MAX_LEASE_BATCH:
+                try:
+                    more = self._lease_receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                plans.append(more)
+                items += len(more.grants) + len(more.drops)
+            await self.write_plans(plans)
+
+    async def write_plans(self, plans: Sequence[LeasePlan]) -> None:
+        """Store the plans' writes in one transaction, each audited as its agent's; hold
+        their leases and answer SUCC, or on a store error hold nothing and answer
+        SYSTEM_ERROR (the agents send them again)."""
+        subs = [self._subscriber(plan) for plan in plans]
+        batches = [
+            LeaseBatch(sub.actor, plan.grants, plan.drops)
+            for sub, plan in zip(subs, plans, strict=True)
+        ]
+        async with self._lease_lock:
+            try:
+                write = await self.store.write_lease_batches(batches, now_ms=self._now_ms())
+            except StoreError as exc:
+                write = None
+                self.metrics.incr("lease_store_errors")
+                self._lease_log.error(
+                    "storing %d agents' leases failed (they send them again): %s", len(plans), exc
+                )
+            for sub, plan in zip(subs, plans, strict=True):
+                sub.leases_queued -= 1
+                if write is None:
+                    self.leases.abandon(plan)
+                    code = wire.RetCode.SYSTEM_ERROR
+                else:
+                    self.leases.commit(plan)
+                    self.metrics.incr("lease_registrations", len(plan.grants))
+                    self.metrics.incr("lease_drops", len(plan.drops))
+                    code = wire.RetCode.SUCC
+                if not sub.closed:
+                    sub.queue_reply(wire.LeaseReply(plan.seq, code, tuple(plan.errors)))
+        self.metrics.set("leases", self.leases.held)
+        if write is not None and write.changed:
+            self._wrote(write.version)
+
+    @staticmethod
+    def _subscriber(plan: LeasePlan) -> Subscriber:
+        assert isinstance(plan.session, Subscriber)
+        return plan.session
+
+    def _wrote(self, version: int | None) -> None:
+        """This DNS changed routes: read them now, so its agents get them at once (and keep
+        re-reading a store read that is behind until it shows ``version``)."""
+        if version is not None:
+            self.await_version(version)
+        self.poke()
+
+    async def _lease_loop(self) -> None:
+        """Every ``lease_sweep``: write the renewals due, then remove expired leases."""
+        while True:
+            now_ms = self._now_ms()
+            await self.flush_renewals(now_ms)
+            await self.sweep_leases(now_ms)
+            await trio.sleep(self.config.lease_sweep)
+
+    async def flush_renewals(self, now_ms: int) -> int:
+        """Write the renewals due, in one batched write; returns how many."""
+        async with self._lease_lock:
+            due: list[Renewal] = self.leases.due(now_ms)
+            if not due:
+                self.metrics.set("leases", self.leases.held)
+                return 0
+            try:
+                result = await self.store.renew_leases(
+                    [renewal.grant for renewal in due], actor=RENEWAL_ACTOR
+                )
+            except StoreError as exc:
+                self.leases.retry(due, now_ms)
+                self.metrics.incr("lease_store_errors")
+                self._lease_log.error("renewing %d leases failed (retrying): %s", len(due), exc)
+                return 0
+            self.leases.renewed(due)
+        self.metrics.incr("lease_renewals", result.renewed)
+        self.metrics.incr("lease_reinserts", result.reinserted)
+        self.metrics.set("leases", self.leases.held)
+        if result.write.changed:
+            self._wrote(result.write.version)
+        return len(due)
+
+    async def sweep_leases(self, now_ms: int) -> int:
+        """Remove the leases expired before ``now_ms`` (in batches); returns how many."""
+        removed = 0
+        while True:
+            try:
+                result = await self.store.expire_leases(now_ms, actor=EXPIRY_ACTOR)
+            except StoreError as exc:
+                self.metrics.incr("lease_store_errors")
+                self._lease_log.error("sweeping expired leases failed: %s", exc)
+                break
+            if not result.write.changed:
+                break
+            removed += result.write.removed
+            self.metrics.incr("leases_expired", result.write.removed)
+            self._wrote(result.write.version)
+            if not result.more:
+                break
+        return removed
+
+    # --- the fleet view (DESIGN §14) -------------------------------------------------------
+
+    async def _fleet_loop(self) -> None:
+        """Every ``fleet_interval``: read which hosts the fleet sees overloaded, and push the
+        modules whose demoted hosts changed."""
+        while True:
+            await self.update_fleet_view()
+            await trio.sleep(self.config.fleet_interval)
+
+    async def update_fleet_view(self) -> bool:
+        """Read the demoted hosts once and apply them; False if the store failed (the last
+        set stays)."""
+        config = self.config
+        since = max(0, math.ceil(self.wall_clock() - config.demote_window))
+        try:
+            demoted = await self.read_store.demoted_hosts(
+                since, callers=config.demote_callers, share=config.demote_share
+            )
+        except StoreError as exc:
+            self.metrics.incr("fleet_view_errors")
+            self._lease_log.error("reading the fleet view failed (keeping the last): %s", exc)
+            return False
+        self.apply_demoted(demoted)
+        return True
+
+    def apply_demoted(self, demoted: dict[ModuleKey, frozenset[HostKey]]) -> set[ModuleKey]:
+        """Send ``demoted`` from now on; push every subscribed module whose demoted hosts in
+        its route changed. Returns the modules changed."""
+        old, self.demoted = self.demoted, demoted
+        changed = {m for m in old.keys() | demoted.keys() if old.get(m) != demoted.get(m)}
+        self.metrics.set("demoted_hosts", sum(map(len, demoted.values())))
+        if changed:
+            log.info(
+                "fleet view: %d host(s) demoted in %d module(s); %d module(s) changed",
+                sum(map(len, demoted.values())),
+                len(demoted),
+                len(changed),
+            )
+        routes = self.routes
+        if routes is None:
+            return changed
+        for module in changed:
+            self._frames.pop(module, None)
+            route = routes.get(module, _EMPTY)
+            if old.get(module, _EMPTY) & route == demoted.get(module, _EMPTY) & route:
+                continue  # the route's own hosts are sent as they were
+            for sub in self.subscribers.get(module, ()):
+                if not sub.original:
+                    self._queue_route(sub, module)
+                    self.metrics.incr("pushes")
+        return changed
+
     def observed(self) -> Observed:
         """The DNS's registry and readiness check (routes loaded) for the HTTP listener."""
 
@@ -829,6 +1097,8 @@ class DnsServer:
         self.metrics.set("route_version", self.version)
         self.metrics.set("shrink_held", int(self.held is not None))
         self.metrics.set("held_version", self.held.version if self.held else 0)
+        self.metrics.set("leases", self.leases.held)
+        self.metrics.set("demoted_hosts", sum(map(len, self.demoted.values())))
 
 
 class DnsCollector(Collector):
@@ -885,6 +1155,27 @@ class DnsCollector(Collector):
         yield gauge(
             "shrink_held", "1 while a reload that removes too many hosts is held.", bool(dns.held)
         )
+        yield gauge("leases", "Leases the agents' sessions hold on this DNS.", dns.leases.held)
+        yield counter("lease_updates", "LeaseUpdates received from agents.")
+        yield counter("lease_registrations", "Registrations written (new or changed leases).")
+        yield counter("lease_renewals", "Lease renewals written (in batches, not per heartbeat).")
+        yield counter("lease_reinserts", "Renewals that found their row gone and registered it.")
+        yield counter("lease_drops", "Deregistrations written.")
+        yield counter("leases_expired", "Expired leases this DNS removed.")
+        yield counter(
+            "lease_errors",
+            "Lease items refused: a bad address or zone, a lapsed lease, over the session cap.",
+        )
+        yield counter("lease_store_errors", "Lease writes and sweeps that failed on the store.")
+        yield counter(
+            "lease_updates_refused", "LeaseUpdates answered SYSTEM_ERROR at once (writer behind)."
+        )
+        yield gauge(
+            "demoted_hosts",
+            "Hosts the fleet view demotes.",
+            sum(map(len, dns.demoted.values())),
+        )
+        yield counter("fleet_view_errors", "Failed reads of the fleet view.")
         yield from gate_metrics(
             counter, gauge, dns.gate, "Change notices and StatsRequests dropped over control_rate."
         )

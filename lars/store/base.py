@@ -377,6 +377,81 @@ class Lease:
     expires: float
 
 
+# --- self-registration (DESIGN §14) ------------------------------------------------------------
+
+#: ``RouteData`` rows one :meth:`RouteStore.expire_leases` call removes at most (call again
+#: while it reports ``more``).
+EXPIRE_BATCH = 500
+
+
+@attrs.frozen
+class LeaseGrant:
+    """A self-registered host's lease as the DNS writes it: register (:meth:`RouteStore.
+    register_leases`) or renew (:meth:`RouteStore.renew_leases`).
+
+    ``expires`` is unix milliseconds (``RouteData.lease_expires``). ``weight`` and ``zone``
+    None: not given (a new row takes DEFAULT_WEIGHT and no zone; an existing one keeps its
+    own, save that a drained row, weight 0, takes DEFAULT_WEIGHT back).
+    """
+
+    module: ModuleKey
+    host: HostKey
+    expires: int
+    weight: int | None = None
+    zone: str | None = None
+
+    @property
+    def key(self) -> tuple[ModuleKey, HostKey]:
+        """``(module, host)``: one RouteData row."""
+        return self.module, self.host
+
+
+@attrs.frozen
+class LeaseDrop:
+    """A deregistration: drain the host (weight 0) and let it expire ``drain_ms`` from now
+    (0: remove it at once)."""
+
+    module: ModuleKey
+    host: HostKey
+    drain_ms: int = 0
+
+    @property
+    def key(self) -> tuple[ModuleKey, HostKey]:
+        """``(module, host)``: one RouteData row."""
+        return self.module, self.host
+
+
+@attrs.frozen
+class LeaseBatch:
+    """One agent's registrations and deregistrations, audited as its (``actor``)."""
+
+    actor: Actor
+    grants: Sequence[LeaseGrant] = ()
+    drops: Sequence[LeaseDrop] = ()
+
+
+@attrs.frozen
+class LeaseRenewal:
+    """What :meth:`RouteStore.renew_leases` did: rows whose expiry it extended, and the
+    leases whose row was gone (swept, or removed by an operator) and were registered anew,
+    with the route write that made."""
+
+    renewed: int
+    reinserted: int = 0
+    write: RouteWrite = RouteWrite(None)
+
+
+@attrs.frozen
+class LeaseExpiry:
+    """What :meth:`RouteStore.expire_leases` did: the route write (modules changed, hosts
+    removed), the hosts removed per module, and whether more expired rows wait (the batch
+    limit was reached)."""
+
+    write: RouteWrite
+    hosts: Mapping[ModuleKey, tuple[HostKey, ...]] = attrs.field(factory=dict)
+    more: bool = False
+
+
 class RouteStore(abc.ABC):
     """Where routes and call statistics live. Every method may raise :class:`StoreError`."""
 
@@ -444,7 +519,9 @@ class RouteStore(abc.ABC):
         host, weight or zone out of range is :class:`InvalidValue`. Without ``force``, a
         write that removes more than half of a module's hosts, or all of them, is
         :class:`~lars.errors.ShrinkRefused` and writes nothing (the command line, the
-        console and its API ask for it; library callers default to forcing).
+        console and its API ask for it; library callers default to forcing). A host added
+        that registered itself (a dynamic row, DESIGN §14) becomes static: it stays until
+        removed, as every host an operator writes.
         """
 
     async def add_hosts(
@@ -485,7 +562,8 @@ class RouteStore(abc.ABC):
         given no hosts) lose every host. With ``meta``, weights and zones become exactly its
         (hosts it omits take HostMeta()); without, they stay. With ``policies``, the modules'
         own policies become exactly its; without, they stay. Version, ``RouteChange``,
-        ``RouteAudit`` rows and ``force`` as :meth:`change_routes`."""
+        ``RouteAudit`` rows, ``force`` and self-registered hosts (they become static) as
+        :meth:`change_routes`."""
         raise self._unsupported("replace routes")
 
     # --- weights, zones and policies (DESIGN §13) --------------------------------------------
@@ -526,6 +604,95 @@ class RouteStore(abc.ABC):
         version and writes ``RouteChange`` and (with an actor) ``RouteAudit`` rows, so DNS
         pushes it to agents like a route; setting the policy it has writes nothing."""
         raise self._unsupported("keep policies")
+
+    # --- self-registration and the fleet view (DESIGN §14) -----------------------------------
+
+    async def write_leases(
+        self,
+        grants: Sequence[LeaseGrant],
+        drops: Sequence[LeaseDrop] = (),
+        *,
+        now_ms: int,
+        actor: Actor,
+    ) -> RouteWrite:
+        """Register ``grants`` and deregister ``drops`` in one transaction.
+
+        A registration inserts a missing row, dynamic (``lease_expires`` = its ``expires``),
+        with its weight (or DEFAULT_WEIGHT) and zone (or none). On an existing dynamic row
+        it sets the expiry and the weight and zone given (a drained row, weight 0, given no
+        weight takes DEFAULT_WEIGHT back: the host registered again wants traffic). A static
+        row (``lease_expires`` NULL: written by the CLI, the console, an import) is left as
+        it is: static wins and never expires. A deregistration of a dynamic row sets its
+        weight to 0 (no new calls go there) and its expiry to ``now_ms + drain_ms``, or
+        deletes it when ``drain_ms`` is 0; static rows and missing ones are left alone. A key
+        both registered and dropped is dropped.
+
+        New rows, changed weights or zones and deleted rows are route changes: the version is
+        raised once, a ``RouteChange`` row and an ``actor`` ``RouteAudit`` row (``changes``
+        saying ``"lease": "register"`` or ``"drop"``) are written per module changed. An
+        expiry alone is no route change. :class:`~lars.errors.SchemaMissing` when RouteData
+        has no ``lease_expires`` column (``lars db upgrade`` adds it); :class:`InvalidValue`
+        for an id, host, weight, zone or drain out of range (nothing is written).
+        """
+        return await self.write_lease_batches([LeaseBatch(actor, grants, drops)], now_ms=now_ms)
+
+    async def write_lease_batches(
+        self, batches: Sequence[LeaseBatch], *, now_ms: int
+    ) -> RouteWrite:
+        """:meth:`write_leases` of several agents' batches, in order, in one transaction
+        (one commit for many agents: a DNS taking over a thousand sessions at once). Each
+        batch that changes routes raises the version and is audited as its actor's; the
+        write returned is their sum (the last version, every module changed)."""
+        raise self._unsupported("keep leases")
+
+    async def register_leases(
+        self, grants: Sequence[LeaseGrant], *, actor: Actor, now_ms: int = 0
+    ) -> RouteWrite:
+        """:meth:`write_leases` of registrations alone."""
+        return await self.write_leases(grants, (), now_ms=now_ms, actor=actor)
+
+    async def drop_leases(
+        self, drops: Sequence[LeaseDrop], *, now_ms: int, actor: Actor
+    ) -> RouteWrite:
+        """:meth:`write_leases` of deregistrations alone."""
+        return await self.write_leases((), drops, now_ms=now_ms, actor=actor)
+
+    async def renew_leases(self, grants: Sequence[LeaseGrant], *, actor: Actor) -> LeaseRenewal:
+        """Extend the expiry of dynamic rows to the grants' (never shortening one: a later
+        expiry written by another DNS stays), in one batched UPDATE per
+        :data:`~lars.store.sql.INSERT_CHUNK` grants; a heartbeat is no route change. A grant
+        whose row is gone (swept, removed by an operator) is registered again
+        (:meth:`write_leases`, a route change). Static rows are left alone."""
+        raise self._unsupported("keep leases")
+
+    async def expire_leases(
+        self, now_ms: int, *, actor: Actor, limit: int = EXPIRE_BATCH
+    ) -> LeaseExpiry:
+        """Delete at most ``limit`` dynamic rows whose expiry is before ``now_ms``, in one
+        transaction that raises the version and writes a ``RouteChange`` and a ``RouteAudit``
+        row (``"lease": "expire"``) per module changed.
+
+        Safe with several DNS instances on one database: the transaction takes the
+        RouteVersion row's lock first (as every route write does, so it never deadlocks with
+        one) and selects the expired rows ``FOR UPDATE SKIP LOCKED`` (MySQL 8, MariaDB 10.6;
+        SQLite: its writer lock), so no row is removed twice and a sweeper that dies in the
+        middle loses nothing (rolled back: the next sweep takes the rows). Nothing expired:
+        one indexed read, no transaction. A database without the column expires nothing.
+        """
+        return LeaseExpiry(RouteWrite(None))
+
+    async def demoted_hosts(
+        self, since: int, *, callers: int, share: float
+    ) -> dict[ModuleKey, frozenset[HostKey]]:
+        """The fleet view (DESIGN §14): per module, the hosts that at least ``callers`` of
+        the callers reporting on them at ``since`` or later (``ServerCallStatus.ts``, epoch
+        seconds), and at least ``share`` of those callers, flag overloaded."""
+        return {}
+
+    async def lease_expiries(self, module: ModuleKey) -> dict[HostKey, int]:
+        """The dynamic hosts of a module's route and their expiry (unix ms); static hosts
+        are absent."""
+        return {}
 
     # --- the console's reads and the names (issue 9) -----------------------------------------
 

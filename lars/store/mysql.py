@@ -113,6 +113,8 @@ DIALECT = sql.Dialect(
     for_update=" FOR UPDATE",
     total="SUM",
     inline_integers=True,
+    # MySQL 8.0, MariaDB 10.6 (older servers: see SqlStore.expire_leases).
+    skip_locked=" FOR UPDATE SKIP LOCKED",
     strict_session=(
         "SET SESSION sql_mode ="
         " TRIM(BOTH ',' FROM CONCAT(@@SESSION.sql_mode, ',STRICT_ALL_TABLES'))"

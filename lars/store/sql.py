@@ -20,6 +20,7 @@ import attrs
 
 from lars.core.model import (
     DEFAULT_WEIGHT,
+    DRAIN_MAX_MS,
     PORT_MAX,
     UINT32_MAX,
     WEIGHT_MAX,
@@ -33,7 +34,7 @@ from lars.core.model import (
     ip_to_int,
     parse_module,
 )
-from lars.errors import InvalidValue, ShrinkRefused
+from lars.errors import InvalidValue, SchemaMissing, ShrinkRefused
 from lars.store.base import (
     ALARM_NAME_MAX,
     ALARM_RULE_MAX_BYTES,
@@ -54,6 +55,10 @@ from lars.store.base import (
     HostCalls,
     HostStatus,
     Lease,
+    LeaseBatch,
+    LeaseDrop,
+    LeaseExpiry,
+    LeaseGrant,
     MetaMap,
     ModuleSummary,
     PolicyMap,
@@ -176,6 +181,11 @@ class Dialect:
     #: driver would send anyway, without its escaping of every value in Python (SQLite binds
     #: parameters natively, and checks that they fit 64 bits).
     inline_integers: bool = False
+    #: Appended to the SELECT of expired leases: lock them, skipping rows another
+    #: transaction holds (a renewal in flight). SQLite: nothing (its writer lock).
+    skip_locked: str = ""
+    #: The larger of two values (``GREATEST``; SQLite's two-argument ``MAX``).
+    greatest: str = "GREATEST"
 
     def integer_range(self, declared: str) -> tuple[int, int] | None:
         """:func:`integer_range` of a declared type in this database."""
@@ -275,7 +285,9 @@ def _values_sql(ncols: int, nrows: int) -> str:
 
 
 def init_schema(dialect: Dialect) -> Op[list[str]]:
-    """Create missing tables, append missing columns, ensure the RouteVersion row."""
+    """Create missing tables, append missing columns (with the plain keys on them alone,
+    such as RouteData's ``idx_lease``), ensure the RouteVersion row. Other keys of existing
+    tables are ``lars db upgrade``'s."""
     done: list[str] = []
     existing = {row[0] for row in (yield (dialect.list_tables, ())).rows}
     for table in parse_tables(dialect.schema):
@@ -284,10 +296,22 @@ def init_schema(dialect: Dialect) -> Op[list[str]]:
             done.append(f"created table {table.name}")
             continue
         have = {row[0] for row in (yield (dialect.list_columns, (table.name,))).rows}
+        appended = set()
         for column, definition in table.columns:
             if column not in have:
                 yield (f"ALTER TABLE {table.name} ADD COLUMN {column} {definition}", ())
                 done.append(f"added column {table.name}.{column}")
+                appended.add(column)
+        for key in table.keys:
+            if key.inline and not key.unique and appended.issuperset(key.columns):
+                columns = ", ".join(key.columns)
+                yield (
+                    dialect.add_key.format(
+                        table=table.name, name=key.name, unique="", columns=columns
+                    ),
+                    (),
+                )
+                done.append(f"added key {table.name}.{key.name} ({columns})")
     for stmt in other_statements(dialect.schema):
         yield (stmt, ())
     if not (yield ("SELECT COUNT(*) FROM RouteVersion", ())).rows[0][0]:
@@ -310,6 +334,8 @@ class RouteFeatures:
 
     meta: bool
     policy: bool
+    #: RouteData's ``lease_expires`` column (DESIGN §14): self-registered hosts.
+    leases: bool = False
 
 
 #: RouteData's columns of the original schema, and with weight and zone.
@@ -326,7 +352,9 @@ def route_features(dialect: Dialect) -> Op[RouteFeatures]:
     columns = {
         str(_text(row[0])).lower() for row in (yield (dialect.list_columns, ("RouteData",))).rows
     }
-    return RouteFeatures({"weight", "zone"} <= columns, "routepolicy" in tables)
+    return RouteFeatures(
+        {"weight", "zone"} <= columns, "routepolicy" in tables, "lease_expires" in columns
+    )
 
 
 def _route_rows(rows: list[tuple[Any, ...]]) -> tuple[RouteMap, MetaMap]:
@@ -640,6 +668,7 @@ def change_routes(
     policies = policies or {}
     modules = sorted(set(add) | set(remove) | set(meta) | set(policies))
     current = yield from _hosts_of(modules)
+    yield from _pin_static(dialect, add, current)
     old_meta = yield from _meta_of([m for m in modules if meta.get(m)])
     old_policies = (yield from get_policies(sorted(policies))) if policies else {}
     changes = {}
@@ -673,6 +702,7 @@ def replace_routes(
     ``policies``, the modules' own policies become exactly its; without, they stay."""
     old_version = yield from _lock_version(dialect)
     current = yield from _all_hosts()
+    yield from _pin_static(dialect, routes, current)
     old_policies: PolicyMap = {}
     if policies is not None:
         old_policies = yield from get_policies(None)
@@ -731,9 +761,10 @@ def _meta_json(meta: HostMeta) -> dict[str, Any]:
     return {"weight": meta.weight, "zone": meta.zone}
 
 
-def _changes_json(change: _ModuleChange) -> str | None:
+def _changes_json(change: _ModuleChange, lease: str | None = None) -> str | None:
     """RouteAudit.changes of a module's change: the weights and zones set (on hosts kept,
-    and on hosts added when not the defaults), or None."""
+    and on hosts added when not the defaults), and for a lease write what it did
+    (``"lease": "register"``, ``"drop"``, ``"register+drop"``, ``"expire"``), or None."""
     hosts: dict[str, dict[str, list[Any]]] = {}
     for host, value in sorted(change.added_meta.items()):
         hosts[format_host(host)] = {
@@ -748,6 +779,8 @@ def _changes_json(change: _ModuleChange) -> str | None:
     detail: dict[str, Any] = {"hosts": hosts} if hosts else {}
     if change.policy is not None:
         detail["policy"] = [_policy_json(change.policy[0]), _policy_json(change.policy[1])]
+    if lease is not None:
+        detail["lease"] = lease
     if not detail:
         return None
     return json.dumps(detail, separators=(",", ":"), sort_keys=True)
@@ -957,6 +990,429 @@ def list_route_meta(
         }
         for module in sorted(routes)
     }
+
+
+# --- self-registration: leases and the fleet view (DESIGN §14) -------------------------------
+
+#: One row of a unique key (RouteData's, or ServerCallStatus's host columns).
+_KEY_TERM = "modid = ? AND cmdid = ? AND {ip} = ? AND {port} = ?"
+#: RouteData's columns of a row a registration inserts.
+_LEASE_INSERT = ("modid", "cmdid", "serverip", "serverport", "weight", "zone", "lease_expires")
+#: The largest expiry (unix ms) a BIGINT holds.
+EXPIRES_MAX = 2**63 - 1
+
+#: ``(module, host)``: one RouteData row.
+RowKey = tuple[ModuleKey, HostKey]
+
+
+def _keys_where(
+    keys: Sequence[RowKey], ip: str = "serverip", port: str = "serverport"
+) -> tuple[str, tuple[int, ...]]:
+    """``(modid = ? AND cmdid = ? AND ip = ? AND port = ?) OR ...`` (balanced, see
+    :func:`_balanced_or`): a unique key's ranges, one per row."""
+    term = "(" + _KEY_TERM.format(ip=ip, port=port) + ")"
+    return _balanced_or([term] * len(keys)), tuple(
+        v for module, host in keys for v in (*module, *host)
+    )
+
+
+def _row_key(modid: Any, cmdid: Any, ip: Any, port: Any) -> RowKey:
+    return (int(modid), int(cmdid)), (int(ip), int(port))
+
+
+def check_grants(grants: object) -> list[LeaseGrant]:
+    """Leases checked (module ids, hosts, expiry, weight, zone): :class:`InvalidValue`
+    naming the first bad one."""
+    from lars.core.model import check_weight, check_zone
+
+    if isinstance(grants, str | bytes) or not isinstance(grants, Sequence):
+        raise InvalidValue(f"leases must be a sequence of LeaseGrant, got {grants!r:.80}")
+    checked = []
+    for grant in grants:
+        if not isinstance(grant, LeaseGrant):
+            raise InvalidValue(f"{grant!r:.80} is not a LeaseGrant")
+        module = _as_module(grant.module)
+        host = _as_host(module, grant.host)
+        where = f"module {module[0]}/{module[1]} host {format_host(host)}"
+        if type(grant.expires) is not int or not 0 <= grant.expires <= EXPIRES_MAX:
+            raise InvalidValue(f"{where}: expires must be unix milliseconds, got {grant.expires!r}")
+        try:
+            weight = None if grant.weight is None else check_weight(grant.weight)
+            zone = None if grant.zone is None else check_zone(grant.zone)
+        except InvalidValue as exc:
+            raise InvalidValue(f"{where}: {exc}") from None
+        checked.append(LeaseGrant(module, host, grant.expires, weight, zone))
+    return checked
+
+
+def check_drops(drops: object) -> list[LeaseDrop]:
+    """Deregistrations checked (module ids, hosts, drain): :class:`InvalidValue` naming the
+    first bad one."""
+    if isinstance(drops, str | bytes) or not isinstance(drops, Sequence):
+        raise InvalidValue(f"drops must be a sequence of LeaseDrop, got {drops!r:.80}")
+    checked = []
+    for drop in drops:
+        if not isinstance(drop, LeaseDrop):
+            raise InvalidValue(f"{drop!r:.80} is not a LeaseDrop")
+        module = _as_module(drop.module)
+        host = _as_host(module, drop.host)
+        if type(drop.drain_ms) is not int or not 0 <= drop.drain_ms <= DRAIN_MAX_MS:
+            raise InvalidValue(
+                f"module {module[0]}/{module[1]} host {format_host(host)}: drain_ms must be"
+                f" 0 to {DRAIN_MAX_MS}, got {drop.drain_ms!r}"
+            )
+        checked.append(LeaseDrop(module, host, drop.drain_ms))
+    return checked
+
+
+def require_leases(features: RouteFeatures, display_url: str) -> None:
+    """:class:`SchemaMissing` unless RouteData has the weight, zone and lease_expires
+    columns a lease write needs."""
+    if not (features.leases and features.meta):
+        raise SchemaMissing(
+            f"the store {display_url} has no RouteData.lease_expires column for"
+            " self-registered hosts: run `lars db upgrade`"
+        )
+
+
+@attrs.frozen
+class _LeaseRow:
+    """What a lease write reads of an existing RouteData row."""
+
+    meta: HostMeta
+    #: ``lease_expires`` (None: a static row).
+    expires: int | None
+
+
+def _lease_rows(keys: Sequence[RowKey]) -> Op[dict[RowKey, _LeaseRow]]:
+    """The rows of ``keys`` that exist (of rows repeating one key, which only a database
+    without the unique key holds, a static one wins)."""
+    found: dict[RowKey, _LeaseRow] = {}
+    for chunk in _chunks(keys):
+        where, args = _keys_where(chunk)
+        rows = (
+            yield (
+                "SELECT modid, cmdid, serverip, serverport, weight, zone, lease_expires"
+                f" FROM RouteData WHERE {where}",
+                args,
+            )
+        ).rows
+        for modid, cmdid, ip, port, weight, zone, expires in rows:
+            key = _row_key(modid, cmdid, ip, port)
+            row = _LeaseRow(
+                HostMeta(min(int(weight), WEIGHT_MAX), _text(zone)),
+                None if expires is None else int(expires),
+            )
+            if key not in found or row.expires is None:
+                found[key] = row
+    return found
+
+
+def _expiry_update(
+    dialect: Dialect,
+    items: Sequence[tuple[RowKey, int]],
+    *,
+    drain: bool = False,
+    monotonic: bool = False,
+) -> Query:
+    """One UPDATE giving each dynamic row of ``items`` its expiry (``monotonic``: never an
+    earlier one than it has; ``drain``: and weight 0). Static rows are left alone."""
+    term = _KEY_TERM.format(ip="serverip", port="serverport")
+    value = f"{dialect.greatest}(lease_expires, ?)" if monotonic else "?"
+    whens = " ".join([f"WHEN {term} THEN {value}"] * len(items))
+    where, key_args = _keys_where([key for key, _ in items])
+    case_args = tuple(v for (module, host), expires in items for v in (*module, *host, expires))
+    weight = "weight = 0, " if drain else ""
+    return (
+        f"UPDATE RouteData SET {weight}lease_expires = CASE {whens} ELSE lease_expires END"
+        f" WHERE lease_expires IS NOT NULL AND ({where})",
+        case_args + key_args,
+    )
+
+
+def _lease_audit(
+    changed: Sequence[ModuleKey],
+    added: Mapping[ModuleKey, Mapping[HostKey, HostMeta]],
+    removed: Mapping[ModuleKey, set[HostKey]],
+    updated: Mapping[ModuleKey, Mapping[HostKey, tuple[HostMeta, HostMeta]]],
+    actions: Mapping[ModuleKey, Collection[str]],
+) -> list[tuple[int, int, str, str, str | None]]:
+    """The RouteAudit rows of a lease write, one per module changed."""
+    audit = []
+    for module in changed:
+        new = added.get(module, {})
+        change = _ModuleChange(
+            frozenset(),
+            frozenset(new),
+            frozenset(removed.get(module, ())),
+            {host: meta for host, meta in new.items() if meta != HostMeta()},
+            updated.get(module, {}),
+        )
+        action = "+".join(a for a in LEASE_ACTIONS if a in actions.get(module, ()))
+        audit.append(
+            (
+                *module,
+                _host_list(change.added),
+                _host_list(change.removed),
+                _changes_json(change, action),
+            )
+        )
+    return audit
+
+
+#: What ``RouteAudit.changes["lease"]`` names, in the order it names them.
+LEASE_ACTIONS = ("register", "drop", "expire")
+
+
+def write_leases(
+    dialect: Dialect,
+    grants: Sequence[LeaseGrant],
+    drops: Sequence[LeaseDrop],
+    now_ms: int,
+    now: float,
+    actor: Actor,
+) -> Op[RouteWrite]:
+    """Register ``grants`` and deregister ``drops`` (a key in both is dropped): see
+    :meth:`lars.store.RouteStore.write_leases`. The RouteVersion row is locked first, as
+    by every route write, so writers never insert one row twice."""
+    old_version = yield from _lock_version(dialect)
+    dropped = {drop.key: drop for drop in drops}
+    wanted = {grant.key: grant for grant in grants if grant.key not in dropped}
+    rows = yield from _lease_rows(sorted(set(wanted) | set(dropped)))
+    inserts: list[tuple[Any, ...]] = []
+    expiries: list[tuple[RowKey, int]] = []
+    drains: list[tuple[RowKey, int]] = []
+    metas: list[tuple[RowKey, HostMeta, int]] = []
+    deletes: list[RowKey] = []
+    added: dict[ModuleKey, dict[HostKey, HostMeta]] = {}
+    removed: dict[ModuleKey, set[HostKey]] = {}
+    updated: dict[ModuleKey, dict[HostKey, tuple[HostMeta, HostMeta]]] = {}
+    actions: dict[ModuleKey, set[str]] = {}
+    for key, grant in sorted(wanted.items()):
+        module, host = key
+        row = rows.get(key)
+        if row is None:
+            meta = HostMeta(
+                DEFAULT_WEIGHT if grant.weight is None else grant.weight, grant.zone or ""
+            )
+            inserts.append((*module, *host, meta.weight, meta.zone, grant.expires))
+            added.setdefault(module, {})[host] = meta
+        elif row.expires is None:
+            continue  # a static row: static wins, and never expires
+        else:
+            old = row.meta
+            if grant.weight is not None:
+                weight = grant.weight
+            else:  # a drained row registered again wants traffic again
+                weight = DEFAULT_WEIGHT if old.weight == 0 else old.weight
+            new = HostMeta(weight, old.zone if grant.zone is None else grant.zone)
+            if new == old:
+                expiries.append((key, grant.expires))
+                continue
+            metas.append((key, new, grant.expires))
+            updated.setdefault(module, {})[host] = (old, new)
+        actions.setdefault(module, set()).add("register")
+    for key, drop in sorted(dropped.items()):
+        module, host = key
+        row = rows.get(key)
+        if row is None or row.expires is None:
+            continue  # gone already, or static: nothing to do
+        if drop.drain_ms == 0:
+            deletes.append(key)
+            removed.setdefault(module, set()).add(host)
+        else:
+            ends = now_ms + drop.drain_ms
+            if row.meta.weight == 0:  # drained already (a drop sent again): never later
+                drains.append((key, min(ends, row.expires)))
+                continue
+            drains.append((key, ends))
+            updated.setdefault(module, {})[host] = (row.meta, row.meta._replace(weight=0))
+        actions.setdefault(module, set()).add("drop")
+    for chunk in _chunks(deletes):
+        where, args = _keys_where(chunk)
+        yield (f"DELETE FROM RouteData WHERE lease_expires IS NOT NULL AND ({where})", args)
+    yield from _insert("RouteData", _LEASE_INSERT, inserts)
+    for (module, host), meta, expires in metas:
+        yield (
+            "UPDATE RouteData SET weight = ?, zone = ?, lease_expires = ?"
+            " WHERE modid = ? AND cmdid = ? AND serverip = ? AND serverport = ?"
+            " AND lease_expires IS NOT NULL",
+            (meta.weight, meta.zone, expires, *module, *host),
+        )
+    for part in _chunks(expiries):
+        yield _expiry_update(dialect, part)
+    for part in _chunks(drains):
+        yield _expiry_update(dialect, part, drain=True)
+    changed = sorted(set(added) | set(removed) | set(updated))
+    if not changed:
+        return RouteWrite(None)
+    audit = _lease_audit(changed, added, removed, updated, actions)
+    write = yield from _finish_write(changed, old_version, now, actor, audit)
+    return attrs.evolve(
+        write,
+        added=sum(map(len, added.values())),
+        removed=sum(map(len, removed.values())),
+        updated=sum(map(len, updated.values())),
+    )
+
+
+def write_lease_batches(
+    dialect: Dialect, batches: Sequence[LeaseBatch], now_ms: int, now: float
+) -> Op[RouteWrite]:
+    """:func:`write_leases` of each batch in turn (one transaction: the caller's); the sum
+    of their writes."""
+    total = RouteWrite(None)
+    for batch in batches:
+        write = yield from write_leases(
+            dialect, batch.grants, batch.drops, now_ms, now, batch.actor
+        )
+        if write.changed:
+            total = RouteWrite(
+                write.version,
+                total.modules | write.modules,
+                total.added + write.added,
+                total.removed + write.removed,
+                total.updated + write.updated,
+            )
+    return total
+
+
+def renew_leases(dialect: Dialect, grants: Sequence[LeaseGrant]) -> Op[list[LeaseGrant]]:
+    """Extend the expiry of the grants' dynamic rows (never to an earlier one), one UPDATE
+    per chunk; returns the grants whose row is gone (to register again). A chunk whose
+    UPDATE touched every row needs no second look (MySQL counts changed rows, SQLite
+    matched ones: fewer means a row is missing, or already had that expiry)."""
+    latest: dict[RowKey, LeaseGrant] = {}
+    for grant in grants:
+        if grant.key not in latest or grant.expires > latest[grant.key].expires:
+            latest[grant.key] = grant
+    missing: list[LeaseGrant] = []
+    for chunk in _chunks(sorted(latest.values(), key=lambda g: g.key)):
+        query = _expiry_update(dialect, [(g.key, g.expires) for g in chunk], monotonic=True)
+        if (yield query).rowcount >= len(chunk):
+            continue
+        where, args = _keys_where([g.key for g in chunk])
+        rows = (
+            yield (f"SELECT modid, cmdid, serverip, serverport FROM RouteData WHERE {where}", args)
+        ).rows
+        present = {_row_key(*row) for row in rows}
+        missing += [g for g in chunk if g.key not in present]
+    return missing
+
+
+def lease_due(now_ms: int) -> Op[bool]:
+    """True if some dynamic row has expired (one read of the ``lease_expires`` key)."""
+    rows = (yield ("SELECT 1 FROM RouteData WHERE lease_expires < ? LIMIT 1", (now_ms,))).rows
+    return bool(rows)
+
+
+def expire_leases(
+    dialect: Dialect, now_ms: int, limit: int, now: float, actor: Actor, lock: str
+) -> Op[LeaseExpiry]:
+    """Delete at most ``limit`` rows expired before ``now_ms``: lock the RouteVersion row
+    (so this never deadlocks with a route write: every one locks it first), select the rows
+    with ``lock`` (:attr:`Dialect.skip_locked`: rows a renewal holds are skipped, not waited
+    for), delete them, raise the version, write RouteChange and RouteAudit rows."""
+    old_version = yield from _lock_version(dialect)
+    rows = (
+        yield (
+            "SELECT id, modid, cmdid, serverip, serverport FROM RouteData"
+            f" WHERE lease_expires < ? ORDER BY lease_expires LIMIT ?{lock}",
+            (now_ms, limit),
+        )
+    ).rows
+    if not rows:
+        return LeaseExpiry(RouteWrite(None))
+    ids = [int(row[0]) for row in rows]
+    for chunk in _chunks(ids):
+        yield (f"DELETE FROM RouteData WHERE id IN ({', '.join('?' * len(chunk))})", tuple(chunk))
+    hosts: dict[ModuleKey, set[HostKey]] = {}
+    for _, modid, cmdid, ip, port in rows:
+        module, host = _row_key(modid, cmdid, ip, port)
+        hosts.setdefault(module, set()).add(host)
+    changed = sorted(hosts)
+    audit = _lease_audit(changed, {}, hosts, {}, dict.fromkeys(changed, ("expire",)))
+    write = yield from _finish_write(changed, old_version, now, actor, audit)
+    return LeaseExpiry(
+        attrs.evolve(write, removed=sum(map(len, hosts.values()))),
+        {module: tuple(sorted(hosts[module])) for module in changed},
+        more=len(rows) >= limit,
+    )
+
+
+def lease_expiries(module: ModuleKey) -> Op[dict[HostKey, int]]:
+    """The dynamic hosts of a module and their expiry."""
+    rows = (
+        yield (
+            "SELECT serverip, serverport, lease_expires FROM RouteData"
+            " WHERE modid = ? AND cmdid = ? AND lease_expires IS NOT NULL",
+            module,
+        )
+    ).rows
+    return {(int(ip), int(port)): int(expires) for ip, port, expires in rows}
+
+
+def demoted_hosts(
+    since: int, callers: int, share: float
+) -> Op[dict[ModuleKey, frozenset[HostKey]]]:
+    """The fleet view: hosts flagged overloaded by at least ``callers`` callers reporting at
+    ``since`` or later, and by at least ``share`` of those reporting on them. The overloaded
+    rows come first (the ``overload`` key; few), the callers of those hosts alone then (the
+    primary key's prefix): never a scan of every row."""
+    rows = (
+        yield (
+            "SELECT modid, cmdid, ip, port, COUNT(*) FROM ServerCallStatus"
+            f" WHERE {_OVERLOADED} AND ts >= ? GROUP BY modid, cmdid, ip, port"
+            " HAVING COUNT(*) >= ?",
+            (since, callers),
+        )
+    ).rows
+    overloaded = {_row_key(*row[:4]): int(row[4]) for row in rows}
+    reporting: dict[RowKey, int] = {}
+    for chunk in _chunks(sorted(overloaded)):
+        where, args = _keys_where(chunk, "ip", "port")
+        rows = (
+            yield (
+                "SELECT modid, cmdid, ip, port, COUNT(*) FROM ServerCallStatus"
+                f" WHERE ts >= ? AND ({where}) GROUP BY modid, cmdid, ip, port",
+                (since, *args),
+            )
+        ).rows
+        reporting.update((_row_key(*row[:4]), int(row[4])) for row in rows)
+    demoted: dict[ModuleKey, set[HostKey]] = {}
+    for (module, host), count in overloaded.items():
+        if count >= share * reporting.get((module, host), count) - 1e-9:
+            demoted.setdefault(module, set()).add(host)
+    return {module: frozenset(hosts) for module, hosts in sorted(demoted.items())}
+
+
+def _pin_static(
+    dialect: Dialect,
+    written: Mapping[ModuleKey, Collection[HostKey]],
+    current: Mapping[ModuleKey, set[HostKey]],
+) -> Op[None]:
+    """Make static the self-registered rows of hosts an operator writes again (add, import):
+    static routes never expire (DESIGN §14). One read of the few dynamic rows, and only
+    when such a host is written at all."""
+    if not any(current.get(module, set()).intersection(hosts) for module, hosts in written.items()):
+        return
+    features = yield from route_features(dialect)
+    if not features.leases:
+        return
+    rows = (
+        yield (
+            "SELECT modid, cmdid, serverip, serverport FROM RouteData"
+            " WHERE lease_expires IS NOT NULL",
+            (),
+        )
+    ).rows
+    wanted = {module: set(hosts) for module, hosts in written.items()}
+    pins = sorted(
+        {key for key in map(lambda row: _row_key(*row), rows) if key[1] in wanted.get(key[0], ())}
+    )
+    for chunk in _chunks(pins):
+        where, args = _keys_where(chunk)
+        yield (f"UPDATE RouteData SET lease_expires = NULL WHERE {where}", args)
 
 
 def purge_changes(dialect: Dialect, older_than: float) -> Op[int]:

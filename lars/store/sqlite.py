@@ -23,9 +23,12 @@ CREATE TABLE IF NOT EXISTS RouteData (
     serverip INTEGER NOT NULL,
     serverport INTEGER NOT NULL,
     weight INTEGER NOT NULL DEFAULT 100,
-    zone TEXT NOT NULL DEFAULT ''
+    zone TEXT NOT NULL DEFAULT '',
+    lease_expires INTEGER DEFAULT NULL
 );
 CREATE INDEX IF NOT EXISTS RouteData_module ON RouteData (modid, cmdid);
+-- Self-registered hosts (DESIGN §14): see mysql_schema.sql.
+CREATE INDEX IF NOT EXISTS RouteData_lease ON RouteData (lease_expires);
 CREATE TABLE IF NOT EXISTS RouteVersion (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     version INTEGER NOT NULL
@@ -203,6 +206,9 @@ DIALECT = sql.Dialect(
     # SUM fails on an integer overflow; TOTAL gives a float.
     total="TOTAL",
     sized_integers=False,
+    # BEGIN IMMEDIATE holds the write lock: expired rows need no lock of their own.
+    skip_locked="",
+    greatest="MAX",
 )
 
 

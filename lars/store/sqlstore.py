@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import abc
 import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 from lars.core.model import (
+    DRAIN_MAX_MS,
     HostKey,
     HostMeta,
     ModuleKey,
@@ -24,9 +26,10 @@ from lars.core.model import (
     check_weight,
     check_zone,
 )
-from lars.errors import InvalidValue
+from lars.errors import InvalidValue, StoreError, StoreUnavailable
 from lars.store import schema, sql
 from lars.store.base import (
+    EXPIRE_BATCH,
     HISTORY_STEP,
     Actor,
     AlarmDecision,
@@ -39,6 +42,10 @@ from lars.store.base import (
     HostCalls,
     HostStatus,
     Lease,
+    LeaseBatch,
+    LeaseExpiry,
+    LeaseGrant,
+    LeaseRenewal,
     ModuleSummary,
     RouteDelta,
     RouteSnapshot,
@@ -48,6 +55,7 @@ from lars.store.base import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("lars.store")
 #: The transaction an operation runs in: none (autocommit), a consistent read, or a write.
 Txn = Literal["read", "write"] | None
 
@@ -58,8 +66,12 @@ class SqlStore(RouteStore):
     dialect: sql.Dialect
     #: The number of modules at a route version, from the last overview without a search.
     _module_count: sql.ModuleCount | None = None
-    #: Whether the database has the weight and zone columns and the RoutePolicy table.
+    #: Whether the database has the weight and zone columns, the RoutePolicy table and the
+    #: lease column.
     _features: sql.RouteFeatures | None = None
+    #: How :meth:`expire_leases` locks expired rows, once a server refused SKIP LOCKED
+    #: (None: the dialect's :attr:`~lars.store.sql.Dialect.skip_locked`).
+    _expiry_lock: str | None = None
 
     @abc.abstractmethod
     async def _run(self, make_op: Callable[[], sql.Op[T]], txn: Txn = None) -> T:
@@ -197,6 +209,108 @@ class SqlStore(RouteStore):
         return await self._run(
             functools.partial(sql.purge_changes, self.dialect, older_than), "write"
         )
+
+    # --- self-registration and the fleet view (DESIGN §14) -----------------------------------
+
+    async def _route_features(self, *, fresh: bool = False) -> sql.RouteFeatures:
+        """What of DESIGN §13-14 the database holds (read once, then known: only ``lars db
+        upgrade`` changes it; ``fresh`` reads it again)."""
+        if self._features is None or fresh:
+            self._features = await self._run(functools.partial(sql.route_features, self.dialect))
+        return self._features
+
+    async def _lease_features(self) -> sql.RouteFeatures:
+        """The features, read again while they lack the lease column (the database may have
+        been upgraded since); SchemaMissing when it still does."""
+        features = await self._route_features()
+        if not features.leases:
+            features = await self._route_features(fresh=True)
+        sql.require_leases(features, self.display_url)
+        return features
+
+    async def write_lease_batches(
+        self, batches: Sequence[LeaseBatch], *, now_ms: int
+    ) -> RouteWrite:
+        if type(now_ms) is not int or not 0 <= now_ms <= sql.EXPIRES_MAX - DRAIN_MAX_MS:
+            raise InvalidValue(f"now_ms must be unix milliseconds, got {now_ms!r}")
+        checked = []
+        for batch in batches:
+            if not isinstance(batch, LeaseBatch):
+                raise InvalidValue(f"{batch!r:.80} is not a LeaseBatch")
+            if not isinstance(batch.actor, Actor):
+                raise InvalidValue(f"actor must be an Actor, got {batch.actor!r}")
+            grants, drops = sql.check_grants(batch.grants), sql.check_drops(batch.drops)
+            if grants or drops:
+                checked.append(LeaseBatch(batch.actor, grants, drops))
+        if not checked:
+            return RouteWrite(None)
+        await self._lease_features()
+        op = functools.partial(sql.write_lease_batches, self.dialect, checked, now_ms, time.time())
+        return await self._run(op, "write")
+
+    async def renew_leases(self, grants: Sequence[LeaseGrant], *, actor: Actor) -> LeaseRenewal:
+        checked = sql.check_grants(grants)
+        _check_actor(actor)
+        if not checked:
+            return LeaseRenewal(0)
+        await self._lease_features()
+        missing = await self._run(
+            functools.partial(sql.renew_leases, self.dialect, checked), "write"
+        )
+        write = RouteWrite(None)
+        if missing:
+            op = functools.partial(
+                sql.write_leases, self.dialect, missing, (), 0, time.time(), actor
+            )
+            write = await self._run(op, "write")
+        return LeaseRenewal(len({g.key for g in checked}) - len(missing), len(missing), write)
+
+    async def expire_leases(
+        self, now_ms: int, *, actor: Actor, limit: int = EXPIRE_BATCH
+    ) -> LeaseExpiry:
+        if type(now_ms) is not int or now_ms < 0:
+            raise InvalidValue(f"now_ms must be unix milliseconds, got {now_ms!r}")
+        if type(limit) is not int or not 1 <= limit <= sql.INSERT_CHUNK * 10:
+            raise InvalidValue(f"limit must be 1 to {sql.INSERT_CHUNK * 10}, got {limit!r}")
+        _check_actor(actor)
+        if not (await self._route_features()).leases:
+            return LeaseExpiry(RouteWrite(None))
+        if not await self._run(functools.partial(sql.lease_due, now_ms)):
+            return LeaseExpiry(RouteWrite(None))
+        lock = self.dialect.skip_locked if self._expiry_lock is None else self._expiry_lock
+        op = functools.partial(
+            sql.expire_leases, self.dialect, now_ms, limit, time.time(), actor, lock
+        )
+        try:
+            return await self._run(op, "write")
+        except StoreError as exc:
+            if not lock or isinstance(exc, StoreUnavailable) or "SKIP" not in str(exc).upper():
+                raise
+        # A server without SKIP LOCKED (MariaDB before 10.6, MySQL 5.7): plain row locks,
+        # which only wait for a renewal in flight (the RouteVersion lock orders sweepers).
+        log.warning("%s has no SKIP LOCKED: expired leases are locked FOR UPDATE", self.display_url)
+        self._expiry_lock = self.dialect.for_update
+        op = functools.partial(
+            sql.expire_leases, self.dialect, now_ms, limit, time.time(), actor, self._expiry_lock
+        )
+        return await self._run(op, "write")
+
+    async def demoted_hosts(
+        self, since: int, *, callers: int, share: float
+    ) -> dict[ModuleKey, frozenset[HostKey]]:
+        start = sql.check_epoch(since, "since")
+        if type(callers) is not int or callers < 1:
+            raise InvalidValue(f"callers must be a positive integer, got {callers!r}")
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+            raise InvalidValue(f"share must be a number from 0 to 1, got {share!r}")
+        op = functools.partial(sql.demoted_hosts, start, callers, float(share))
+        return await self._run(op, "read")
+
+    async def lease_expiries(self, module: ModuleKey) -> dict[HostKey, int]:
+        key = sql.check_module(module)
+        if not (await self._route_features()).leases:
+            return {}
+        return await self._run(functools.partial(sql.lease_expiries, key))
 
     # --- call statistics ---------------------------------------------------------------------
 

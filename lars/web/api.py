@@ -10,7 +10,7 @@ field when one is to blame) with the status of :func:`~lars.web.service.http_sta
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import attrs
@@ -64,13 +64,24 @@ def summary_json(s: ModuleSummary) -> dict[str, Any]:
     }
 
 
-def host_json(h: HostStatus, meta: Mapping[HostKey, HostMeta] | None = None) -> dict[str, Any]:
-    """A host of a module, its weight and zone, with one status row per caller."""
+def host_json(
+    h: HostStatus,
+    meta: Mapping[HostKey, HostMeta] | None = None,
+    leases: Mapping[HostKey, int] | None = None,
+    demoted: Collection[HostKey] = (),
+) -> dict[str, Any]:
+    """A host of a module, its weight and zone, whether it registered itself (and when its
+    lease expires, unix ms; null for a static host) and whether the fleet view demotes it,
+    with one status row per caller."""
     value = (meta or {}).get(h.host, HostMeta())
+    expires = (leases or {}).get(h.host)
     return {
         "host": format_host(h.host),
         "weight": value.weight,
         "zone": value.zone,
+        "dynamic": expires is not None,
+        "lease_expires": expires,
+        "demoted": h.host in demoted,
         "overloaded": any(r.overload for r in h.callers),
         "callers": [
             {k: v for k, v in r.as_json().items() if k not in ("modid", "cmdid", "host")}
@@ -209,7 +220,7 @@ async def get_module(request: Request) -> Response:
         {
             **summary_json(view.summary),
             "policy": policy_json(view.policy),
-            "hosts": [host_json(h, view.meta) for h in view.hosts],
+            "hosts": [host_json(h, view.meta, view.leases, view.demoted) for h in view.hosts],
             "changes": [audit_json(a) for a in view.audit],
         }
     )

@@ -27,7 +27,7 @@ from lars.tls import TlsContexts
 from lars.web.app import make_app, requests_counter
 from lars.web.auth import Accounts, check_listen
 from lars.web.monitor import MonitorService
-from lars.web.service import ConsoleService
+from lars.web.service import ConsoleService, FleetView
 
 log = logging.getLogger("lars.web")
 
@@ -66,7 +66,9 @@ class WebServer:
         self.registry = CollectorRegistry()
         self.counter = requests_counter(self.registry)
         dns = list(config.agent.dns)
-        self.service = ConsoleService(store, functools.partial(self._notify, dns, tls))
+        self.service = ConsoleService(
+            store, functools.partial(self._notify, dns, tls), FleetView.of(config.dns)
+        )
         alarms = config.alarms
         notifier = WebhookNotifier(
             alarms.webhooks,

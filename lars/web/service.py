@@ -14,13 +14,16 @@ store's own ``InvalidValue`` is a 400 too (:func:`http_status`).
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 import attrs
 
 from lars import routes_io
+from lars.config import DnsConfig
 from lars.core.model import (
     POLICIES,
     UINT32_MAX,
@@ -341,6 +344,28 @@ class ModuleView:
     meta: Mapping[HostKey, HostMeta] = attrs.field(factory=dict)
     #: The module's own policy (None: the agents' default).
     policy: PolicySpec | None = None
+    #: Its self-registered hosts and when their lease expires (unix ms); static hosts are
+    #: absent (DESIGN §14).
+    leases: Mapping[HostKey, int] = attrs.field(factory=dict)
+    #: Its hosts the fleet view demotes (empty unless ``[dns] fleet_view``).
+    demoted: frozenset[HostKey] = frozenset()
+
+
+@attrs.frozen
+class FleetView:
+    """The fleet view's rule (``[dns] demote_callers``, ``demote_share``, ``demote_window``):
+    the console shows the hosts the DNS instances send demoted."""
+
+    callers: int
+    share: float
+    window: float
+
+    @classmethod
+    def of(cls, dns: DnsConfig) -> FleetView | None:
+        """The rule of a ``[dns]`` section, or None when ``fleet_view`` is off."""
+        if not dns.fleet_view:
+            return None
+        return cls(dns.demote_callers, dns.demote_share, dns.demote_window)
 
 
 @attrs.frozen
@@ -409,9 +434,11 @@ class ImportPlan:
 class ConsoleService:
     """Every console query and write over one store; ``notify`` tells the DNS instances."""
 
-    def __init__(self, store: RouteStore, notify: Notify) -> None:
+    def __init__(self, store: RouteStore, notify: Notify, fleet: FleetView | None = None) -> None:
         self.store = store
         self.notify = notify
+        #: The fleet view's rule (None: off, nothing is demoted).
+        self.fleet = fleet
 
     # reads
 
@@ -435,7 +462,20 @@ class ConsoleService:
         audit = await self.store.list_audit(module=module, limit=MODULE_AUDIT_ROWS)
         meta = (await self.store.list_route_meta(*module)).get(module, {})
         policy = await self.store.get_policy(module)
-        return ModuleView(summary, hosts, audit, meta, policy)
+        leases = await self.store.lease_expiries(module)
+        return ModuleView(
+            summary, hosts, audit, meta, policy, leases, await self.demoted(module, hosts)
+        )
+
+    async def demoted(self, module: ModuleKey, hosts: Sequence[HostStatus]) -> frozenset[HostKey]:
+        """The module's hosts the fleet view demotes now (none when it is off)."""
+        if self.fleet is None:
+            return frozenset()
+        since = max(0, math.ceil(time.time() - self.fleet.window))
+        demoted = await self.store.demoted_hosts(
+            since, callers=self.fleet.callers, share=self.fleet.share
+        )
+        return demoted.get(module, frozenset()) & {h.host for h in hosts}
 
     async def call_status(
         self,
