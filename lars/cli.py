@@ -13,6 +13,7 @@ import getpass
 import json
 import logging
 import re
+import signal
 import socket
 import sys
 import time
@@ -39,8 +40,10 @@ from lars.core.model import (
     check_weight,
     check_zone,
     format_host,
+    int_to_ip,
 )
 from lars.errors import AgentUnavailable, InvalidValue, LarsError, ShrinkRefused
+from lars.registry import RegistrationSpec, drain_ms, registration_spec, renew_interval
 from lars.roles.common import RECEIVE_SIZE, ask, connect_tls, notify_dns
 from lars.roles.run import ROLES
 from lars.store import (
@@ -1143,7 +1146,9 @@ def query_command(
     \b
     --json with --dns: one line per route, {"ts", "modid", "cmdid", "hosts": [...]};
     without: {"modid", "cmdid", "status", "last_update", "hosts": [{"host", "state",
-    "since", "vsucc", "verr", "rsucc", "rerr", "contin_succ", "contin_err"}]};
+    "since", "vsucc", "verr", "rsucc", "rerr", "contin_succ", "contin_err", "demoted"}]}
+    ("demoted": the DNS's fleet view has enough callers seeing the host overloaded; an agent
+    starts such a host overloaded, and probes it);
     with --stats: a list of {"modid", "cmdid", "host", "caller", "succ_cnt", "err_cnt",
     "succ_total", "err_total", "overload", "ts"}.
     --explain adds "policy" {"policy", "zone_affinity", "zone_failover", "panic_threshold",
@@ -1294,15 +1299,115 @@ def _describe_module(
     lines = [
         head,
         f"{'HOST':<22} {'STATE':<9} {'FOR':>8} {'VSUCC':>6} {'VERR':>5} "
-        f"{'RSUCC':>6} {'RERR':>5} {'C.SUCC':>6} {'C.ERR':>5}",
+        f"{'RSUCC':>6} {'RERR':>5} {'C.SUCC':>6} {'C.ERR':>5} DEMOTED",
     ]
     for h in hosts:
+        # Demoted: enough callers see the host overloaded (the DNS's fleet view, DESIGN §14).
         lines.append(
             f"{h['host']:<22} {h['state']:<9} {now - h['since']:>7.1f}s {h['vsucc']:>6} "
             f"{h['verr']:>5} {h['rsucc']:>6} {h['rerr']:>5} {h['contin_succ']:>6} "
-            f"{h['contin_err']:>5}"
+            f"{h['contin_err']:>5} {'yes' if h.get('demoted') else '-'}"
         )
     return "\n".join(lines)
+
+
+# --- register --------------------------------------------------------------------------------
+
+
+@cli.command("register", context_settings=CONTEXT, cls=IdCommand)
+@id_argument("modid")
+@id_argument("cmdid")
+@click.argument("address", metavar="IP:PORT")
+@click.option(
+    "--ttl",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Seconds (1 to 3600) the host stays in the route after the last renewal, should "
+    "this process die without deregistering; renewed every ttl/3.",
+)
+@click.option("--weight", type=int, help="The host's weight (default: the route's, or 100).")
+@click.option("--zone", help="The host's availability zone (default: the route's, or none).")
+@click.option(
+    "--drain",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds between the deregistration (no new calls) and the host's removal, "
+    "waited before exiting.",
+)
+@config_option
+def register_command(
+    modid: int,
+    cmdid: int,
+    address: str,
+    ttl: int,
+    weight: int | None,
+    zone: str | None,
+    drain: float,
+    config_path: str | None,
+) -> None:
+    """Register IP:PORT as a host of module MODID/CMDID through the local agent and keep it
+    registered until SIGTERM or SIGINT (Ctrl-C): a sidecar for services that do not use
+    lars.client themselves. On the signal it deregisters (the host drains: no new calls
+    go to it), waits --drain seconds for the calls in flight, and exits 0 (a second signal
+    cuts the wait short). A registration the agent or the DNS refuses exits 1 with the
+    reason. IP may be left out (":7001"): this host, as the agent knows it.
+
+    \b
+    Examples:
+      lars register 1 1 10.0.0.1:7001               # until SIGTERM or Ctrl-C
+      lars register 1 1 :7001 --ttl 5 --drain 30    # this host; a 30 s drain
+      lars register 1 1 10.0.0.1:7001 --weight 50 --zone eu-1
+    """
+    ip, sep, port = address.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit():
+        raise click.BadParameter(
+            f"expected IP:PORT or :PORT, got {address!r}", param_hint="IP:PORT"
+        )
+    try:
+        spec = registration_spec(modid, cmdid, int(port), ip or None, weight, zone, ttl)
+        drain_ms(drain)
+    except InvalidValue as exc:
+        raise click.UsageError(str(exc)) from None
+    config = get_config(config_path)
+    setup_logging(config.log.level, config.log.format)
+    run_async(functools.partial(register_sidecar, config, spec, drain))
+
+
+async def register_sidecar(config: Config, spec: RegistrationSpec, drain: float) -> None:
+    """`lars register`: register, keep it renewed until SIGTERM or SIGINT, deregister,
+    wait the drain."""
+    ip = int_to_ip(spec.ip) if spec.ip else None
+    weight = None if spec.weight < 0 else spec.weight
+    module = f"{spec.modid}/{spec.cmdid}"
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with local_agent_client(config) as client:
+            try:
+                async with client.register(
+                    spec.modid, spec.cmdid, spec.port, ip, weight, spec.zone, spec.ttl
+                ) as registration:
+                    click.echo(
+                        f"registered {registration.host} for module {module} (ttl {spec.ttl}s,"
+                        f" renewed every {renew_interval(spec.ttl):.3g}s); SIGTERM or Ctrl-C"
+                        " deregisters"
+                    )
+                    async for _ in signals:
+                        break
+                    await registration.aclose(drain=drain)
+                    click.echo(
+                        f"deregistered {registration.host} from module {module};"
+                        f" draining {drain:g}s"
+                    )
+            except AgentUnavailable:
+                port = client.core.port(spec.modid, spec.cmdid)
+                fail(
+                    f"no answer from the agent at {config.agent.host}:{port}"
+                    " (is `lars run --role agent` running?)"
+                )
+        with trio.move_on_after(drain):
+            async for _ in signals:  # a second signal: stop waiting
+                break
 
 
 # --- stats -----------------------------------------------------------------------------------

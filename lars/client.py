@@ -10,6 +10,8 @@
     client.reg_init(1, 1)                       # preload a module at start-up
     with client.call(1, 1) as host:             # reports success, or failure if it raises
         ...
+    with client.register(1, 1, 7001, ttl=10):   # this host serves module 1/1 on port 7001
+        serve_forever()                         # renewed in the background; deregistered after
 
 :class:`AsyncLarsClient` has the same methods for trio, awaited (``call`` is an async
 context manager). Errors: :class:`~lars.NoRoute`, :class:`~lars.Overloaded`,
@@ -21,6 +23,19 @@ tasks. Each request carries a sequence number; replies to earlier, timed-out req
 discarded. A module is served on ``base_port + (modid + cmdid) % ports``. The protocol logic
 lives in :class:`ClientCore` (no I/O); the two clients only send and receive. On the hot
 path get_host is one send and one receive, and report one send.
+
+Self-registration (DESIGN §14): :meth:`LarsClient.register` registers a host (by default
+this one, as the agent knows it) for a module through the local agent, which keeps it alive
+in the DNS. The returned :class:`Registration` renews it every ``ttl / 3`` seconds from a
+background thread on its own socket, and registers it again if the agent forgot it (an
+agent restart): a registration survives an agent that is back within ``ttl``. Its
+:meth:`~Registration.close` (or the end of its ``with`` block) deregisters it: the DNS
+drains the host at once (weight 0, no new calls) and removes it after ``drain`` seconds.
+A host whose process dies without closing leaves the route ``ttl`` seconds after its last
+renewal. :meth:`AsyncLarsClient.register` is an async context manager doing the same with a
+trio task. A registration the agent or the DNS refuses raises
+:class:`~lars.RequestRejected` with the reason; no answer within ``REGISTER_TIMEOUT``
+raises :class:`~lars.AgentUnavailable`.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import logging
 import os
 import socket
 import struct
@@ -43,7 +59,15 @@ import trio
 
 from lars import wire
 from lars.config import load_config
-from lars.core.model import Host, HostKey, check_id, check_port, ip_to_int, parse_module
+from lars.core.model import (
+    Host,
+    HostKey,
+    check_id,
+    check_port,
+    int_to_ip,
+    ip_to_int,
+    parse_module,
+)
 from lars.errors import (
     AgentUnavailable,
     InvalidValue,
@@ -53,8 +77,11 @@ from lars.errors import (
     ProtocolError,
     RequestRejected,
 )
+from lars.registry import RegistrationSpec, drain_ms, registration_spec, renew_interval
 
-__all__ = ["AsyncLarsClient", "Host", "LarsClient"]
+__all__ = ["AsyncLarsClient", "AsyncRegistration", "Host", "LarsClient", "Registration"]
+
+log = logging.getLogger("lars.client")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_BASE_PORT = 8888
@@ -68,6 +95,16 @@ RECEIVE_SIZE = 65536
 #: Attempts of reg_init while the agent answers NoRoute, and the pause between them.
 REG_INIT_ATTEMPTS = 10
 REG_INIT_PAUSE = 0.2
+#: Seconds a registration (or a deregistration) waits for the agent's answer: a new one is
+#: answered once the DNS has stored it (the agent waits lars.registry.REPLY_TIMEOUT for
+#: it). The request is sent again every REGISTER_RESEND seconds meanwhile, in case the
+#: datagram was lost.
+REGISTER_TIMEOUT = 2.0
+REGISTER_RESEND = 0.5
+#: Seconds before a renewal that got no answer (an agent restarting) is tried again.
+RENEW_RETRY = 0.25
+#: Seconds at most a renewal in progress takes to notice that its registration is closing.
+STOP_CHECK = 0.1
 
 _SUCC = wire.RetCode.SUCC
 _OVERLOAD = wire.RetCode.OVERLOAD
@@ -211,6 +248,31 @@ class ClientCore:
             return None
         return len(hosts)
 
+    def register_request(self, spec: RegistrationSpec) -> tuple[int, bytes]:
+        """``(seq, datagram)`` of a RegisterRequest (a registration, or its renewal)."""
+        seq = self.next_seq()
+        return seq, wire.encode_datagram(wire.RegisterRequest(seq, *spec))
+
+    def deregister_request(self, spec: RegistrationSpec, drain: int) -> tuple[int, bytes]:
+        """``(seq, datagram)`` of a DeregisterRequest, ``drain`` in milliseconds."""
+        seq = self.next_seq()
+        msg = wire.DeregisterRequest(seq, spec.modid, spec.cmdid, spec.ip, spec.port, drain)
+        return seq, wire.encode_datagram(msg)
+
+    @staticmethod
+    def registered(msg: wire.Message, what: str) -> int:
+        """The address a RegisterReply says was registered (or deregistered), or the error
+        it stands for: RequestRejected naming ``what``, the return code and the reason."""
+        if isinstance(msg, wire.RegisterReply):
+            if msg.retcode == _SUCC:
+                return msg.ip
+            code = wire.RetCode.NAMES.get(msg.retcode, str(msg.retcode))
+            verb = "failed" if msg.retcode == wire.RetCode.SYSTEM_ERROR else "refused"
+            raise RequestRejected(f"{what} {verb} ({code}): {msg.reason}")
+        if isinstance(msg, wire.ErrorReply):  # an agent before api_level 4 says so here
+            raise RequestRejected(f"{what} refused by the agent: {msg.reason}")
+        raise ClientCore._unexpected(msg)
+
     @staticmethod
     def stats_result(msg: wire.Message) -> dict[str, Any]:
         """The counters of a StatsResponse."""
@@ -232,11 +294,16 @@ class ClientCore:
             return RequestRejected(f"agent rejected the request: {msg.reason}")
         return RequestRejected(f"unexpected reply from the agent: {type(msg).__name__}")
 
-    def unavailable(self, modid: int, cmdid: int) -> AgentUnavailable:
-        """The error for a request that got no answer."""
+    def unavailable(
+        self, modid: int, cmdid: int, attempts: int | None = None, timeout: float | None = None
+    ) -> AgentUnavailable:
+        """The error for a request that got no answer (after ``attempts`` of ``timeout``
+        seconds; by default the client's retries + 1 of its timeout)."""
+        attempts = self.retries + 1 if attempts is None else attempts
+        timeout = self.timeout if timeout is None else timeout
         return AgentUnavailable(
             f"no answer from the agent at {self.host}:{self.port(modid, cmdid)} "
-            f"after {self.retries + 1} attempts of {self.timeout}s"
+            f"after {attempts} attempts of {timeout}s"
         )
 
     @staticmethod
@@ -373,6 +440,18 @@ def _flush_at_exit() -> None:
     for client in list(_LIVE):
         with contextlib.suppress(Exception):
             client.flush()
+
+
+#: Registrations not closed yet: deregistered (drain 0) when the interpreter exits, so a
+#: process that ends without closing them does not stay in the route for their ttl.
+_OPEN_REGISTRATIONS: weakref.WeakSet[Registration] = weakref.WeakSet()
+
+
+@atexit.register
+def _deregister_at_exit() -> None:
+    for registration in list(_OPEN_REGISTRATIONS):
+        with contextlib.suppress(Exception):
+            registration.close()
 
 
 class LarsClient:
@@ -833,6 +912,220 @@ class LarsClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    # --- self-registration ---------------------------------------------------------------
+
+    def register(
+        self,
+        modid: int,
+        cmdid: int,
+        port: int,
+        ip: str | None = None,
+        weight: int | None = None,
+        zone: str | None = None,
+        ttl: int = 10,
+    ) -> Registration:
+        """Register ``ip:port`` as a host of module ``modid/cmdid`` through the local agent
+        (DESIGN §14) and keep it registered until :meth:`Registration.close`.
+
+        ``ip`` None: this host, as the agent knows it (its ``[agent] ip``, else the address
+        it reaches the DNS from); ``weight`` and ``zone`` None: the route's own, or the
+        defaults for a new host (100, none). ``ttl`` (1 to 3600 seconds): a host whose
+        renewals stop leaves the route this long after the last one. A registration on top
+        of a static route (``lars route add``) leaves the static row as it is.
+
+        Returns once the DNS has stored it (at most REGISTER_TIMEOUT seconds). Raises
+        InvalidValue for a bad argument (nothing is sent), RequestRejected when the agent
+        or the DNS refuses it (the reason says why: a limit, a bad address, a DNS or store
+        that is down), AgentUnavailable when no agent answers. See :class:`Registration`.
+        """
+        spec = registration_spec(modid, cmdid, port, ip, weight, zone, ttl)
+        registration = Registration(self.core, spec)
+        registration._open()
+        return registration
+
+
+class _RegistrationBase:
+    """What a registration handle knows and decides, without I/O (both handles share it)."""
+
+    def __init__(self, core: ClientCore, spec: RegistrationSpec) -> None:
+        self.core = core
+        #: What is registered; ``ip`` is the agent's answer once registered.
+        self.spec = spec
+        #: Why the last renewal failed (None: it went through); renewals that went through.
+        self.error: LarsError | None = None
+        self.renewals = 0
+        #: True once closed (deregistered, or the deregistration was tried).
+        self.closed = False
+
+    @property
+    def host(self) -> Host:
+        """The host registered."""
+        return Host(int_to_ip(self.spec.ip), self.spec.port)
+
+    @property
+    def module(self) -> tuple[int, int]:
+        """``(modid, cmdid)``."""
+        return self.spec.modid, self.spec.cmdid
+
+    @property
+    def ttl(self) -> int:
+        """The lease, seconds: renewed every ttl / 3."""
+        return self.spec.ttl
+
+    def _registered(self, reply: wire.Message) -> None:
+        ip = ClientCore.registered(reply, f"registration of {self.spec.describe()}")
+        # Renewals and the deregistration name the address the agent registered.
+        self.spec = self.spec._replace(ip=ip)
+
+    def _dropped(self, reply: wire.Message) -> None:
+        ClientCore.registered(reply, f"deregistration of {self.spec.describe()}")
+
+    def _renewed(self, error: LarsError | None) -> float:
+        """Record how a renewal went; returns the seconds to the next one: ttl / 3, or
+        RENEW_RETRY after no answer (an agent restarting: try again soon, the lease in the
+        DNS runs meanwhile)."""
+        interval = renew_interval(self.spec.ttl)
+        if error is None:
+            if self.error is not None:
+                log.info("registration of %s renewed again", self.spec.describe())
+            self.error = None
+            self.renewals += 1
+            return interval
+        if self.error is None:
+            log.warning(
+                "renewing the registration of %s failed: %s; trying again",
+                self.spec.describe(),
+                error,
+            )
+        self.error = error
+        return min(RENEW_RETRY, interval) if isinstance(error, AgentUnavailable) else interval
+
+    def _unavailable(self) -> AgentUnavailable:
+        attempts = int(REGISTER_TIMEOUT / REGISTER_RESEND)
+        return self.core.unavailable(*self.module, attempts, REGISTER_RESEND)
+
+
+class _Stopped(Exception):
+    """A renewal given up because the registration is being closed."""
+
+
+class Registration(_RegistrationBase):
+    """A host registered through the local agent (:meth:`LarsClient.register`).
+
+    A background thread renews it every ``ttl / 3`` seconds on the registration's own
+    socket; if the agent forgot it (it restarted), the renewal registers it again. A
+    renewal that fails is logged (``lars.client``) and kept in :attr:`error`; it is tried
+    again (soon when the agent did not answer). :meth:`close` deregisters it; a ``with``
+    block closes it at its end (a deregistration that fails while the block raises is
+    logged, not raised over the block's exception), and so does the interpreter's exit
+    (drain 0) for one still open. It does not depend on the client that made it: closing
+    the client leaves it registered.
+    """
+
+    def __init__(self, core: ClientCore, spec: RegistrationSpec) -> None:
+        super().__init__(core, spec)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self._sock.connect((core.host, core.port(spec.modid, spec.cmdid)))
+        except OSError as exc:
+            self._sock.close()
+            raise AgentUnavailable(f"cannot reach the agent at {core.host}: {exc}") from None
+        self._lock = threading.Lock()  # one exchange at a time on the socket
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _open(self) -> None:
+        """Register (raises if refused), then start renewing."""
+        try:
+            self._registered(self._ask(*self.core.register_request(self.spec)))
+        except BaseException:
+            self.closed = True
+            self._sock.close()
+            raise
+        self._thread = threading.Thread(
+            target=self._renew_forever,
+            name=f"lars-register-{self.spec.modid}-{self.spec.cmdid}-{self.spec.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        _OPEN_REGISTRATIONS.add(self)
+
+    def _ask(self, seq: int, request: bytes, renewal: bool = False) -> wire.Message:
+        """Send ``request``, again every REGISTER_RESEND seconds, and return the reply to
+        ``seq``; AgentUnavailable after REGISTER_TIMEOUT. A renewal gives up (_Stopped) as
+        soon as the registration is being closed."""
+        deadline = time.monotonic() + REGISTER_TIMEOUT
+        sock = self._sock
+        with self._lock:
+            while (now := time.monotonic()) < deadline:
+                try:
+                    sock.send(request)
+                except ConnectionRefusedError:  # nothing listens (yet): as if lost
+                    pass
+                except OSError as exc:
+                    raise AgentUnavailable(f"cannot reach the agent: {exc}") from None
+                resend = min(now + REGISTER_RESEND, deadline)
+                while (left := resend - time.monotonic()) > 0:
+                    if renewal and self._stop.is_set():
+                        raise _Stopped
+                    sock.settimeout(min(left, STOP_CHECK))
+                    try:
+                        data = sock.recv(RECEIVE_SIZE)
+                    except (TimeoutError, ConnectionRefusedError):
+                        continue
+                    except OSError as exc:
+                        raise AgentUnavailable(f"cannot reach the agent: {exc}") from None
+                    reply = ClientCore.match(data, seq)
+                    if reply is not None:
+                        return reply
+        raise self._unavailable()
+
+    def _renew_forever(self) -> None:
+        wait = renew_interval(self.spec.ttl)
+        while not self._stop.wait(wait):
+            error: LarsError | None = None
+            try:
+                self._registered(self._ask(*self.core.register_request(self.spec), True))
+            except _Stopped:
+                return
+            except LarsError as exc:
+                error = exc
+            wait = self._renewed(error)
+
+    def close(self, drain: float = 0.0) -> None:
+        """Deregister: stop renewing, and have the DNS drain the host at once (weight 0:
+        no new calls) and remove it after ``drain`` seconds (0 to 3600; 0: now). Keep
+        serving the calls in flight meanwhile: this returns once the DNS has taken it, it
+        does not wait the drain (``lars register`` does). Raises RequestRejected or
+        AgentUnavailable if the deregistration did not go through: the host then leaves
+        the route ``ttl`` seconds after its last renewal. Closing again does nothing."""
+        drain_milliseconds = drain_ms(drain)
+        if self.closed:
+            return
+        self.closed = True
+        _OPEN_REGISTRATIONS.discard(self)
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(REGISTER_TIMEOUT + 1.0)
+        try:
+            request = self.core.deregister_request(self.spec, drain_milliseconds)
+            self._dropped(self._ask(*request))
+        finally:
+            self._sock.close()
+
+    def __enter__(self) -> Registration:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except LarsError as exc:  # the block's own exception matters more
+            log.warning("deregistering %s: %s", self.spec.describe(), exc)
+
 
 def _hash_key(key: object) -> bytes:
     """A get_host key as the wire carries it (str in UTF-8), or InvalidValue."""
@@ -1034,12 +1327,25 @@ class AsyncLarsClient:
                 channel = self._channels[port] = _Channel(sock)
         return channel
 
-    async def _exchange(self, modid: int, cmdid: int, seq: int, request: bytes) -> wire.Message:
+    async def _exchange(
+        self,
+        modid: int,
+        cmdid: int,
+        seq: int,
+        request: bytes,
+        attempts: int | None = None,
+        each: float | None = None,
+    ) -> wire.Message:
+        """Send ``request`` to the module's port and return the reply to ``seq``: up to
+        ``attempts`` sends (default: retries + 1), waiting ``each`` seconds after each
+        (default: the client's timeout)."""
+        attempts = self.core.retries + 1 if attempts is None else attempts
+        timeout = self.core.timeout if each is None else each
         channel = await self._channel(self.core.port(modid, cmdid))
         slot = channel.expect(seq)
         try:
-            for _ in range(self.core.retries + 1):
-                with trio.move_on_after(self.core.timeout):
+            for _ in range(attempts):
+                with trio.move_on_after(timeout):
                     if slot.reply is None:  # else it came in as the last attempt ran out
                         await channel.send(request)
                     return await channel.receive(slot)
@@ -1047,7 +1353,7 @@ class AsyncLarsClient:
                 return slot.reply
         finally:
             channel.forget(seq)
-        raise self.core.unavailable(modid, cmdid)
+        raise self.core.unavailable(modid, cmdid, attempts, timeout)
 
     async def get_host(self, modid: int, cmdid: int, key: str | bytes | None = None) -> Host:
         """One healthy host of the module (``key``: as for LarsClient.get_host)."""
@@ -1152,6 +1458,50 @@ class AsyncLarsClient:
             raise
         await self.report(modid, cmdid, host, ok=True, latency=time.perf_counter() - began)
 
+    @asynccontextmanager
+    async def register(
+        self,
+        modid: int,
+        cmdid: int,
+        port: int,
+        ip: str | None = None,
+        weight: int | None = None,
+        zone: str | None = None,
+        ttl: int = 10,
+    ) -> AsyncIterator[AsyncRegistration]:
+        """Register ``ip:port`` for the module while the block runs (arguments, errors and
+        rules as :meth:`LarsClient.register`)::
+
+            async with client.register(1, 1, 7001) as registration:
+                await serve()
+                await registration.aclose(drain=5)   # optional: the end deregisters anyway
+
+        A task renews it every ``ttl / 3`` seconds (and registers it again if the agent
+        forgot it); the end of the block deregisters it (drain 0) unless
+        :meth:`AsyncRegistration.aclose` did, also when the block raises or is cancelled.
+        """
+        spec = registration_spec(modid, cmdid, port, ip, weight, zone, ttl)
+        registration = AsyncRegistration(self, spec)
+        registration._registered(await registration._ask(*self.core.register_request(spec)))
+        failed: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(registration._renew_forever)
+                try:
+                    yield registration
+                except BaseException as exc:  # raised again below, not inside a group
+                    failed = exc
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            await registration._close_quietly()
+            raise
+        if failed is not None:
+            await registration._close_quietly()
+            raise failed
+        if not registration.closed:
+            with trio.CancelScope(shield=True):
+                await registration.aclose()
+
     def close(self) -> None:
         """Close the client's sockets, for good: tasks waiting for a reply, and any later
         call, get :class:`trio.ClosedResourceError`."""
@@ -1165,3 +1515,58 @@ class AsyncLarsClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class AsyncRegistration(_RegistrationBase):
+    """A host registered through the local agent for the block of
+    :meth:`AsyncLarsClient.register`: renewed by a task every ``ttl / 3`` seconds (and
+    registered again if the agent forgot it), deregistered by :meth:`aclose` or the end of
+    the block. A renewal that fails is logged (``lars.client``) and kept in :attr:`error`.
+    """
+
+    def __init__(self, client: AsyncLarsClient, spec: RegistrationSpec) -> None:
+        super().__init__(client.core, spec)
+        self._client = client
+        self._renewal: trio.CancelScope | None = None
+
+    async def _ask(self, seq: int, request: bytes) -> wire.Message:
+        attempts = int(REGISTER_TIMEOUT / REGISTER_RESEND)
+        return await self._client._exchange(*self.module, seq, request, attempts, REGISTER_RESEND)
+
+    async def _renew_forever(self, task_status: trio.TaskStatus[None]) -> None:
+        with trio.CancelScope() as scope:
+            self._renewal = scope
+            task_status.started()
+            wait = renew_interval(self.spec.ttl)
+            while True:
+                await trio.sleep(wait)
+                error: LarsError | None = None
+                try:
+                    self._registered(await self._ask(*self.core.register_request(self.spec)))
+                except LarsError as exc:
+                    error = exc
+                except trio.ClosedResourceError:  # the client was closed: nothing to renew on
+                    return
+                wait = self._renewed(error)
+
+    async def aclose(self, drain: float = 0.0) -> None:
+        """Deregister now (as :meth:`Registration.close`): stop renewing; the DNS drains the
+        host at once and removes it after ``drain`` seconds. Closing again does nothing."""
+        drain_milliseconds = drain_ms(drain)
+        if self.closed:
+            return
+        self.closed = True
+        if self._renewal is not None:
+            self._renewal.cancel()
+        request = self.core.deregister_request(self.spec, drain_milliseconds)
+        self._dropped(await self._ask(*request))
+
+    async def _close_quietly(self) -> None:
+        """Deregister at the end of a block that raised: shielded, errors logged."""
+        if self.closed:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await self.aclose()
+            except (LarsError, trio.ClosedResourceError) as exc:
+                log.warning("deregistering %s: %s", self.spec.describe(), exc)

@@ -202,6 +202,8 @@ class AgentConfig:
     allow_remote_api: bool = False
     #: This agent's availability zone ("" = none), for zone affinity (DESIGN §13).
     zone: str = attrs.field(default="", validator=_zone)
+    #: Registrations of local services (DESIGN §14) held at once; 0 turns registration off.
+    max_registrations: int = attrs.field(default=256, validator=attrs.validators.ge(0))
     loadbalance: BalancerParams = attrs.field(factory=BalancerParams)
 
     def __attrs_post_init__(self) -> None:

@@ -1,8 +1,9 @@
-"""Test doubles: a store that can be switched off, and a framed test client."""
+"""Test doubles: a store that can be switched off, a framed test client, a fake DNS."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import trio
 
@@ -130,3 +131,94 @@ class FramedClient:
                 await self.receive()
         except (EOFError, trio.BrokenResourceError):
             return True
+
+
+class FakeDns:
+    """A DNS double for agent tests, on a free loopback TCP port: answers GetRouteRequest
+    from ``routes`` (with the ``demoted`` hosts of each module), records each LeaseUpdate
+    as ``(when it arrived by time.monotonic(), session number, update)`` and answers it with
+    ``reply(update)`` after ``delay`` seconds (by default: all stored), or not at all while
+    ``silent``. :meth:`kick` closes every session (the agent reconnects)."""
+
+    def __init__(
+        self,
+        routes: Mapping[ModuleKey, Sequence[HostKey]] | None = None,
+        demoted: Mapping[ModuleKey, Sequence[HostKey]] | None = None,
+    ) -> None:
+        self.routes = {key: tuple(hosts) for key, hosts in (routes or {}).items()}
+        self.demoted = {key: tuple(hosts) for key, hosts in (demoted or {}).items()}
+        self.updates: list[tuple[float, int, wire.LeaseUpdate]] = []
+        self.silent = False
+        self.delay = 0.0
+        self.reply: Callable[[wire.LeaseUpdate], wire.Message | None] = lambda update: (
+            wire.LeaseReply(update.seq, wire.RetCode.SUCC, ())
+        )
+        self.sessions = 0
+        self.address = ""
+        self._streams: set[trio.abc.Stream] = set()
+        self._changed = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on 127.0.0.1, port 0; ``task_status.started(address)``; serve forever."""
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        host, port = listeners[0].socket.getsockname()[:2]
+        self.address = f"{host}:{port}"
+        task_status.started(self.address)
+        await trio.serve_listeners(self._session, listeners)
+
+    def leases(self, since: float = 0.0) -> list[tuple[float, wire.Lease]]:
+        """Every lease received at or after ``since``, with its arrival time."""
+        return [(at, lease) for at, _, u in self.updates if at >= since for lease in u.leases]
+
+    def drops(self) -> list[wire.Drop]:
+        """Every drop received."""
+        return [drop for _, _, u in self.updates for drop in u.drops]
+
+    async def wait_for(self, check: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Wait until ``check()`` holds, looking again after each session and update."""
+        with trio.fail_after(timeout):
+            while not check():
+                await self._changed.wait()
+
+    async def kick(self) -> None:
+        """Close every session now."""
+        for stream in list(self._streams):
+            await trio.aclose_forcefully(stream)
+
+    def _ring(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _session(self, stream: trio.SocketStream) -> None:
+        self.sessions += 1
+        number = self.sessions
+        self._streams.add(stream)
+        self._ring()
+        peer = FramedClient(stream)
+        try:
+            while True:
+                try:
+                    msg = await peer.receive()
+                except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if isinstance(msg, wire.GetRouteRequest):
+                    key = (msg.modid, msg.cmdid)
+                    route = wire.GetRouteResponse(
+                        *key, self.routes.get(key, ()), demoted=self.demoted.get(key, ())
+                    )
+                    await peer.send(route)
+                elif isinstance(msg, wire.LeaseUpdate):
+                    self.updates.append((time.monotonic(), number, msg))
+                    self._ring()
+                    if self.silent:
+                        continue
+                    await trio.sleep(self.delay)
+                    reply = self.reply(msg)
+                    if reply is not None:
+                        await peer.send(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        finally:
+            self._streams.discard(stream)
+            self._ring()
+            await trio.aclose_forcefully(stream)

@@ -207,7 +207,35 @@ VALID: dict[str, Callable[[random.Random], Any]] = {
     # GetHostKeyRequest's key (nil or up to 256 bytes), TimedReportRequest's latency.
     "key": lambda rng: rng.choice((None, b"", rng.randbytes(rng.randrange(257)))),
     "latency_us": u32,
+    # Self-registration (DESIGN §14).
+    "demoted": hosts,
+    "ip": u32,
+    "port": lambda rng: rng.choice((1, 80, 65535, rng.randrange(1, 65536))),
+    "weight": lambda rng: rng.choice((-1, 0, 100, 1_000_000)),
+    "zone": lambda rng: rng.choice((None, "", "eu-1", "z" * 64)),
+    "ttl": lambda rng: rng.choice((1, 10, 3600)),
+    "drain_ms": lambda rng: rng.choice((0, 5000, 3_600_000)),
+    "leases": lambda rng: [_lease(rng) for _ in range(rng.randrange(4))],
+    "drops": lambda rng: [
+        [u32(rng), u32(rng), u32(rng), rng.randrange(1, 65536), rng.randrange(3_600_001)]
+        for _ in range(rng.randrange(4))
+    ],
+    "errors": lambda rng: [[rng.randrange(1024), text(rng)] for _ in range(rng.randrange(3))],
 }
+
+
+def _lease(rng: random.Random) -> list[Any]:
+    """One LeaseUpdate item: (modid, cmdid, ip, port, weight, zone, ttl, age_ms)."""
+    return [
+        u32(rng),
+        u32(rng),
+        u32(rng),
+        rng.randrange(1, 65536),
+        rng.choice((-1, 0, 100)),
+        rng.choice((None, "eu-1")),
+        rng.randrange(1, 3601),
+        u32(rng),
+    ]
 
 
 def _bad_host(rng: random.Random) -> Any:
@@ -250,6 +278,16 @@ OUT_OF_RANGE: dict[str, Callable[[random.Random], Any]] = {
     "policy": lambda rng: rng.choice((["rr", False, 0.7, 0.0], ["rr", 1, 0.7, 0.0, 0.0], 7)),
     "key": lambda rng: rng.choice((b"x" * 257, "text", 7)),
     "latency_us": lambda rng: rng.choice(OUT_OF_U32),
+    "demoted": lambda rng: [*hosts(rng), _bad_host(rng)],
+    "ip": lambda rng: rng.choice(OUT_OF_U32),
+    "port": lambda rng: rng.choice((0, 65536, -1)),
+    "weight": lambda rng: rng.choice((-2, 1_000_001, 2**32)),
+    "zone": lambda rng: rng.choice(("z" * 65, 7, b"eu")),
+    "ttl": lambda rng: rng.choice((0, 3601, -1, 2**32)),
+    "drain_ms": lambda rng: rng.choice((3_600_001, -1, 2**40)),
+    "leases": lambda rng: [_lease(rng), [*_lease(rng)[:6], 0, 0], [1, 2], 7],
+    "drops": lambda rng: [[1, 2, 3, 0, 0], [1, 2, 3, 80], "x"],
+    "errors": lambda rng: [[-1, "x"], [1], 7],
 }
 
 

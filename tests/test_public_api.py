@@ -30,3 +30,17 @@ def test_every_error_has_one_root() -> None:
         obj = getattr(lars, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, lars.LarsError)
+
+
+def test_lars_client_exports_exactly_the_public_names() -> None:
+    import lars.client
+
+    assert sorted(lars.client.__all__) == [
+        "AsyncLarsClient",
+        "AsyncRegistration",
+        "Host",
+        "LarsClient",
+        "Registration",
+    ]
+    for name in lars.client.__all__:
+        assert hasattr(lars.client, name)

@@ -14,7 +14,12 @@ An I/O shell around :class:`lars.core.table.ModuleTable`, in two halves:
   reconnect forever with capped backoff, re-request every known module after reconnecting,
   apply pushes; the cache keeps serving meanwhile), the timer answering first requests
   whose ``route_wait`` ran out, and the statistics sender (every ``report_interval``, one
-  ReportStatusRequest per module; counts stay in place until the reporter acknowledges).
+  ReportStatusRequest per module; counts stay in place until the reporter acknowledges),
+  and the registrations of services that register themselves through this agent
+  (DESIGN §14, rules in :mod:`lars.registry`): LeaseUpdates on the DNS session, a heartbeat
+  of every live registration each ``min(ttl) / 3`` (at most 1 s), all of them again on every
+  new DNS session, and the deferred answers to RegisterRequest and DeregisterRequest once
+  the DNS replied (or SYSTEM_ERROR after ``lars.registry.REPLY_TIMEOUT``).
 
 The module table is shared under one lock; both halves use ``time.monotonic()``. The API
 threads wake trio (``run_sync_soon``) only when they need it to act: a module to request
@@ -62,6 +67,7 @@ from lars.core.balancer import LoadBalancer
 from lars.core.model import ModuleKey, ip_to_int
 from lars.core.table import GET_HOST, ModuleTable, Waiter
 from lars.errors import InvalidValue, LarsError, ProtocolError
+from lars.registry import Answer, Registry
 from lars.roles.common import (
     RECEIVE_SIZE,
     Metrics,
@@ -101,8 +107,23 @@ STATE_PAGE = 256
 #: Modules whose statistics are taken per hold of the table lock.
 STATS_CHUNK = 64
 
+#: The registration counters (agent stats and /metrics as lars_agent_NAME_total).
+REGISTRATION_COUNTERS = (
+    ("registrations_registered", "New registrations the DNS took."),
+    ("registrations_renewed", "Renewals of registrations held, answered at once."),
+    ("registrations_deregistered", "Deregistrations the DNS took."),
+    (
+        "registrations_refused",
+        "Registration and deregistration requests refused (BAD_REQUEST or SYSTEM_ERROR).",
+    ),
+    ("registrations_expired", "Registrations forgotten: their client stopped renewing."),
+    ("lease_updates_sent", "LeaseUpdates sent to the DNS."),
+    ("lease_timeouts", "LeaseUpdates the DNS did not answer in time."),
+)
+
 _SUCC = wire.RetCode.SUCC
 _BAD = wire.RetCode.BAD_REQUEST
+_REGISTRATIONS = (wire.RegisterRequest.TYPE, wire.DeregisterRequest.TYPE)
 
 
 def port_for(module: ModuleKey, base_port: int, ports: int) -> int:
@@ -121,8 +142,14 @@ class Agent:
         self.table.zone = config.zone
         self.metrics = Metrics("agent")
         # Tells clients what this agent's API takes (GetHostReportRequest from level 2,
-        # GetHostKeyRequest and TimedReportRequest from level 3).
-        self.metrics.set("api_level", wire.API_LEVEL_POLICY)
+        # GetHostKeyRequest and TimedReportRequest from level 3, RegisterRequest and
+        # DeregisterRequest from level 4).
+        self.metrics.set("api_level", wire.API_LEVEL_REGISTER)
+        #: The registrations of local services (DESIGN §14), under ``_lock`` like the table.
+        self.registry = Registry(config.max_registrations, count=self.metrics.incr)
+        #: This host's IPv4 as the DNS session sees it (the local end of the last session),
+        #: for registrations without an address when ``[agent] ip`` is not set.
+        self.local_ip: int | None = None
         self.dns_address: str | None = None
         #: DNS addresses that said they are stale (DnsState), with when: avoided while
         #: another is not, for STALE_DNS_MEMORY seconds.
@@ -134,6 +161,7 @@ class Agent:
         self.route_received = trio.Event()
         self._dns_bell = trio.Event()
         self._wait_bell = trio.Event()
+        self._lease_bell = trio.Event()
         self._bad_input_log = RateLimitedLog(log)
         self._internal_error_log = RateLimitedLog(log)
         self._session_log = RateLimitedLog(log)
@@ -178,6 +206,7 @@ class Agent:
                 nursery.start_soon(self._run_api_threads)
                 nursery.start_soon(self._dns_loop)
                 nursery.start_soon(self._wait_timer)
+                nursery.start_soon(self._lease_timer)
                 nursery.start_soon(self._report_loop)
                 log.info(
                     "agent API on udp %s ports %s; dns %s",
@@ -390,6 +419,10 @@ class Agent:
     def _wake_waits(self) -> None:
         self._wait_bell.set()
 
+    def _wake_leases(self) -> None:
+        self._lease_bell.set()
+        self._dns_bell.set()
+
     def handle_datagram(
         self, data: bytes, address: Any, sock: socket.socket | None = None
     ) -> bytes | None:
@@ -561,8 +594,11 @@ class Agent:
                     (msg.modid, msg.cmdid), msg.host, msg.retcode == 0, now, msg.latency_us / 1e6
                 )
             return None
+        if isinstance(msg, (wire.RegisterRequest, wire.DeregisterRequest)):
+            return self._registration(msg, reply_to, now)
         with self._lock:
             if isinstance(msg, wire.StatsRequest):
+                self.metrics.set("registrations", len(self.registry))
                 self.metrics.set("modules", len(self.table.modules))
                 self.metrics.set("pending_modules", len(self.table.pending))
                 self.metrics.set("dns_connected", int(self.dns_address is not None))
@@ -571,6 +607,53 @@ class Agent:
         seq = getattr(msg, "seq", 0)
         reason = f"the agent does not serve {type(msg).__name__}"
         return wire.encode_datagram(wire.ErrorReply(seq, _BAD, reason))
+
+    def _registration(
+        self, msg: wire.RegisterRequest | wire.DeregisterRequest, reply_to: Any, now: float
+    ) -> bytes | None:
+        """A RegisterRequest or DeregisterRequest (see lars.registry): answered now (a
+        renewal, a refusal), or later from the trio thread once the DNS replied."""
+        sock, address, _ = reply_to
+        reply_to = (sock, address, (msg.modid, msg.cmdid))
+        ip = msg.ip or self._own_ip()
+        answers: list[Answer] = []
+        with self._lock:
+            if ip is None:
+                reply: wire.RegisterReply | None = self.registry.refuse(
+                    msg.seq,
+                    0,
+                    "the agent does not know its address: set [agent] ip or pass ip",
+                )
+            elif isinstance(msg, wire.RegisterRequest):
+                reply = self.registry.register(msg, ip, reply_to, now)
+            else:
+                reply, answers = self.registry.deregister(msg, ip, reply_to, now)
+            send = self.registry.has_updates
+        if reply is None or send:
+            self._wake_trio(self._wake_leases)  # a new deadline, and something to send
+        self._send_answers(answers)
+        return None if reply is None else wire.encode_datagram(reply)
+
+    def _own_ip(self) -> int | None:
+        """The address a registration without one gets: ``[agent] ip``, else the local
+        address of the (last) DNS session, else None (unknown)."""
+        if self.config.ip:
+            return ip_to_int(self.config.ip)
+        return self.local_ip
+
+    def _send_answers(self, answers: list[Answer]) -> None:
+        """Send deferred RegisterReplies, each from the socket its request came in on."""
+        for (sock, address, module), reply in answers:
+            if sock is None:  # handle_datagram called without a socket (tests)
+                port = port_for(module, self.config.base_port, self.config.ports)
+                sock = self._socket_by_port.get(port)
+                if sock is None:
+                    continue
+            try:
+                sock.sendto(wire.encode_datagram(reply), address)
+            except OSError:
+                with self._lock:
+                    self.metrics.incr("replies_dropped")
 
     def _state_reply(self, msg: wire.AgentStateRequest, now: float) -> bytes:
         """One page of the module's state, as many hosts from ``msg.offset`` as fit."""
@@ -602,6 +685,9 @@ class Agent:
         with self._lock:
             if exc.msg_type is not None and exc.seq is not None:
                 self.metrics.incr("invalid_requests")
+                if exc.msg_type in _REGISTRATIONS:  # answered in the kind its client reads
+                    reply = self.registry.refuse(exc.seq, 0, str(exc))
+                    return wire.encode_datagram(reply)
                 return wire.encode_datagram(wire.ErrorReply(exc.seq, _BAD, str(exc)))
             self.metrics.incr("malformed_datagrams")
             self._bad_input_log.warning("dropped a datagram from %s: %s", address, exc)
@@ -651,6 +737,28 @@ class Agent:
             for key, waiter, retcode, payload in answers:
                 self._answer(waiter, key, retcode, payload)
 
+    async def _lease_timer(self) -> None:
+        """The registrations' clock: answer SYSTEM_ERROR to requests the DNS did not answer
+        in time, forget registrations whose clients stopped renewing, and wake the DNS
+        writer for each heartbeat."""
+        while True:
+            self._lease_bell = trio.Event()  # a change from here on wakes us
+            with self._lock:
+                deadline = self.registry.next_deadline()
+            if deadline is None:
+                await self._lease_bell.wait()
+                continue
+            delay = deadline - time.monotonic()
+            if delay > 0:
+                with trio.move_on_after(delay):
+                    await self._lease_bell.wait()
+            with self._lock:
+                answers = self.registry.expire(time.monotonic())
+                send = self.registry.has_updates
+            self._send_answers(answers)
+            if send:
+                self._dns_bell.set()
+
     # --- DNS -------------------------------------------------------------------------------
 
     async def _dns_loop(self) -> None:
@@ -668,12 +776,14 @@ class Agent:
             self.dns_address, stream = await dns.connect(avoid=self._stale_addresses())
             self._leave_dns = False
             started = trio.current_time()
+            self.local_ip = _local_ipv4(stream) or self.local_ip
             try:
                 await self._dns_session(stream)
             finally:
                 self.dns_address = None
                 with self._lock:
                     self.table.dns_unavailable()
+                    self.registry.session_lost()
                 await trio.aclose_forcefully(stream)
             if self._leave_dns:
                 dns.reconnect_now()  # a move to a fresh DNS, not a failure: no backoff
@@ -698,18 +808,26 @@ class Agent:
             nursery.cancel_scope.cancel()
 
     async def _dns_writer(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
+        """The one writer of the DNS session: route requests, then lease updates (every
+        registration at the start of the session)."""
         table = self.table
         with self._lock:
             table.want.update(table.known())
+            self.registry.session_started()
         try:
             while True:
                 self._dns_bell = trio.Event()  # a new want from here on wakes us
                 with self._lock:
                     wanted, table.want = table.want, set()
-                if wanted:
+                    updates = self.registry.updates(time.monotonic())
+                if updates:
+                    self._lease_bell.set()  # the replies are due: a new deadline
+                if wanted or updates:
                     frames = [wire.encode_frame(wire.GetRouteRequest(*m)) for m in wanted]
+                    frames += [wire.encode_frame(u) for u in updates]
                     await stream.send_all(b"".join(frames))
-                    self.metrics.incr("dns_requests", len(frames))
+                    if wanted:
+                        self.metrics.incr("dns_requests", len(wanted))
                     continue
                 await self._dns_bell.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -750,7 +868,7 @@ class Agent:
                     policy = None
             with self._lock:
                 answers = self.table.apply_route(
-                    key, msg.hosts, time.monotonic(), meta=meta, policy=policy
+                    key, msg.hosts, time.monotonic(), meta=meta, policy=policy, demoted=msg.demoted
                 )
                 self.metrics.incr("routes_received")
             for _, waiter, retcode, payload in answers:
@@ -759,12 +877,43 @@ class Agent:
             self.route_received = trio.Event()
         elif isinstance(msg, wire.DnsState):
             self._dns_state(msg)
+        elif isinstance(msg, wire.LeaseReply) or (
+            isinstance(msg, wire.ErrorReply) and self.registry.expects(msg.seq)
+        ):
+            self._lease_reply(msg)
         elif isinstance(msg, wire.ErrorReply):
             self._bad_input_log.warning(
                 "dns %s refused a request: %s", self.dns_address, msg.reason
             )
         else:
             self._bad_input_log.warning("unexpected %s from dns", type(msg).__name__)
+
+    def _lease_reply(self, msg: wire.LeaseReply | wire.ErrorReply) -> None:
+        """The DNS's answer to a LeaseUpdate: answer the clients that waited for it."""
+        if isinstance(msg, wire.ErrorReply):
+            self._bad_input_log.warning(
+                "dns %s refused registrations: %s", self.dns_address, msg.reason
+            )
+        elif msg.retcode != _SUCC:
+            self._bad_input_log.warning(
+                "dns %s could not store registrations (its store is unavailable);"
+                " sending them again",
+                self.dns_address,
+            )
+        elif msg.errors:
+            self._bad_input_log.warning(
+                "dns %s refused %d registration(s), e.g. %s",
+                self.dns_address,
+                len(msg.errors),
+                msg.errors[0][1],
+            )
+        with self._lock:
+            answers = self.registry.replied(msg, time.monotonic())
+            send = self.registry.has_updates
+        self._send_answers(answers)
+        self._lease_bell.set()  # fewer deadlines, maybe a heartbeat to plan
+        if send:
+            self._dns_bell.set()
 
     def _dns_state(self, msg: wire.DnsState) -> None:
         """The current DNS says whether its routes may be out of date; a stale one is left
@@ -972,6 +1121,7 @@ class AgentCollector(Collector):
             to_overload, to_idle = dict(tally.to_overload), dict(tally.to_idle)
             probes, hosts, overloaded = tally.probes, tally.hosts, tally.overloaded
             modules, pending, due = len(table.modules), len(table.pending), len(table.stats_due)
+            registrations = len(a.registry)
             counters = dict(a.metrics.counters)
             per_module = [
                 (key, len(lb.hosts), lb.overloaded_count, lb.reports_ok, lb.reports_failed)
@@ -1057,6 +1207,13 @@ class AgentCollector(Collector):
         yield GaugeMetricFamily(
             "lars_agent_stats_modules_due", "Modules with counts to send.", value=due
         )
+        yield GaugeMetricFamily(
+            "lars_agent_registrations",
+            "Registrations of local services held (DESIGN §14).",
+            value=registrations,
+        )
+        for key, doc in REGISTRATION_COUNTERS:
+            yield counter(key, doc, key)
         module_hosts = GaugeMetricFamily(
             "lars_agent_module_hosts",
             "Hosts of one module, by state.",
@@ -1075,6 +1232,16 @@ class AgentCollector(Collector):
             module_reports.add_metric([*ids, "failure"], failed)
         yield module_hosts
         yield module_reports
+
+
+def _local_ipv4(stream: trio.abc.Stream) -> int | None:
+    """This end's IPv4 address of a connection, as an integer (None: not IPv4)."""
+    sock = socket_of(stream)
+    try:
+        local = sock.getsockname()[0] if sock is not None else ""
+        return ip_to_int(str(local).removeprefix("::ffff:"))
+    except (OSError, InvalidValue):
+        return None
 
 
 def _ready(events: list[tuple[int, int]], index_of: dict[int, int], last: int) -> int | None:

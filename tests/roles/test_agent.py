@@ -123,7 +123,7 @@ async def test_the_agent_says_it_takes_reports_on_requests() -> None:
     a = agent()
     reply = decode(a.handle_datagram(wire.encode_datagram(wire.StatsRequest(5)), CLIENT))
     assert isinstance(reply, wire.StatsResponse)
-    assert reply.counters["api_level"] == wire.API_LEVEL_POLICY  # >= PIGGYBACK
+    assert reply.counters["api_level"] == wire.API_LEVEL_REGISTER  # >= POLICY >= PIGGYBACK
 
 
 async def test_first_request_for_an_unknown_module_waits_for_dns() -> None:

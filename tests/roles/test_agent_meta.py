@@ -25,10 +25,11 @@ def spy(the_agent: Agent) -> list[tuple[ModuleKey, tuple[HostKey, ...], Any, Any
         now: float,
         meta: Mapping[HostKey, HostMeta] | None = None,
         policy: PolicySpec | None = None,
+        demoted: Any = (),
     ) -> Any:
         hosts = tuple(hosts)
         calls.append((key, hosts, meta, policy))
-        return real(key, hosts, now, meta=meta, policy=policy)
+        return real(key, hosts, now, meta=meta, policy=policy, demoted=demoted)
 
     the_agent.table.apply_route = apply_route  # type: ignore[method-assign]
     return calls
