@@ -1058,13 +1058,31 @@ def _valid_report(report: Any) -> bool:
 
 
 def _valid_timed_report(report: Any) -> bool:
-    """One report of a GetHostKeyRequest: as _valid_report, or with a latency."""
-    if type(report) is tuple and len(report) == 6:
-        latency = report[5]
-        return _valid_report(report[:5]) and (
-            latency is None or (type(latency) is int and 0 <= latency <= UINT32_MAX)
-        )
-    return _valid_report(report)
+    """One report of a GetHostKeyRequest: as _valid_report, or with a sixth field, the
+    latency (nil or a uint32)."""
+    if type(report) is not tuple:
+        return False
+    size = len(report)
+    if size == 6:
+        modid, cmdid, ip, port, retcode, latency = report
+        if latency is not None and (type(latency) is not int or not 0 <= latency <= UINT32_MAX):
+            return False
+    elif size == 5:
+        modid, cmdid, ip, port, retcode = report
+    else:
+        return False
+    return (
+        type(modid) is int
+        and type(cmdid) is int
+        and type(ip) is int
+        and type(port) is int
+        and type(retcode) is int
+        and 0 <= modid <= UINT32_MAX
+        and 0 <= cmdid <= UINT32_MAX
+        and 0 <= ip <= UINT32_MAX
+        and 1 <= port <= PORT_MAX
+        and 0 <= retcode <= UINT32_MAX
+    )
 
 
 def peek_seq(data: bytes) -> int | None:

@@ -757,14 +757,19 @@ class LoadBalancer:
                 b = int(rand() * (n - 1))
                 if b >= a:
                     b += 1
-                # PeakEwma.cost, inlined: the value decayed since its last sample
                 ea, eb = states[a].latency, states[b].latency
                 la, lb = ea.value, eb.value
-                if la is not None and now > ea.at:
-                    la *= math.exp((ea.at - now) / pol.TAU)
-                if lb is not None and now > eb.at:
-                    lb *= math.exp((eb.at - now) / pol.TAU)
-                if la is None or lb is None:  # unknown: the candidates' mean
+                if la is not None and lb is not None:
+                    # PeakEwma.cost of both, compared: each value decays by
+                    # exp((at - now) / TAU), so only the older sample's lag behind the
+                    # newer one matters (one exp, none when both are as old).
+                    lag = ea.at - eb.at
+                    if lag > 0:
+                        lb *= math.exp(-lag / pol.TAU)
+                    elif lag < 0:
+                        la *= math.exp(lag / pol.TAU)
+                else:  # unknown: the candidates' mean
+                    la, lb = ea.cost(now), eb.cost(now)
                     mean = _mean_latency(states, now)
                     la = mean if la is None else la
                     lb = mean if lb is None else lb

@@ -480,14 +480,21 @@ class Agent:
         """A GetHostKeyRequest ``(17, seq, modid, cmdid, key, reports)``: its reports (with
         their latencies) first, in order, then the get_host with the caller's key."""
         _, seq, modid, cmdid, hkey, reports = msg
-        with self._lock:
-            report = self.table.report
+        table = self.table
+        with self._lock:  # _lookup's steps, inlined as on the type 16 path
+            report = table.report
             for item in reports:
-                latency = item[5] / 1e6 if len(item) == 6 and item[5] is not None else None
-                report((item[0], item[1]), (item[2], item[3]), item[4] == 0, now, latency)
-        reply_to = (sock, address, False)
-        retcode, host = self._lookup(True, (modid, cmdid), now, seq, reply_to, hkey)
+                if len(item) == 6 and item[5] is not None:
+                    report((item[0], item[1]), (item[2], item[3]), item[4] == 0, now, item[5] / 1e6)
+                else:
+                    report((item[0], item[1]), (item[2], item[3]), item[4] == 0, now)
+            wanted = bool(table.want)
+            retcode, host = table.get_host((modid, cmdid), now, seq, (sock, address, False), hkey)
+            wake_dns = not wanted and bool(table.want)
+        if wake_dns:
+            self._wake_trio(self._wake_dns)
         if retcode < 0:
+            self._wake_trio(self._wake_waits)
             return None
         return wire.encode_get_host_response(seq, modid, cmdid, retcode, host)
 
