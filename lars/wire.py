@@ -1040,21 +1040,7 @@ def decode_agent_request(data: bytes) -> tuple[Any, ...] | Message:
 def _valid_report(report: Any) -> bool:
     """One ``(modid, cmdid, ip, port, retcode)`` of a GetHostReportRequest, as _reports
     takes it (for the fast path; the general path names what is wrong)."""
-    if type(report) is not tuple or len(report) != 5:
-        return False
-    modid, cmdid, ip, port, retcode = report
-    return (
-        type(modid) is int
-        and type(cmdid) is int
-        and type(ip) is int
-        and type(port) is int
-        and type(retcode) is int
-        and 0 <= modid <= UINT32_MAX
-        and 0 <= cmdid <= UINT32_MAX
-        and 0 <= ip <= UINT32_MAX
-        and 1 <= port <= PORT_MAX
-        and 0 <= retcode <= UINT32_MAX
-    )
+    return type(report) is tuple and len(report) == 5 and _valid_timed_report(report)
 
 
 def _valid_timed_report(report: Any) -> bool:
