@@ -90,9 +90,7 @@ async def registering(
     async with trio.open_nursery() as nursery:
         await nursery.start(fake.serve)
         config.setdefault("reporter", nowhere())
-        the_agent = Agent(
-            AgentConfig(base_port=free_udp_base(3), dns=[fake.address], **config)  # type: ignore[arg-type]
-        )
+        the_agent = Agent(AgentConfig(base_port=free_udp_base(3), dns=[fake.address], **config))
         await nursery.start(the_agent.serve)
         with trio.fail_after(5):
             while the_agent.dns_address is None:

@@ -41,7 +41,10 @@ async def report(
     """Callers' latest statistics on ``host``, reported now."""
     ts = int(wall())
     await store.inner.upsert_call_status(
-        [CallStatus(*module, *host, caller, 10, 3, ts, overload) for caller in callers]
+        [
+            CallStatus(module[0], module[1], host[0], host[1], caller, 10, 3, ts, overload)
+            for caller in callers
+        ]
     )
 
 
