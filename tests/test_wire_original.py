@@ -500,3 +500,23 @@ def test_the_agents_fast_path_agrees_with_the_general_parser(request: tuple[int,
     except ProtocolError as exc:
         fast = ("refused", exc.msg_type)
     assert fast == _as_agent_tuple(data)
+
+
+def test_a_report_decoded_once_is_remembered_and_the_memory_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(wo, "_REPORTS", {})
+    monkeypatch.setattr(wo, "_REPORTS_SIZE", 8)
+    data = wo.encode(wire.ReportRequest(1, 2, (167772161, 7001), 0))
+    first = wo.decode_agent_request(data)
+    assert first == (6, 1, 2, (167772161, 7001), 0) == _as_agent_tuple(data)
+    assert wo.decode_agent_request(data) is first  # from memory: one dict lookup
+    assert wo.decode_agent_request(bytearray(data)) == first  # not hashable: decoded afresh
+    for port in range(1, 50):
+        wo.decode_agent_request(wo.encode(wire.ReportRequest(1, 2, (167772161, port), 1)))
+        assert len(wo._REPORTS) <= 8
+    # what is refused is not remembered
+    bad = wo.encode(wire.ReportRequest(1, 2, (167772161, 7001), 0))[:-3]
+    with pytest.raises(ProtocolError):
+        wo.decode_agent_request(bad)
+    assert bad not in wo._REPORTS
