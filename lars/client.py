@@ -435,20 +435,17 @@ class _Flusher(threading.Thread):
 _LIVE: weakref.WeakSet[LarsClient] = weakref.WeakSet()
 
 
-@atexit.register
-def _flush_at_exit() -> None:
-    for client in list(_LIVE):
-        with contextlib.suppress(Exception):
-            client.flush()
-
-
 #: Registrations not closed yet: deregistered (drain 0) when the interpreter exits, so a
 #: process that ends without closing them does not stay in the route for their ttl.
 _OPEN_REGISTRATIONS: weakref.WeakSet[Registration] = weakref.WeakSet()
 
 
 @atexit.register
-def _deregister_at_exit() -> None:
+def _at_exit() -> None:
+    """Send the reports that wait, and deregister what is still registered."""
+    for client in list(_LIVE):
+        with contextlib.suppress(Exception):
+            client.flush()
     for registration in list(_OPEN_REGISTRATIONS):
         with contextlib.suppress(Exception):
             registration.close()

@@ -697,8 +697,25 @@ def _drain_ms(v: Any) -> int:
 MAX_LEASE_ITEMS = 1024
 
 
+class _HostItem:
+    """What a Lease and a Drop share: the module and host they are about."""
+
+    modid: int
+    cmdid: int
+    ip: int
+    port: int
+
+    @property
+    def module(self) -> tuple[int, int]:
+        return self.modid, self.cmdid
+
+    @property
+    def host(self) -> HostKey:
+        return self.ip, self.port
+
+
 @attrs.frozen
-class Lease:
+class Lease(_HostItem):
     """One registration as an agent holds it and heartbeats it to the DNS.
 
     ``weight`` -1: none given (a new row takes DEFAULT_WEIGHT, a static row keeps its own);
@@ -714,17 +731,9 @@ class Lease:
     ttl: int
     age_ms: int
 
-    @property
-    def module(self) -> tuple[int, int]:
-        return self.modid, self.cmdid
-
-    @property
-    def host(self) -> HostKey:
-        return self.ip, self.port
-
 
 @attrs.frozen
-class Drop:
+class Drop(_HostItem):
     """One deregistration: drain the host (weight 0) now and remove it after ``drain_ms``."""
 
     modid: int
@@ -732,14 +741,6 @@ class Drop:
     ip: int
     port: int
     drain_ms: int
-
-    @property
-    def module(self) -> tuple[int, int]:
-        return self.modid, self.cmdid
-
-    @property
-    def host(self) -> HostKey:
-        return self.ip, self.port
 
 
 def _leases(v: Any) -> tuple[Lease, ...]:
