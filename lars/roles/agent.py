@@ -444,17 +444,29 @@ class Agent:
             table = self.table
             if type(msg) is tuple:
                 kind = msg[0]
-                if kind == wire.GetHostRequest.TYPE or kind == wire.GetHostReportRequest.TYPE:
+                if kind != wire.ReportRequest.TYPE:  # GetHost(Report|Key)Request
                     # _lookup's steps, inlined: this is the hot path of every client loop.
                     seq, modid, cmdid = msg[1], msg[2], msg[3]
+                    hkey = msg[4] if kind == wire.GetHostKeyRequest.TYPE else None
                     with self._lock:
-                        if kind == wire.GetHostReportRequest.TYPE:  # reports first, in order
+                        if kind != wire.GetHostRequest.TYPE:  # reports first, in order
                             report = table.report
-                            for r_modid, r_cmdid, ip, port, code in msg[4]:
-                                report((r_modid, r_cmdid), (ip, port), code == 0, now)
+                            for item in msg[-1]:  # (modid, cmdid, ip, port, code[, latency])
+                                if len(item) == 6 and item[5] is not None:
+                                    report(
+                                        (item[0], item[1]),
+                                        (item[2], item[3]),
+                                        item[4] == 0,
+                                        now,
+                                        item[5] / 1e6,
+                                    )
+                                else:
+                                    report(
+                                        (item[0], item[1]), (item[2], item[3]), item[4] == 0, now
+                                    )
                         wanted = bool(table.want)
                         retcode, host = table.get_host(
-                            (modid, cmdid), now, seq, (sock, address, False)
+                            (modid, cmdid), now, seq, (sock, address, False), hkey
                         )
                         wake_dns = not wanted and bool(table.want)
                     if wake_dns:
@@ -463,8 +475,6 @@ class Agent:
                         self._wake_trio(self._wake_waits)
                         return None
                     return wire.encode_get_host_response(seq, modid, cmdid, retcode, host)
-                if kind == wire.GetHostKeyRequest.TYPE:
-                    return self._keyed_get_host(msg, sock, address, now)
                 _, modid, cmdid, host, retcode = msg  # a ReportRequest
                 with self._lock:
                     table.report((modid, cmdid), host, retcode == 0, now)
@@ -473,30 +483,6 @@ class Agent:
             return self._other(msg, (sock, address, False), now)
         except Exception as exc:  # a bug: it costs this datagram, never the agent
             return self._internal_error(data, address, exc)
-
-    def _keyed_get_host(
-        self, msg: tuple[Any, ...], sock: socket.socket | None, address: Any, now: float
-    ) -> bytes | None:
-        """A GetHostKeyRequest ``(17, seq, modid, cmdid, key, reports)``: its reports (with
-        their latencies) first, in order, then the get_host with the caller's key."""
-        _, seq, modid, cmdid, hkey, reports = msg
-        table = self.table
-        with self._lock:  # _lookup's steps, inlined as on the type 16 path
-            report = table.report
-            for item in reports:
-                if len(item) == 6 and item[5] is not None:
-                    report((item[0], item[1]), (item[2], item[3]), item[4] == 0, now, item[5] / 1e6)
-                else:
-                    report((item[0], item[1]), (item[2], item[3]), item[4] == 0, now)
-            wanted = bool(table.want)
-            retcode, host = table.get_host((modid, cmdid), now, seq, (sock, address, False), hkey)
-            wake_dns = not wanted and bool(table.want)
-        if wake_dns:
-            self._wake_trio(self._wake_dns)
-        if retcode < 0:
-            self._wake_trio(self._wake_waits)
-            return None
-        return wire.encode_get_host_response(seq, modid, cmdid, retcode, host)
 
     def _original_datagram(
         self, data: bytes, address: Any, sock: socket.socket | None
