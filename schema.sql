@@ -157,6 +157,18 @@ CREATE TABLE IF NOT EXISTS `CallHistory` (
     KEY `idx_minute` (`minute`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
+-- Lars addition: the reporter's batches already stored, by the random token a batch keeps
+-- through every re-run. The first statement of a batch's transaction inserts its token; a
+-- re-run that finds it there (a COMMIT whose answer was lost with its node, then run again
+-- on another) writes nothing, so no call is counted twice. The reporter deletes tokens
+-- older than a day.
+CREATE TABLE IF NOT EXISTS `ReportBatch` (
+    `token` binary(16) NOT NULL,
+    `written` bigint(20) NOT NULL,
+    PRIMARY KEY (`token`),
+    KEY `idx_written` (`written`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
 -- Lars addition: the alarm rules written in the console, by name; `definition` is the rule as
 -- a JSON object, `actor` who wrote it last, `updated` when (epoch seconds). The alarm tables
 -- compare names as bytes, as SQLite does: "Errors" and "errors" are two rules.

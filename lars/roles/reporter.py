@@ -31,6 +31,12 @@ counted, and acknowledged so the agent does not send them forever; a report that
 unavailable store on the way is held like a batch. No report is acknowledged before the
 transaction holding its rows has committed.
 
+A batch is counted once however often it is run: it draws a random token when formed and
+keeps it through every re-run (the store's own after a failover, and the reporter's), and
+its transaction stores the token first (``ReportBatch``). A COMMIT whose answer was lost
+with its node (it may have gone through) is run again on the next node, finds its token,
+and writes nothing. Tokens are deleted after ``BATCH_TOKEN_KEEP``.
+
 Each batch also adds its calls to ``CallHistory`` (per module, host and minute, summed over
 callers: :func:`history_of`) in the same transaction as its statistics, so an acknowledgement
 still means both are stored, and a report stored twice counts twice in both. A background
@@ -54,6 +60,7 @@ count against its connection's frame deadline.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -86,7 +93,7 @@ from lars.roles.common import (
 )
 from lars.roles.http import Observed, store_readiness
 from lars.store import HISTORY_STEP, CallStatus, ColumnLimits, HistoryRow, RouteStore
-from lars.store.sql import HISTORY_COUNT_MAX
+from lars.store.sql import BATCH_TOKEN_SIZE, HISTORY_COUNT_MAX
 from lars.tls import TlsContexts
 from lars.wire_original import REPORT_STATUS_REQUEST
 
@@ -111,6 +118,8 @@ ORIGINAL_KEEP = 600
 HISTORY_PURGE_INTERVAL = 60.0
 #: CallHistory rows one purge statement deletes at most (a short transaction each).
 HISTORY_PURGE_CHUNK = 10_000
+#: Seconds a stored batch's token is kept: far longer than any batch waits for a re-run.
+BATCH_TOKEN_KEEP = 86_400
 #: Seconds a report's time may be ahead of the reporter's clock and still count at its own
 #: minute in CallHistory; later ones count at the reporter's current minute.
 HISTORY_FUTURE_SLACK = 60
@@ -560,7 +569,8 @@ class Reporter:
         """Delete the CallHistory minutes older than ``history_retention``, a chunk at a time;
         returns how many rows went. A store error is logged (at a rate limit) and counted,
         and what is left goes next time."""
-        older_than = int(self.clock() - self.config.history_retention)
+        now = self.clock()
+        older_than = int(now - self.config.history_retention)
         purged = 0
         try:
             while True:
@@ -570,6 +580,12 @@ class Reporter:
                 if deleted < HISTORY_PURGE_CHUNK:
                     break
                 await trio.lowlevel.checkpoint()  # let the writers in between chunks
+            # The tokens of batches stored long ago (stamped with time.time() when written).
+            before = int(time.time()) - BATCH_TOKEN_KEEP
+            while (
+                await self.store.purge_batches(before, HISTORY_PURGE_CHUNK) >= HISTORY_PURGE_CHUNK
+            ):
+                await trio.lowlevel.checkpoint()
         except StoreError as exc:
             self.metrics.incr("store_errors")
             self._purge_log.warning(
@@ -636,6 +652,7 @@ class Reporter:
         fitting: list[list[CallStatus]] | None = None
         rows: list[CallStatus] = []
         history: list[HistoryRow] = []
+        token = os.urandom(BATCH_TOKEN_SIZE)
         delays = None
         attempts = 0
         while True:
@@ -646,7 +663,13 @@ class Reporter:
                     history = history_of(rows, self.clock(), self.config.history_retention)
                 if rows:
                     started = time.perf_counter()
-                    await self.store.record_calls(rows, history)
+                    if not await self.store.record_calls(rows, history, token):
+                        self.metrics.incr("batches_repeated")
+                        log.warning(
+                            "a batch of %d reports was already stored (its commit went"
+                            " through before the store failed over); not counted again",
+                            len(batch),
+                        )
                     self._write_seconds.observe(time.perf_counter() - started)
                     self._batch_results.observe(len(rows))
                 break
@@ -656,7 +679,7 @@ class Reporter:
                 attempts += 1
                 self.metrics.incr("store_errors")
                 if attempts >= BAD_BATCH_ATTEMPTS:
-                    await self._write_one_by_one(batch, fitting, exc)
+                    await self._write_one_by_one(batch, fitting, token, exc)
                     return
                 log.warning("writing %d reports failed (%s); retrying", len(batch), exc)
             delays = delays or backoff(cap=self.config.retry_max)
@@ -717,12 +740,23 @@ class Reporter:
         return fitting
 
     async def _write_one_by_one(
-        self, batch: list[Item], fitting: list[list[CallStatus]] | None, error: StoreError
+        self,
+        batch: list[Item],
+        fitting: list[list[CallStatus]] | None,
+        token: bytes,
+        error: StoreError,
     ) -> None:
-        """Store what the store accepts; drop (logged, counted, acknowledged) what it refuses."""
+        """Store what the store accepts; drop (logged, counted, acknowledged) what it refuses.
+        Nothing, if a run of the whole batch (``token``) went through after all."""
         log.error(
             "a batch of %d reports keeps failing (%s); writing them one by one", len(batch), error
         )
+        if await self._batch_recorded(token):
+            self.metrics.incr("batches_repeated")
+            for report, conn in batch:
+                if conn is not None:
+                    self._reply(conn, wire.ReportStatusAck(report.seq))
+            return
         for i, (report, conn) in enumerate(batch):
             rows = rows_of(report) if fitting is None else fitting[i]
             history = history_of(rows, self.clock(), self.config.history_retention)
@@ -744,16 +778,31 @@ class Reporter:
             if conn is not None:
                 self._reply(conn, wire.ReportStatusAck(report.seq))
 
+    async def _batch_recorded(self, token: bytes) -> bool:
+        """Whether the batch with ``token`` is stored; False if the store cannot tell (an
+        error other than unavailable), held while it is unavailable."""
+        delays = None
+        while True:
+            try:
+                return await self.store.batch_recorded(token)
+            except (StoreUnavailable, SchemaMissing) as exc:
+                self._store_down(exc)
+            except StoreError:
+                return False
+            delays = delays or backoff(cap=self.config.retry_max)
+            await trio.sleep(next(delays))
+
     async def _write_report(
         self, rows: list[CallStatus], history: list[HistoryRow]
     ) -> StoreError | None:
         """Write one report's rows; the error if the store refuses them. An unavailable
         store is not the report's fault: it is held (and the queue behind it) until stored."""
+        token = os.urandom(BATCH_TOKEN_SIZE)
         delays = None
         while True:
             try:
                 if rows:
-                    await self.store.record_calls(rows, history)
+                    await self.store.record_calls(rows, history, token)
                 return None
             except (StoreUnavailable, SchemaMissing) as exc:
                 self._store_down(exc)
@@ -802,6 +851,11 @@ class ReporterCollector(Collector):
         yield counter("results_received", "Host results in the reports received.")
         yield counter("results_written", "Host results written to the store.")
         yield counter("batches_written", "Batches written to the store.")
+        yield counter(
+            "batches_repeated",
+            "Batches found already stored when run again (a commit that went through before"
+            " a failover): not counted twice.",
+        )
         yield counter(
             "history_rows_written",
             "CallHistory rows added to: one per module, host and minute of each batch.",

@@ -55,7 +55,11 @@ ROLE_SCHEMA: dict[str, dict[str, tuple[str, ...]]] = {
         "RouteVersion": ("id", "version"),
         "RouteChange": ("modid", "cmdid", "version"),
     },
-    "reporter": {STATUS_TABLE: STATUS_COLUMNS, HISTORY_TABLE: HISTORY_COLUMNS},
+    "reporter": {
+        STATUS_TABLE: STATUS_COLUMNS,
+        HISTORY_TABLE: HISTORY_COLUMNS,
+        "ReportBatch": ("token", "written"),
+    },
     # The console reads and writes all of the above, the audit log, the names, the call
     # history and the alarms.
     "web": {

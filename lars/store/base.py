@@ -858,11 +858,30 @@ class RouteStore(abc.ABC):
     async def upsert_call_status(self, rows: Sequence[CallStatus]) -> None:
         """Store call statistics: latest counts replace, totals accumulate, one transaction."""
 
-    async def record_calls(self, rows: Sequence[CallStatus], history: Sequence[HistoryRow]) -> None:
+    async def record_calls(
+        self,
+        rows: Sequence[CallStatus],
+        history: Sequence[HistoryRow],
+        token: bytes | None = None,
+    ) -> bool:
         """:meth:`upsert_call_status` and, in the same transaction, add ``history`` to the
         ``CallHistory`` buckets (counts add up). A store that keeps no call history writes
-        the statistics alone."""
+        the statistics alone.
+
+        ``token`` (16 random bytes, the same for every run of one batch) makes the write
+        happen once: a run that finds the token stored writes nothing and returns False.
+        """
         await self.upsert_call_status(rows)
+        return True
+
+    async def batch_recorded(self, token: bytes) -> bool:
+        """True if a :meth:`record_calls` with ``token`` is stored."""
+        raise self._unsupported("remember report batches")
+
+    async def purge_batches(self, older_than: int, limit: int = 10_000) -> int:
+        """Delete at most ``limit`` batch tokens stored before ``older_than`` (epoch
+        seconds); returns how many went. Call again while it returns ``limit``."""
+        raise self._unsupported("remember report batches")
 
     @abc.abstractmethod
     async def read_call_status(

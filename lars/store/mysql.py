@@ -101,6 +101,8 @@ DIALECT = sql.Dialect(
         f" err = {_saturating_sum('err', sql.HISTORY_COUNT_MAX)}"
     ),
     purge_history="DELETE FROM CallHistory WHERE minute < ? LIMIT ?",
+    claim_batch="INSERT IGNORE INTO ReportBatch (token, written) VALUES (?, ?)",
+    purge_batches="DELETE FROM ReportBatch WHERE written < ? LIMIT ?",
     # UNIX_TIMESTAMP() is exact whatever the session's time zone (UNIX_TIMESTAMP(NOW(6))
     # is an hour off in a daylight-saving fall-back hour); both read the statement's start.
     clock="SELECT UNIX_TIMESTAMP() + MICROSECOND(NOW(6)) * 0.000001",

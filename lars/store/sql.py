@@ -165,6 +165,10 @@ class Dialect:
     upsert_history_suffix: str
     #: Deletes at most ``?`` (the second argument) CallHistory rows of minutes before ``?``.
     purge_history: str
+    #: Inserts the ReportBatch row ``(token, written)`` unless the token is there already.
+    claim_batch: str
+    #: Deletes at most ``?`` (the second argument) ReportBatch rows written before ``?``.
+    purge_batches: str
     #: Reads the database's clock: one row, epoch seconds with a fraction.
     clock: str
     #: Creates the ``AlarmLease`` row named ``?`` if missing, and locks it either way.
@@ -1444,11 +1448,33 @@ def status_values(r: CallStatus) -> tuple[int | str, ...]:
 _STATUS_VALUES = "(%d,%d,%d,%d,%d,%d,%d,%d,'%s',%d,%d)"
 
 
+#: Bytes of a reporter batch's token (ReportBatch.token).
+BATCH_TOKEN_SIZE = 16
+
+
+def check_token(token: object) -> bytes:
+    if not isinstance(token, bytes) or len(token) != BATCH_TOKEN_SIZE:
+        raise InvalidValue(f"a batch token is {BATCH_TOKEN_SIZE} bytes, got {token!r}")
+    return token
+
+
 def upsert_call_status(
-    dialect: Dialect, rows: Sequence[CallStatus], history: Sequence[HistoryRow] = ()
-) -> Op[None]:
+    dialect: Dialect,
+    rows: Sequence[CallStatus],
+    history: Sequence[HistoryRow] = (),
+    token: bytes | None = None,
+    written: int = 0,
+) -> Op[bool]:
     """Upsert statistics: the latest counts replace the row's, the totals add up; then add
-    ``history`` to its CallHistory buckets (in the same transaction, the caller's)."""
+    ``history`` to its CallHistory buckets (in the same transaction, the caller's).
+
+    With a ``token``, first claim it in ReportBatch: if a run of this batch already stored
+    it (its COMMIT went through though its answer was lost), write nothing and return False.
+    Two runs in flight at once conflict on the token's key (a lock wait, or a Galera
+    certification failure), and the one re-run after that finds the token.
+    """
+    if token is not None and not (yield (dialect.claim_batch, (token, written))).rowcount:
+        return False
     for chunk in _chunks(rows):
         if dialect.inline_integers:
             yield (
@@ -1474,6 +1500,18 @@ def upsert_call_status(
             + dialect.upsert_history_suffix,
             (),
         )
+    return True
+
+
+def batch_recorded(token: bytes) -> Op[bool]:
+    """True if the batch with ``token`` is stored."""
+    rows = (yield ("SELECT 1 FROM ReportBatch WHERE token = ?", (token,))).rows
+    return bool(rows)
+
+
+def purge_batches(dialect: Dialect, older_than: int, limit: int) -> Op[int]:
+    """Delete at most ``limit`` ReportBatch tokens written before ``older_than``."""
+    return (yield (dialect.purge_batches, (older_than, limit))).rowcount
 
 
 def read_call_status(modid: int | None, cmdid: int | None) -> Op[list[CallStatus]]:

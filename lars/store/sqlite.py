@@ -99,6 +99,11 @@ CREATE TABLE IF NOT EXISTS CallHistory (
     err INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (modid, cmdid, minute, ip, port)
 );
+CREATE TABLE IF NOT EXISTS ReportBatch (
+    token BLOB NOT NULL,
+    written INTEGER NOT NULL,
+    PRIMARY KEY (token)
+);
 CREATE TABLE IF NOT EXISTS AlarmRule (
     name TEXT NOT NULL,
     definition TEXT NOT NULL,
@@ -144,6 +149,7 @@ CREATE TABLE IF NOT EXISTS AlarmLease (
     PRIMARY KEY (name)
 );
 CREATE INDEX IF NOT EXISTS CallHistory_minute ON CallHistory (minute);
+CREATE INDEX IF NOT EXISTS ReportBatch_written ON ReportBatch (written);
 CREATE INDEX IF NOT EXISTS AlarmEvent_rule ON AlarmEvent (rule, id);
 CREATE INDEX IF NOT EXISTS AlarmEvent_ts ON AlarmEvent (ts);
 CREATE INDEX IF NOT EXISTS RouteAudit_module ON RouteAudit (modid, cmdid, id);
@@ -195,6 +201,11 @@ DIALECT = sql.Dialect(
     purge_history=(
         "DELETE FROM CallHistory WHERE rowid IN"
         " (SELECT rowid FROM CallHistory WHERE minute < ? LIMIT ?)"
+    ),
+    claim_batch="INSERT OR IGNORE INTO ReportBatch (token, written) VALUES (?, ?)",
+    purge_batches=(
+        "DELETE FROM ReportBatch WHERE rowid IN"
+        " (SELECT rowid FROM ReportBatch WHERE written < ? LIMIT ?)"
     ),
     clock="SELECT (julianday('now') - 2440587.5) * 86400.0",
     # BEGIN IMMEDIATE holds the write lock: the row needs no lock of its own.

@@ -318,10 +318,31 @@ class SqlStore(RouteStore):
         if rows:
             await self._run(functools.partial(sql.upsert_call_status, self.dialect, rows), "write")
 
-    async def record_calls(self, rows: Sequence[CallStatus], history: Sequence[HistoryRow]) -> None:
-        if rows or history:
-            op = functools.partial(sql.upsert_call_status, self.dialect, rows, history)
-            await self._run(op, "write")
+    async def record_calls(
+        self,
+        rows: Sequence[CallStatus],
+        history: Sequence[HistoryRow],
+        token: bytes | None = None,
+    ) -> bool:
+        if token is not None:
+            sql.check_token(token)
+        elif not (rows or history):
+            return True
+        op = functools.partial(
+            sql.upsert_call_status, self.dialect, rows, history, token, int(time.time())
+        )
+        return await self._run(op, "write")
+
+    async def batch_recorded(self, token: bytes) -> bool:
+        return await self._run(functools.partial(sql.batch_recorded, sql.check_token(token)))
+
+    async def purge_batches(self, older_than: int, limit: int = 10_000) -> int:
+        before = sql.check_epoch(older_than, "older_than")
+        if type(limit) is not int or limit < 1:
+            raise InvalidValue(f"limit must be a positive integer, got {limit!r}")
+        return await self._run(
+            functools.partial(sql.purge_batches, self.dialect, before, limit), "write"
+        )
 
     async def read_call_status(
         self, modid: int | None = None, cmdid: int | None = None

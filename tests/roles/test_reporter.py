@@ -231,6 +231,53 @@ async def test_a_transient_store_error_is_retried_as_a_whole_batch(
     await inner.aclose()
 
 
+class CommitThenLostStore(FlakyStore):
+    """Stores the first batch, then raises StoreUnavailable as if the answer to its COMMIT
+    had been lost with the node; works after that."""
+
+    lost = 1
+
+    def __init__(self, inner: RouteStore) -> None:
+        super().__init__(inner)
+        self.tokens: list[bytes | None] = []
+
+    async def record_calls(
+        self,
+        rows: Sequence[CallStatus],
+        history: Sequence[HistoryRow],
+        token: bytes | None = None,
+    ) -> bool:
+        self.tokens.append(token)
+        stored = await self.inner.record_calls(rows, history, token)
+        if self.lost:
+            self.lost -= 1
+            raise StoreUnavailable("test: lost connection to MySQL server during query")
+        return stored
+
+    async def batch_recorded(self, token: bytes) -> bool:
+        return await self.inner.batch_recorded(token)
+
+
+async def test_a_batch_stored_before_its_commit_was_lost_is_not_counted_twice(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    inner = memory_store()
+    await inner.init_schema()
+    store = CommitThenLostStore(inner)
+    async with running(store, writers=1) as (reporter, nursery):
+        client = connect(reporter, nursery)
+        await client.send(report(1))
+        assert await acks(client, 1) == [1]
+        await client.send(report(2, 2))
+        assert await acks(client, 1) == [2]
+    first, again, other = store.tokens
+    assert first is not None and again == first and other not in (first, None)
+    totals = {row.modid: row.succ_total for row in await inner.read_call_status()}
+    assert totals == {1: 3, 2: 3}, totals
+    assert reporter.metrics.counters["batches_repeated"] == 1
+    await inner.aclose()
+
+
 async def test_a_peer_that_never_reads_its_replies_is_disconnected(
     store: PickyStore, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -267,3 +267,46 @@ async def test_an_older_store_gets_the_new_tables_from_db_upgrade(store: RouteSt
     assert (await store.plan_upgrade()).steps == ()
     await store.record_calls([status(M1, A, CALLER1)], [calls(M1, A, T0, 10)])
     assert await store.window_calls(T0) == [HostCalls(*M1, *A, 10, 0)]
+
+
+# --- a batch stored once ---------------------------------------------------------------------
+
+
+async def test_a_batch_run_again_with_its_token_writes_nothing(store: RouteStore) -> None:
+    """The reporter's re-run of a batch whose first run was stored (its COMMIT went through,
+    the answer was lost) changes nothing; another batch with the same rows adds up."""
+    rows = [status(M1, A, CALLER1, succ=7, err=1)]
+    history = [calls(M1, A, T0, 7, 1)]
+    token, other = b"\x01" * 16, b"\x02" * 16
+    assert not await store.batch_recorded(token)
+    assert await store.record_calls(rows, history, token) is True
+    assert await store.batch_recorded(token)
+    assert await store.record_calls(rows, history, token) is False
+    [row] = await store.read_call_status()
+    assert (row.add_succ, row.succ_total, row.err_total) == (None, 7, 1)
+    assert await history_rows(store) == [(*M1, *A, T0, 7, 1)]
+    assert await store.record_calls(rows, history, other) is True
+    [row] = await store.read_call_status()
+    assert (row.succ_total, row.err_total) == (14, 2)
+    assert await history_rows(store) == [(*M1, *A, T0, 14, 2)]
+    # A batch with nothing left to write still claims its token.
+    assert await store.record_calls([], [], b"\x03" * 16) is True
+    assert await store.record_calls([], [], b"\x03" * 16) is False
+
+
+async def test_batch_tokens_are_purged_by_age(store: RouteStore) -> None:
+    await store.record_calls([status(M1, A, CALLER1)], [], b"\x01" * 16)
+    await store.record_calls([status(M1, A, CALLER1)], [], b"\x02" * 16)
+    assert await store.purge_batches(1_000_000_000) == 0  # both written now
+    assert await store.purge_batches(2**40, limit=1) == 1
+    assert await store.purge_batches(2**40) == 1
+    assert not await store.batch_recorded(b"\x01" * 16)
+
+
+@pytest.mark.parametrize("token", [b"short", "0123456789abcdef", b"\x00" * 17, 16])
+async def test_a_malformed_batch_token_is_refused(store: RouteStore, token: object) -> None:
+    with pytest.raises(InvalidValue, match="16 bytes"):
+        await store.record_calls([status(M1, A, CALLER1)], [], token)  # type: ignore[arg-type]
+    with pytest.raises(InvalidValue, match="16 bytes"):
+        await store.batch_recorded(token)  # type: ignore[arg-type]
+    assert await store.read_call_status() == []

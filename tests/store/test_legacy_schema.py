@@ -168,6 +168,7 @@ def test_db_init_upgrades_an_original_database_without_touching_data(
             "RouteAudit",
             "RoutePolicy",
             "CallHistory",
+            "ReportBatch",
             "AlarmRule",
             "AlarmState",
             "AlarmEvent",

@@ -7,6 +7,7 @@ cuttable proxy in front of it standing for the other nodes. The real Galera clus
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ import trio
 import trio_mysql
 
 from lars.errors import ConfigError, StoreConflict, StoreError, StoreUnavailable
-from lars.store import open_store, parse_store_hosts
+from lars.store import CallStatus, open_store, parse_store_hosts
 from lars.store.mysql import MysqlStore, conflict_backoff
 from tests.e2e.procs import Proxy
 from tests.netutil import free_tcp_port
@@ -193,3 +194,75 @@ async def test_a_node_not_ready_is_failed_over_at_once(db_url: str) -> None:
         with pytest.raises(StoreUnavailable, match="error 1047"):
             await store._run(_failing_op(1, 1047, attempts), "write")
         assert attempts[0] == 1  # not re-run on the same node
+
+
+class _CommitAnswerLost:
+    """A TCP forwarder to ``target`` that passes the first COMMIT to the server, then cuts
+    the connection when the server's answer comes, without passing it on: the transaction
+    is stored, and the client cannot know (a node dying with a COMMIT in flight)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.armed = True
+        self.commits_lost = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        committing = False
+
+        async def up(upstream: trio.SocketStream) -> None:
+            nonlocal committing
+            while data := await client.receive_some(65536):
+                # COM_QUERY (0x03) "COMMIT": whatever the server says next is its answer.
+                if self.armed and b"\x03COMMIT" in data:
+                    self.armed, committing = False, True
+                await upstream.send_all(data)
+
+        async def down(upstream: trio.SocketStream) -> None:
+            while data := await upstream.receive_some(65536):
+                if committing:
+                    self.commits_lost += 1
+                    return
+                await client.send_all(data)
+
+        async def pump(
+            direction: Any, upstream: trio.SocketStream, scope: trio.CancelScope
+        ) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await direction(upstream)
+            scope.cancel()
+
+        upstream = await trio.open_tcp_stream(*self.target)
+        async with client, upstream, trio.open_nursery() as nursery:
+            nursery.start_soon(pump, up, upstream, nursery.cancel_scope)
+            nursery.start_soon(pump, down, upstream, nursery.cancel_scope)
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("tokened", [True, False])
+async def test_a_commit_lost_with_its_node_is_not_counted_twice(db_url: str, tokened: bool) -> None:
+    """The first node stores a batch and dies before answering its COMMIT: the store runs it
+    again on the next node. With the batch's token that run writes nothing; without one
+    (what the reporter did before) the calls were counted twice."""
+    user, host, port, database = _node(db_url)
+    proxy = _CommitAnswerLost((host, port))
+    row = CallStatus(1, 1, *A, 3232235777, succ=5, err=1, ts=1, overload=False)
+    async with trio.open_nursery() as nursery:
+        front = await nursery.start(proxy.serve)
+        url = f"mysql://{user}@127.0.0.1:{front},{host}:{port}/{database}?connect_timeout=1"
+        async with open_store(url) as store:
+            assert isinstance(store, MysqlStore)
+            token = b"\x07" * 16 if tokened else None
+            stored = await store.record_calls([row], [], token)
+            assert proxy.commits_lost == 1 and store.failovers == 1
+            [status] = await store.read_call_status()
+        nursery.cancel_scope.cancel()
+    if tokened:
+        assert stored is False  # the re-run found the first run's token
+        assert (status.succ_total, status.err_total) == (5, 1)
+    else:
+        assert (status.succ_total, status.err_total) == (10, 2)
