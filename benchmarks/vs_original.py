@@ -21,6 +21,12 @@ Each side with its own client; the stores on the same MariaDB server:
 * **the same C client**: ``qps_timed``, 1 client, against each agent (Lars's agent speaks the
   original protocol on the original's fixed ports), agent-alone setup: loops/s and agent CPU
   seconds per 10,000 loops. For the original this is the same run as "agent alone, 1 client".
+* **the same polling C driver**: ``c/poll_drive.c`` (built with ``cc``), 1 and 2 clients,
+  against each agent, agent-alone setup: the same loop and the same original protocol as
+  ``qps_timed``, with the receive of Lars's clients (it polls for the answer for up to
+  ``POLL_DRIVE_US`` before it blocks); loops/s and agent CPU per 10,000 loops. qps_timed
+  sleeps for every answer; on a small virtual machine that makes both agents' figures
+  depend on where the scheduler puts the client (see the README's Performance section).
 * **route change reaching an agent**: a new host for module 2/1 is committed to the store and
   the agent's route is polled every millisecond until it lists the host; the latency is from
   the commit to that answer, the median of ``ROUTE_SAMPLES`` changes a random 0.1-0.4 s apart
@@ -48,7 +54,7 @@ Each side with its own client; the stores on the same MariaDB server:
   loopback with an echo server, unpinned (the scheduler places both), once per round.
 
 Usage: python benchmarks/vs_original.py [--duration 10] [--rounds 3]
-           [--rows full,agent,cpu,route,reporter,pingpong] [--json] [--mysql URL]
+           [--rows full,agent,cpu,cpoll,route,reporter,pingpong] [--json] [--mysql URL]
 Needs a source checkout with the test dependencies (it uses tests/e2e's helpers), MariaDB on
 ``--mysql`` (default ``$LARS_TEST_MYSQL`` or ``mysql://root@127.0.0.1:3306``) and the anchor
 (``$LARS_ANCHOR``, default ``../shared/anchor``; built into ``$ANCHOR_BUILD``). The original's
@@ -106,7 +112,7 @@ from tests.e2e.test_original import (
 from tests.netutil import free_udp_base
 from tests.roles.test_agent_original import OriginalApi
 
-ROWS = ("full", "agent", "cpu", "route", "reporter", "pingpong")
+ROWS = ("full", "agent", "cpu", "cpoll", "route", "reporter", "pingpong")
 #: The anchor's routes (sql/routes.sql): 1/1 and 1/2 for the clients, 2/1 for route changes.
 HOSTS = [(0x0A000001 + i, 8000 + i) for i in range(3)]
 BENCH_MODULES: tuple[ModuleKey, ...] = ((1, 1), (1, 2))
@@ -129,6 +135,9 @@ REPORTER_FRAMES = 500
 REPORTER_PORT = 7779
 #: Seconds the stats check waits for the last statistics to reach the store.
 STATS_PATIENCE = 20.0
+#: poll_drive's busy poll for an answer, microseconds: lars.client's default busy_poll.
+POLL_DRIVE_US = 100
+POLL_DRIVE_SOURCE = Path(__file__).resolve().parent / "c" / "poll_drive.c"
 
 
 # --- parsing the tools' outputs (pure) ---------------------------------------------------------
@@ -219,6 +228,10 @@ METRICS = (
     Metric("agent2_loops", "agent alone (sink), 2 clients, loops/s", "agent", True),
     Metric("cqps_loops", "same C client (qps_timed), 1 client, loops/s", "cpu", True),
     Metric("cqps_cpu", "  agent CPU s per 10k loops", "cpu", False, 3),
+    Metric("cpoll1_loops", "same polling C driver (poll_drive), 1 client, loops/s", "cpoll", True),
+    Metric("cpoll1_cpu", "  agent CPU s per 10k loops, 1 client", "cpoll", False, 3),
+    Metric("cpoll2_loops", "same polling C driver, 2 clients, loops/s", "cpoll", True),
+    Metric("cpoll2_cpu", "  agent CPU s per 10k loops, 2 clients", "cpoll", False, 3),
     Metric("route_ms", "route change reaching an agent, ms", "route", False, 1),
     Metric("reporter_rate", "reporter, host results/s into MariaDB", "reporter", True),
     Metric("reporter_rss", "  reporter peak RSS, MB", "reporter", False),
@@ -333,6 +346,8 @@ class Bench:
     mysql: str
     duration: float
     clients: tuple[int, ...] = (1, 2)
+    #: The compiled c/poll_drive.c (for the cpoll rows).
+    poll_drive: Path | None = None
     route_samples: int = ROUTE_SAMPLES
     log: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
 
@@ -426,14 +441,31 @@ async def sql(conn: _Connection, statement: str, *args: object) -> list[tuple[An
         return list(await cursor.fetchall())
 
 
-async def run_qps(threads: int, duration: float) -> dict[str, Any]:
-    """``qps_timed THREADS DURATION`` on modules 1:1 (1:2 ...), checked."""
-    argv = [str(BUILD / "bin" / "qps_timed"), str(threads), str(duration), *modules(threads)]
+async def run_qps(threads: int, duration: float, driver: Path | None = None) -> dict[str, Any]:
+    """``qps_timed THREADS DURATION`` on modules 1:1 (1:2 ...), checked; or the same with
+    ``poll_drive`` (``driver``), polling for answers up to ``POLL_DRIVE_US``."""
+    if driver is None:
+        argv = [str(BUILD / "bin" / "qps_timed"), str(threads), str(duration)]
+    else:
+        argv = [str(driver), str(threads), str(duration), str(POLL_DRIVE_US)]
+    argv += modules(threads)
     result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True)
     try:
         return parse_qps(result.stdout.decode())
     except ValueError as exc:
         raise RuntimeError(f"{exc}\n{result.stderr.decode(errors='replace')[-2000:]}") from None
+
+
+async def build_poll_drive(workdir: Path) -> Path:
+    """Compile ``c/poll_drive.c`` into ``workdir``."""
+    target = workdir / "poll_drive"
+    argv = ["cc", "-O2", "-Wall", "-pthread", "-o", str(target), str(POLL_DRIVE_SOURCE)]
+    result = await trio.run_process(
+        argv, capture_stdout=True, stderr=subprocess.STDOUT, check=False
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"building poll_drive failed:\n{result.stdout.decode()[-3000:]}")
+    return target
 
 
 async def run_lars_bench(config: Path, workers: int, duration: float) -> BenchFigures:
@@ -473,21 +505,26 @@ async def poll_route(fetch: Callable[[], Any], host: HostKey, committed: list[fl
 # --- the original ------------------------------------------------------------------------------
 
 
-async def original_qps_rows(
-    bench: Bench, agent_pid: int, clients: Sequence[int], what: str
+async def driven_rows(
+    bench: Bench,
+    agent_pid: int,
+    clients: Sequence[int],
+    what: str,
+    driver: Path | None = None,
 ) -> dict[int, tuple[dict[str, Any], float]]:
-    """qps_timed with each number of clients against the running original agent: per number,
-    its figures and the agent's CPU seconds per 10,000 loops."""
-    await run_qps(1, WARMUP)
+    """qps_timed (or the ``driver``, poll_drive) with each number of clients against a running
+    agent on the fixed ports: per number, its figures and the agent's CPU seconds per 10,000
+    loops."""
+    await run_qps(1, WARMUP, driver)
     measured = {}
     for n in clients:
         before = cpu_seconds(agent_pid)
-        figures = await run_qps(n, bench.duration)
+        figures = await run_qps(n, bench.duration, driver)
         cpu = per_10k(cpu_seconds(agent_pid) - before, figures["loops"])
         measured[n] = ({**figures, "agent_cpu_per_10k": round(cpu, 4)}, cpu)
         bench.log(
-            f"  original {what}, {n} client(s): {figures['loops_per_s']:,.0f} loops/s, "
-            f"agent CPU {cpu:.3f} s/10k loops"
+            f"  {what}, {'poll_drive' if driver else 'qps_timed'} {n} client(s):"
+            f" {figures['loops_per_s']:,.0f} loops/s, agent CPU {cpu:.3f} s/10k loops"
         )
     return measured
 
@@ -614,7 +651,7 @@ async def original_side(bench: Bench, rows: set[str], n: int) -> SideResult:
     if rows & {"full", "route"}:
         async with anchor_stack(bench.mysql, "full") as pids:
             if "full" in rows:
-                measured = await original_qps_rows(bench, pids["agent"], bench.clients, "full")
+                measured = await driven_rows(bench, pids["agent"], bench.clients, "original full")
                 for c, (figures, cpu) in measured.items():
                     out.values[f"full{c}_loops"] = figures["loops_per_s"]
                     out.values[f"full{c}_cpu"] = cpu
@@ -624,12 +661,17 @@ async def original_side(bench: Bench, rows: set[str], n: int) -> SideResult:
                 out.values["route_ms"] = statistics.median(latencies)
                 out.raw["route_ms"] = [round(v, 1) for v in latencies]
                 bench.log(f"  original route change: {[round(v) for v in latencies]} ms")
-    if rows & {"agent", "cpu"}:
+    if rows & {"agent", "cpu", "cpoll"}:
         # For the original, "the same C client" is its own client on the agent-alone setup:
         # the 1-client run of "agent alone" is that measurement too.
-        clients = bench.clients if "agent" in rows else (1,)
+        clients = bench.clients if "agent" in rows else (1,) if "cpu" in rows else ()
         async with anchor_stack(bench.mysql, "sink") as pids:
-            measured = await original_qps_rows(bench, pids["agent"], clients, "agent alone")
+            measured = await driven_rows(bench, pids["agent"], clients, "original agent alone")
+            if "cpoll" in rows:
+                polled = await driven_rows(
+                    bench, pids["agent"], bench.clients, "original agent", bench.poll_drive
+                )
+                polled_values(polled, out)
         for c, (figures, cpu) in measured.items():
             if "agent" in rows:
                 out.values[f"agent{c}_loops"] = figures["loops_per_s"]
@@ -650,6 +692,13 @@ async def original_side(bench: Bench, rows: set[str], n: int) -> SideResult:
             f" reset){' WARNING: ' + figures['warning'] if 'warning' in figures else ''}"
         )
     return out
+
+
+def polled_values(measured: Mapping[int, tuple[dict[str, Any], float]], out: SideResult) -> None:
+    for c, (figures, cpu) in measured.items():
+        out.values[f"cpoll{c}_loops"] = figures["loops_per_s"]
+        out.values[f"cpoll{c}_cpu"] = cpu
+        out.raw[f"cpoll{c}"] = figures
 
 
 # --- Lars --------------------------------------------------------------------------------------
@@ -748,7 +797,7 @@ async def lars_route_samples(
 
 async def lars_side(bench: Bench, rows: set[str], n: int) -> SideResult:
     out = SideResult()
-    if rows & {"full", "route", "agent", "cpu"}:
+    if rows & {"full", "route", "agent", "cpu", "cpoll"}:
         async with fresh_database(bench.mysql, init=True) as url:
             async with open_store(url) as store:
                 routes = {module: HOSTS for module in (*BENCH_MODULES, ROUTE_MODULE)}
@@ -806,7 +855,7 @@ async def lars_stacks(
                 )
                 out.checks.append(check)
                 bench.log(f"  {check}")
-    if rows & {"agent", "cpu"}:
+    if rows & {"agent", "cpu", "cpoll"}:
         async with sink() as discard:
             if "agent" in rows:
                 async with lars_agent(
@@ -814,23 +863,25 @@ async def lars_stacks(
                 ) as agent:
                     assert agent.process is not None
                     await lars_bench_rows(bench, config, agent.process.pid, "agent", out)
-            if "cpu" in rows:
+            if rows & {"cpu", "cpoll"}:
                 await wait_fixed_ports()
                 async with lars_agent(
                     bench.workdir, f"agent-fixed-{n}", FIXED_PORTS[0], dns, discard
                 ) as agent:
                     assert agent.process is not None
-                    await run_qps(1, WARMUP)
-                    before = cpu_seconds(agent.process.pid)
-                    figures = await run_qps(1, bench.duration)
-                    cpu = cpu_seconds(agent.process.pid) - before
-                out.values["cqps_loops"] = figures["loops_per_s"]
-                out.values["cqps_cpu"] = per_10k(cpu, figures["loops"])
-                out.raw["cqps"] = {**figures, "agent_cpu_s": round(cpu, 3)}
-                bench.log(
-                    f"  Lars agent, qps_timed 1 client: {figures['loops_per_s']:,.0f} loops/s, "
-                    f"agent CPU {out.values['cqps_cpu']:.3f} s/10k loops"
-                )
+                    pid = agent.process.pid
+                    if "cpu" in rows:
+                        [(figures, cpu)] = (
+                            await driven_rows(bench, pid, (1,), "Lars agent")
+                        ).values()
+                        out.values["cqps_loops"] = figures["loops_per_s"]
+                        out.values["cqps_cpu"] = cpu
+                        out.raw["cqps"] = figures
+                    if "cpoll" in rows:
+                        polled = await driven_rows(
+                            bench, pid, bench.clients, "Lars agent", bench.poll_drive
+                        )
+                        polled_values(polled, out)
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -859,6 +910,8 @@ async def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp, PORTS_LOCK.open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         bench = Bench(Path(tmp), args.mysql, args.duration)
+        if "cpoll" in args.rows:
+            bench.poll_drive = await build_poll_drive(bench.workdir)
         for n in range(args.rounds):
             print(f"round {n + 1} of {args.rounds}", flush=True)
             raw: dict[str, Any] = {"round": n + 1}

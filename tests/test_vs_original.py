@@ -4,16 +4,26 @@ Lars side (the original's side needs the anchor and its fixed ports: never run h
 from __future__ import annotations
 
 import json
+import os
+import select
+import socket
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import vs_original as vs
 
+from lars.config import AgentConfig
+from lars.roles.agent import Agent
 from tests import mysql_admin
+from tests.netutil import free_udp_base
 
 QPS = (
     '{"threads": 2, "duration": 5, "loops": 300000, "loops_per_s": 60000.0, "ok": 300000, '
@@ -129,3 +139,62 @@ async def test_the_lars_side_runs_and_its_statistics_add_up(tmp_path: Path) -> N
     assert result.values["full1_cpu"] > 0
     assert result.raw["stats_check"]["ok"], result.raw["stats_check"]
     assert result.checks and result.checks[0].endswith("OK")
+
+
+@pytest.fixture(scope="module")
+def poll_drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("poll_drive")
+    return trio.run(vs.build_poll_drive, workdir)
+
+
+@pytest.mark.parametrize("busy_poll_us", [0, 100])
+def test_poll_drive_speaks_the_original_protocol_to_lars_agent(
+    poll_drive: Path, busy_poll_us: int
+) -> None:
+    """The C driver's requests and reports are what Lars's agent takes from the original's
+    client: every loop is one get_host answered SUCC and one report, counted by the balancer."""
+    agent = Agent(AgentConfig())
+    hosts = [(0x0A000001 + i, 8000 + i) for i in range(3)]
+    agent.table.apply_route((1, 1), hosts, time.monotonic())
+    base = free_udp_base(3)
+    socks = []
+    for port in range(base, base + 3):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", port))
+        socks.append(sock)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            for sock in select.select(socks, [], [], 0.05)[0]:
+                data, address = sock.recvfrom(2048)
+                reply = agent.handle_datagram(data, address, sock)
+                if reply is not None:
+                    sock.sendto(reply, address)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        result = subprocess.run(
+            [str(poll_drive), "1", "0.5", str(busy_poll_us), "1:1"],
+            env={**os.environ, "POLL_DRIVE_BASE_PORT": str(base)},
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+    finally:
+        done.set()
+        thread.join()
+        for sock in socks:
+            sock.close()
+    figures = vs.parse_qps(result.stdout.decode())
+    assert figures["loops"] > 0 and figures["ok"] == figures["loops"]
+    # The warm-up's get_host is not reported: one answer more than reports.
+    assert agent.table.get_host_answers[0] == figures["loops"] + 1
+    assert agent.table.reports == [0, figures["loops"]]
+
+
+def test_poll_drive_refuses_bad_arguments(poll_drive: Path) -> None:
+    for argv in (["0", "1", "100"], ["1", "1", "-5"], ["1", "1", "100", "x"]):
+        result = subprocess.run([str(poll_drive), *argv], capture_output=True, timeout=10)
+        assert result.returncode == 2, argv
