@@ -208,7 +208,11 @@ async def run_to_exit(tmp_path: Path, role: str, store: str) -> subprocess.Compl
         ("dns", "unknown", "database 'lars_no_such_database' does not exist"),
         ("reporter", "unknown", "database 'lars_no_such_database' does not exist"),
         ("dns", "empty", "not initialised (missing table RouteData, table RouteVersion"),
-        ("reporter", "empty", "(missing table ServerCallStatus, table CallHistory)"),
+        (
+            "reporter",
+            "empty",
+            "(missing table ServerCallStatus, table CallHistory, table ReportBatch)",
+        ),
         ("reporter", "original", "(missing column ServerCallStatus.succ_total, column"),
         ("dns", "wrong password", "access denied"),
         ("reporter", "wrong password", "access denied"),
