@@ -80,6 +80,14 @@ from lars.roles.common import (
 from lars.roles.http import Observed
 from lars.tls import TlsContexts, refusal_hint
 
+try:  # the API loop compiled (lars/_udploop.c); the Python one below is the reference
+    from lars import _udploop
+except ImportError:  # a build without a C compiler
+    _udploop = None  # type: ignore[assignment]
+
+#: Whether the compiled API loop was built.
+COMPILED_LOOP = _udploop is not None
+
 log = logging.getLogger("lars.agent")
 
 #: Seconds to wait for a TCP connection to a DNS or the reporter.
@@ -209,9 +217,10 @@ class Agent:
                 nursery.start_soon(self._lease_timer)
                 nursery.start_soon(self._report_loop)
                 log.info(
-                    "agent API on udp %s ports %s; dns %s",
+                    "agent API on udp %s ports %s (%s loop); dns %s",
                     host,
                     ",".join(map(str, ports)),
+                    "compiled" if _compiled_loop() else "Python",
                     ", ".join(self.config.dns),
                 )
                 task_status.started(ports)
@@ -274,7 +283,10 @@ class Agent:
         stopping = self._stopping.is_set
         while not stopping():
             try:
-                self._serve_datagrams(socks)
+                if _compiled_loop():
+                    self._serve_datagrams_c(socks)
+                else:
+                    self._serve_datagrams(socks)
             except OSError as exc:
                 if stopping():
                     return
@@ -293,6 +305,28 @@ class Agent:
         if cores < 2:
             return 0.0, 0.0
         return self.config.busy_poll, min(self.config.busy_poll, self.config.busy_poll_reply)
+
+    def _serve_datagrams_c(self, socks: list[socket.socket]) -> None:
+        """:meth:`_serve_datagrams`, compiled: the same loop in lars/_udploop.c."""
+        poll_budget, reply_budget = self._poll_budgets()
+
+        def dropped() -> None:
+            with self._lock:
+                self.metrics.incr("replies_dropped")
+
+        _udploop.serve(
+            list(socks),
+            self.handle_datagram,
+            [is_loopback(sock.getsockname()[0]) for sock in socks],
+            poll_budget,
+            reply_budget,
+            POLL_SKIP,
+            POLL_SKIP_MAX,
+            self._stopping.is_set,
+            self._foreign_datagram,
+            dropped,
+            STOP_CHECK,
+        )
 
     def _serve_datagrams(self, socks: list[socket.socket]) -> None:
         """Receive and answer until told to stop; raises OSError if a socket fails.
@@ -1235,6 +1269,12 @@ def _local_ipv4(stream: trio.abc.Stream) -> int | None:
         return ip_to_int(str(local).removeprefix("::ffff:"))
     except (OSError, InvalidValue):
         return None
+
+
+def _compiled_loop() -> bool:
+    """Whether the API thread runs the compiled loop: when it is built, unless the
+    environment says ``LARS_PURE_API_LOOP`` (the tests run both)."""
+    return COMPILED_LOOP and not os.environ.get("LARS_PURE_API_LOOP")
 
 
 def _ready(events: list[tuple[int, int]], index_of: dict[int, int], last: int) -> int | None:

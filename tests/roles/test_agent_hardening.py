@@ -167,7 +167,7 @@ while time.monotonic() < until:
 """
 
 
-async def test_shutdown_finishes_promptly_while_a_client_keeps_sending() -> None:
+async def test_shutdown_finishes_promptly_while_a_client_keeps_sending(api_loop: str) -> None:
     base = free_udp_base(1)
     # A long busy poll makes "between bursts" rare even with one client on two vCPUs.
     a = agent(base_port=base, ports=1, busy_poll=0.05)
@@ -192,7 +192,9 @@ async def test_shutdown_finishes_promptly_while_a_client_keeps_sending() -> None
         await hammer.wait()
 
 
-async def test_drain_stops_the_api_first_so_the_last_counts_settle(tmp_path: Path) -> None:
+async def test_drain_stops_the_api_first_so_the_last_counts_settle(
+    tmp_path: Path, api_loop: str
+) -> None:
     store = open_store(f"sqlite:///{tmp_path}/lars.db", create=True)
     await store.init_schema()
     reporter = Reporter(ReporterConfig(listen="127.0.0.1:0"), store)
