@@ -309,11 +309,6 @@ class Agent:
     def _serve_datagrams_c(self, socks: list[socket.socket]) -> None:
         """:meth:`_serve_datagrams`, compiled: the same loop in lars/_udploop.c."""
         poll_budget, reply_budget = self._poll_budgets()
-
-        def dropped() -> None:
-            with self._lock:
-                self.metrics.incr("replies_dropped")
-
         _udploop.serve(
             list(socks),
             self.handle_datagram,
@@ -324,7 +319,7 @@ class Agent:
             POLL_SKIP_MAX,
             self._stopping.is_set,
             self._foreign_datagram,
-            dropped,
+            self._reply_dropped,
             STOP_CHECK,
         )
 
@@ -390,8 +385,7 @@ class Agent:
                     try:
                         senders[current](reply, address)
                     except OSError:  # the client's buffer is full or it is gone: UDP drops
-                        with self._lock:
-                            self.metrics.incr("replies_dropped")
+                        self._reply_dropped()
                     if skip:
                         skip -= 1
                         budget = 0.0
@@ -432,6 +426,11 @@ class Agent:
         if self.tls is None or trio.current_time() - started > TLS_REFUSAL_WINDOW:
             return ""
         return f" ({refusal_hint(None)})"
+
+    def _reply_dropped(self) -> None:
+        """Count a reply the kernel refused (the client's buffer full, or it is gone)."""
+        with self._lock:
+            self.metrics.incr("replies_dropped")
 
     def _foreign_datagram(self, address: Any) -> None:
         with self._lock:
@@ -679,8 +678,7 @@ class Agent:
             try:
                 sock.sendto(wire.encode_datagram(reply), address)
             except OSError:
-                with self._lock:
-                    self.metrics.incr("replies_dropped")
+                self._reply_dropped()
 
     def _state_reply(self, msg: wire.AgentStateRequest, now: float) -> bytes:
         """One page of the module's state, as many hosts from ``msg.offset`` as fit."""
@@ -743,8 +741,7 @@ class Agent:
         try:
             sock.sendto(reply, address)
         except OSError:
-            with self._lock:
-                self.metrics.incr("replies_dropped")
+            self._reply_dropped()
 
     async def _wait_timer(self) -> None:
         """Answer NOEXIST to first requests whose ``route_wait`` ran out."""
